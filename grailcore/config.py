@@ -1,0 +1,228 @@
+"""Every setting of grailcore, as frozen dataclasses with documented fields.
+
+Presets are plain `Config` instances in `configs/*.py`; the CLI (tyro) overrides any
+field (`--optim.lr 1e-6 --grpo.group-size 8`). Nothing mutates a config once built;
+`validate()` rejects impossible settings at start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "smollm2-135m-instruct"
+    """Registry name (see `python -m grailcore.models list`) or a local HF model dir."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Parameter dtype of the trained policy (optimizer states follow it)."""
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    gradient_checkpointing: bool = True
+    logprob_impl: Literal["fused", "naive"] = "fused"
+    """Token log-probs through kernels/ (never builds [N, V] logits) or plain log_softmax."""
+    logprob_chunk_size: int = 1024
+    """Rows per chunk in the CPU fused log-prob path."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_path: str = "synthetic:gun_control"
+    """A dataset dir/file (synthetic dir, JSONL, parquet, HF on-disk, pre-rendered
+    prompts) or `synthetic:<issue>` to generate the study in memory."""
+    eval_path: str | None = None
+    """Evaluation data; None uses the validation split of `train_path`."""
+    task: Literal["viewer", "math"] = "viewer"
+    synthetic_n: int = 3000
+    """Decisions generated for `synthetic:<issue>` paths."""
+    seed: int = 0
+    """Seed of data generation, option shuffling and data order."""
+    max_history: int = 12
+    """Watched videos shown in RECENTLY WATCHED; 0 = all."""
+    show_ids: bool = False
+    """Show video ids in OPTIONS."""
+    shuffle_options: bool = True
+    """Shuffle each slate with a seeded RNG (gold index remapped)."""
+    system_prompt: str | None = None
+    """Override the task's default system prompt."""
+    skip_bad_rows: bool = False
+    """Count and report malformed rows instead of stopping at the first one."""
+    max_train_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    """Rollout engine: transformers `generate` or in-process vLLM."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_prompt_tokens: int = 1024
+    max_completion_tokens: int = 128
+    vllm_kv_cache_bytes: int = 1 << 30
+    """KV cache size for vLLM (explicit bytes; fractions are fragile on CPU)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    sync_every: int = 1
+    """Push trainer weights into the engine every N optimizer steps."""
+    fallback_to_hf: bool = False
+    """If the vLLM engine fails to start, continue with the HF engine (else stop)."""
+
+
+@dataclass(frozen=True)
+class GRPOConfig:
+    prompts_per_step: int = 2
+    """Distinct prompts per optimizer step (all ranks together)."""
+    group_size: int = 4
+    """Completions sampled per prompt."""
+    num_iterations: int = 1
+    """Optimisation passes over each batch of rollouts (>1 uses old-policy ratios)."""
+    beta: float = 0.0
+    """KL weight to the reference model (k3); 0 loads no reference model."""
+    epsilon_low: float = 0.2
+    epsilon_high: float = 0.2
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
+    mask_truncated: bool = False
+    """Drop completions that hit max_completion_tokens from the loss."""
+    dynamic_sampling: bool = False
+    """Resample zero-variance groups (up to `max_resample_attempts`)."""
+    reject_threshold: float | None = None
+    """Resample a group whose best reward is below this (reject sampling)."""
+    max_resample_attempts: int = 0
+    prefix_sharing: bool = False
+    """Run each prompt once per group in the training forward (shared KV)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "cosine"] = "constant"
+    micro_batch_size: int = 4
+    """Sequences per forward/backward; gradients accumulate to the full step."""
+    max_steps: int = 100
+
+
+@dataclass(frozen=True)
+class RewardsConfig:
+    names: tuple[str, ...] = ("slate_accuracy", "format")
+    weights: tuple[float, ...] = (1.0, 0.5)
+    math_verify_timeout_s: float = 5.0
+    length_target: int = 200
+    """`length` reward: target completion length in words."""
+
+
+@dataclass(frozen=True)
+class GailConfig:
+    enabled: bool = False
+    model: str = "minilm-l6"
+    """Discriminator encoder: registry name or local HF encoder dir."""
+    weight: float = 1.0
+    reward: Literal["d", "log_d", "neg_log_1m_d", "logit"] = "logit"
+    reward_clip: float = 5.0
+    lr: float = 2e-5
+    disc_steps: int = 1
+    max_tokens: int = 256
+    label_smoothing: float = 0.0
+    negatives: Literal["differing", "all"] = "differing"
+    replay_size: int = 0
+    replay_ratio: float = 0.5
+    frozen_path: str | None = None
+    """Load D from this file and never update it."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 0
+    """Evaluate every N steps (0 = only at the end)."""
+    on_start: bool = False
+    max_samples: int = 64
+    samples_per_row: int = 1
+    """1 = greedy; k > 1 = k samples per row (choice distributions)."""
+    temperature: float = 1.0
+    """Sampling temperature when samples_per_row > 1."""
+    best_metric: str = "eval/accuracy"
+    permutations: int = 0
+    """Order-robustness: re-score each row under R option permutations."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save every N steps (0 = only at the end)."""
+    keep: int = 2
+    export_final: bool = True
+    """Export the final policy as a safetensors HF dir."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    progress: bool = True
+    log_samples: int = 1
+    """Completions printed per step (rank 0)."""
+
+
+@dataclass(frozen=True)
+class Config:
+    run_dir: str = "runs/default"
+    seed: int = 0
+    resume: bool = False
+    """Continue from the latest good checkpoint in run_dir."""
+    deterministic: bool = False
+    dry_run: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    rewards: RewardsConfig = field(default_factory=RewardsConfig)
+    gail: GailConfig = field(default_factory=GailConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """An impossible or inconsistent setting; the message names the field."""
+
+
+def validate(cfg: Config) -> None:
+    """Fail fast on settings that cannot work. Raises ConfigError naming the field."""
+    checks = [
+        (cfg.grpo.group_size >= 2, "grpo.group_size must be >= 2 (advantages are relative to the group)"),
+        (cfg.grpo.prompts_per_step >= 1, "grpo.prompts_per_step must be >= 1"),
+        (cfg.grpo.num_iterations >= 1, "grpo.num_iterations must be >= 1"),
+        (cfg.grpo.beta >= 0, "grpo.beta must be >= 0"),
+        (cfg.grpo.epsilon_low >= 0 and cfg.grpo.epsilon_high >= 0, "grpo.epsilon_low/high must be >= 0"),
+        (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
+        (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
+        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (groups need sampling)"),
+        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (cfg.rollout.max_prompt_tokens >= 16, "rollout.max_prompt_tokens must be >= 16"),
+        (cfg.rollout.max_completion_tokens >= 1, "rollout.max_completion_tokens must be >= 1"),
+        (cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1"),
+        (len(cfg.rewards.names) == len(cfg.rewards.weights),
+         f"rewards.names ({len(cfg.rewards.names)}) and rewards.weights ({len(cfg.rewards.weights)}) "
+         "must have the same length"),
+        (cfg.eval.samples_per_row >= 1, "eval.samples_per_row must be >= 1"),
+        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
+        (cfg.gail.disc_steps >= 1, "gail.disc_steps must be >= 1"),
+        (0 <= cfg.gail.replay_ratio <= 1, "gail.replay_ratio must be in [0, 1]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    from grailcore.rewards import available_rewards  # late import: rewards import data
+
+    unknown = [n for n in cfg.rewards.names if n not in available_rewards()]
+    if unknown:
+        raise ConfigError(f"rewards.names: unknown reward(s) {unknown}; available: {sorted(available_rewards())}")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

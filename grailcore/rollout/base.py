@@ -1,0 +1,23 @@
+"""The engine protocol. Engines know nothing about tasks or rewards."""
+
+from __future__ import annotations
+
+from typing import Iterable, Protocol
+
+import torch
+
+from grailcore.types import Completion, SamplingParams
+
+
+class RolloutEngine(Protocol):
+    def generate(
+        self, prompt_token_ids: list[list[int]], params: SamplingParams
+    ) -> list[list[Completion]]:
+        """For each prompt (already chat-templated token ids), `params.n` completions."""
+        ...
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load new policy weights (HF names) into the engine; must reset any cache."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,44 @@
+"""Typed hand-offs between the stages of a step: rollout -> rewards -> advantages -> loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How an engine samples; n completions per prompt."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 128
+    greedy: bool = False
+    """Greedy decoding (requires n == 1)."""
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sampled completion of one prompt."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...] | None
+    """Engine log-prob of each sampled token under the sampling temperature, if available."""
+    finish_reason: str
+    """'stop' (EOS / stop string) or 'length' (hit max_tokens: truncated)."""
+
+
+@dataclass(frozen=True)
+class RewardOutput:
+    """Scores of a flat list of completions (len = prompts * group_size)."""
+
+    total: torch.Tensor
+    """[N] float32, weighted sum of the rewards."""
+    per_reward: dict[str, torch.Tensor]
+    """name -> [N] float32, unweighted."""
+    errors: dict[str, int] = field(default_factory=dict)
+    """name -> completions whose reward raised or timed out (scored 0)."""
