@@ -1,0 +1,80 @@
+"""Group-relative advantages: rewards [P*G] float32 (prompt-major, G completions per
+prompt) -> advantages [P*G] float32. Called by the loop on the whole step's rewards
+(all ranks gathered, so every group is complete) before the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Scale = Literal["group", "batch", "none"]
+SCALES = ("group", "batch", "none")
+
+
+@dataclass(frozen=True)
+class AdvantageOutput:
+    advantages: torch.Tensor
+    """[P*G] float32; exactly 0 for every completion of a zero-variance group."""
+    zero_variance_groups: int
+    """Groups whose completions all got the same reward (they carry no signal)."""
+    zero_variance_mask: torch.Tensor
+    """[P] bool, True for those groups."""
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Check the layout and return rewards as [P, G] float32."""
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D [P*G], got shape {tuple(rewards.shape)}")
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (the unbiased std needs two samples), got {group_size}")
+    if rewards.numel() == 0 or rewards.numel() % group_size:
+        raise ValueError(f"rewards has {rewards.numel()} entries, not a positive multiple of group_size={group_size}")
+    bad = (~torch.isfinite(rewards)).nonzero().flatten()
+    if bad.numel():
+        raise ValueError(f"{bad.numel()} non-finite reward(s) at indices {bad[:8].tolist()}: fix the reward function")
+    return rewards.to(torch.float32).view(-1, group_size)  # [P, G]
+
+
+def _zero_variance(grouped: torch.Tensor) -> torch.Tensor:
+    # Exact equality, not TRL's isclose(std, 0): three float32 rewards of 0.9 leave a
+    # std of 7e-8 from rounding in the mean, which isclose's atol=1e-8 calls informative.
+    return grouped.amax(dim=1) == grouped.amin(dim=1)  # [P]
+
+
+def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[P] bool, True where a group's rewards differ (non-zero advantage possible).
+
+    Dynamic sampling (DAPO) keeps these groups and resamples the rest."""
+    return ~_zero_variance(_grouped(rewards, group_size))
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, scale: Scale = "group", eps: float = 1e-4
+) -> AdvantageOutput:
+    """A_i = (r_i - mean(group)) / (std + eps), the std chosen by `scale`:
+
+    - "group": std of the completion's own group (DeepSeekMath GRPO),
+    - "batch": std of all rewards of the step, raw not centred (TRL `scale_rewards="batch"`),
+    - "none": no division (Dr. GRPO), eps unused.
+
+    Every std is the unbiased one (divides by n - 1), torch.std's default and what TRL
+    uses. Groups with identical rewards get advantage exactly 0 in every mode, so float
+    noise in their centred rewards never becomes a (scaled-up) training signal.
+    """
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    grouped = _grouped(rewards, group_size)  # [P, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
+    if scale == "group":
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    elif scale == "batch":
+        centred = centred / (grouped.std() + eps)
+    zero_variance = _zero_variance(grouped)  # [P]
+    advantages = torch.where(zero_variance[:, None], 0.0, centred)  # [P, G]
+    return AdvantageOutput(
+        advantages=advantages.flatten(),
+        zero_variance_groups=int(zero_variance.sum()),
+        zero_variance_mask=zero_variance,
+    )
