@@ -1,0 +1,141 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+One process without torchrun is world 1 with no process group; every helper here works
+in both cases, so callers never branch on "is this distributed".
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: rank among world_size, and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None
+    """'gloo' (CPU) or 'nccl' (CUDA); None when running without a process group."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError) as e:
+        raise RuntimeError(
+            f"torchrun environment variable {name}={os.environ.get(name)!r} is missing or not an "
+            "integer; launch with `torchrun --nproc_per_node N -m grailcore.train ...` or plain "
+            "`python -m grailcore.train ...` for one process"
+        ) from e
+
+
+def init_distributed() -> DistInfo:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU), or run as world 1.
+
+    torchrun's RANK/WORLD_SIZE/LOCAL_RANK are the only environment variables read: torch
+    demands them. Idempotent: a second call returns the same info.
+    """
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if cuda:
+        device = torch.device("cuda", local_rank)
+        # Before init: nccl binds each rank's communicator to its current device.
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    backend = "nccl" if cuda else "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if cuda else None)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                    backend=dist.get_backend())
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    """This process's rank; still right after vLLM's shutdown has destroyed the group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+def get_world_size() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (the one that logs and writes files)."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if _active():
+        dist.barrier()
+
+
+def _collective_device() -> torch.device:
+    # nccl only moves CUDA tensors; gloo only CPU ones.
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
+    """Mean of each metric over ranks. Every rank must pass the same keys (checked)."""
+    keys = sorted(metrics)
+    if not _active():
+        return {k: float(metrics[k]) for k in keys}
+    device = _collective_device()
+    # Summing mismatched key lists would silently mix metrics, so compare a fingerprint first.
+    fingerprint = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())],
+                               dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint)
+    if any(not torch.equal(g, fingerprint) for g in gathered):
+        raise ValueError(
+            f"all_reduce_mean: rank {dist.get_rank()} has metric keys {keys}, but other ranks "
+            "have different keys; every rank must log the same metric names each step"
+        )
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    values /= dist.get_world_size()
+    return dict(zip(keys, values.tolist()))
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """`obj` from rank `src` on every rank (pickled; for small objects, not tensors)."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def shutdown() -> None:
+    """Destroy the default group if it still exists (vLLM's engine shutdown may have done it)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
