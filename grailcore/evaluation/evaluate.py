@@ -1,0 +1,108 @@
+"""One entry for all viewer metrics: `evaluate` (nested results, for reports) and
+`evaluate_examples` (flat `eval/...` floats, for the trainer's logger)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from grailcore.data.schema import Example
+from grailcore.evaluation import baselines as bl
+from grailcore.evaluation import fidelity, metrics
+from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
+from grailcore.evaluation.rows import ScoredRows, score_completions
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    n_boot: int = 1000
+    """Bootstrap replicates for the 95% intervals (0 = point values only)."""
+    confidence: float = 0.95
+    smoothing_alpha: float = 1.0
+    """Additive smoothing of per-row choice probabilities estimated from k samples (1 = Laplace)."""
+    n_bins: int = 10
+    """Equal-width confidence bins of the calibration error."""
+    seed: int = 0
+
+
+def _baseline_table(model_scores: np.ndarray, baselines: dict[str, bl.Baseline], plan) -> dict[str, dict]:
+    """Each baseline's mean and the paired model-minus-baseline difference (same replicates)."""
+    table = {}
+    for name, base in baselines.items():
+        table[name] = {
+            "accuracy": mean_estimate(base.scores, plan, base.rows_mask),
+            "model_minus_baseline": mean_estimate(model_scores - base.scores, plan, base.rows_mask),
+            "description": base.description,
+        }
+    return table
+
+
+def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples: Sequence[Example] | None = None,
+                  options: EvalOptions = EvalOptions()) -> dict[str, Any]:
+    """All metrics for parsed rows; values are `Estimate`s, floats, lists and strings."""
+    if rows.n_rows == 0:
+        raise ValueError("nothing to evaluate: 0 rows")
+    plan = make_plan(rows.viewer_id, options.n_boot, options.seed, options.confidence)
+    prior = bl.prior_source(rows, train_examples, options.smoothing_alpha)
+    opinion_correct = (rows.opinions[:, 0] == rows.gold_opinion).astype(float)
+    return {
+        "n_rows": rows.n_rows,
+        "samples_per_row": int(rows.sample_mask.sum(axis=1).max()),
+        "synthetic": rows.true_choice_probs is not None,
+        "bootstrap": plan.describe() if plan else None,
+        "choice": metrics.choice_summary(rows, plan),
+        "baselines": _baseline_table(metrics.correct_first(rows), bl.choice_baselines(rows, examples, prior), plan),
+        "breakdowns": metrics.breakdowns(rows, plan),
+        "opinion": metrics.opinion_summary(rows, plan),
+        "opinion_baselines": _baseline_table(opinion_correct, bl.opinion_baselines(rows, train_examples), plan),
+        "fidelity": fidelity.choice_fidelity(rows, prior, options.smoothing_alpha, plan, options.n_bins, options.seed),
+        "opinion_fidelity": fidelity.opinion_fidelity(rows, options.smoothing_alpha, plan),
+        "confusion": {
+            "position": metrics.position_confusion(rows).tolist(),
+            "opinion": metrics.opinion_confusion(rows).tolist() if rows.has_gold_opinion.any() else None,
+        },
+    }
+
+
+def evaluate(examples: Sequence[Example], completions: Sequence[Sequence[str]],
+             train_examples: Sequence[Example] | None = None, options: EvalOptions = EvalOptions()) -> dict[str, Any]:
+    """Parse `completions[i]` (samples of `examples[i]`) and compute every metric."""
+    return evaluate_rows(score_completions(examples, completions), examples, train_examples, options)
+
+
+def _value(x: Any) -> float | None:
+    return x.value if isinstance(x, Estimate) else (float(x) if isinstance(x, (int, float)) else None)
+
+
+def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
+    """Flat scalar view of `evaluate`'s results (point values; NaN-free keys only)."""
+    flat: dict[str, float] = {}
+
+    def put(name: str, value: Any) -> None:
+        v = _value(value)
+        if v is not None and np.isfinite(v):
+            flat[prefix + name] = v
+
+    for name, est in results["choice"].items():
+        put(name, est)
+    for name, est in (results["opinion"] or {}).items():
+        put(f"opinion_{name}", est)
+    for name, row in {**results["baselines"], **results["opinion_baselines"]}.items():
+        put(f"baseline/{name}", row["accuracy"])
+    fid = results["fidelity"]
+    for key in ("tv_choice", "tv_choice_sampling_floor", "tv_position_histogram", "ece", "unparsed_sample_share"):
+        put(key, fid.get(key))
+    for name, est in fid["nll"].items():
+        put(f"nll_choice/{name}", est)
+    if results["opinion_fidelity"]:
+        put("opinion_tv", results["opinion_fidelity"]["tv_model"])
+        put("opinion_tv_always_no_change", results["opinion_fidelity"]["tv_always_no_change"])
+    return flat
+
+
+def evaluate_examples(examples: Sequence[Example], completions: Sequence[Sequence[str]],
+                      train_examples: Sequence[Example] | None = None) -> dict[str, float]:
+    """Trainer hook: flat `eval/...` metrics, no bootstrap (it runs every few steps)."""
+    return flatten(evaluate(examples, completions, train_examples, EvalOptions(n_boot=0)))
