@@ -1,0 +1,133 @@
+"""Reward registry and `score_completions`, which turns completions into a RewardOutput.
+
+A reward is a pure `fn(example, completion) -> float`. Settings reach it as keyword-only
+parameters named like a `RewardsConfig` field (e.g. `length_target`), bound at score time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import logging
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from grailcore.config import RewardsConfig
+from grailcore.data.schema import Example
+from grailcore.types import RewardOutput
+
+logger = logging.getLogger(__name__)
+
+RewardFn = Callable[..., float]
+_LOGGED_INPUT_CHARS = 300
+
+
+@dataclass(frozen=True)
+class _Entry:
+    fn: RewardFn
+    task: str | None
+    """The `Example.task` it scores; None = any task."""
+
+
+_REGISTRY: dict[str, _Entry] = {}
+_warned: set[str] = set()
+"""Reward names whose first failure was logged: one warning per name and process, the
+counts go to RewardOutput.errors every step."""
+
+
+def register(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register `fn` under `name` for examples of `task` (None = any)."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        if name in _REGISTRY:
+            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name].fn!r})")
+        _REGISTRY[name] = _Entry(fn, task)
+        return fn
+
+    return decorator
+
+
+def available_rewards() -> dict[str, RewardFn]:
+    """All registered rewards, name -> function."""
+    return {name: entry.fn for name, entry in _REGISTRY.items()}
+
+
+def _entry(name: str) -> _Entry:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown reward {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def get_reward(name: str) -> RewardFn:
+    """The reward registered as `name`; KeyError listing the available names otherwise."""
+    return _entry(name).fn
+
+
+def reward_task(name: str) -> str | None:
+    """The task whose examples `name` scores (None = any); others get 0 from it."""
+    return _entry(name).task
+
+
+def bind_config(fn: RewardFn, cfg: RewardsConfig) -> RewardFn:
+    """`fn` with every keyword-only parameter named like a RewardsConfig field filled in."""
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    params = inspect.signature(fn).parameters.values()
+    settings = {p.name: getattr(cfg, p.name) for p in params
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name in fields}
+    return functools.partial(fn, **settings) if settings else fn
+
+
+def _score_one(name: str, fn: RewardFn, example: Example, completion: str) -> float | None:
+    """The reward, or None when it raised (timeouts raise too); logs the first failure."""
+    try:
+        score = float(fn(example, completion))
+        if not math.isfinite(score):
+            raise ValueError(f"returned {score}")
+        return score
+    except Exception as error:  # noqa: BLE001 - a broken reward must not kill training
+        if name not in _warned:
+            _warned.add(name)
+            logger.warning(
+                "reward %r failed on example %r (scored 0; later failures are only counted "
+                "in RewardOutput.errors): %s: %s; completion: %r",
+                name, example.example_id, type(error).__name__, error,
+                completion[:_LOGGED_INPUT_CHARS],
+            )
+        return None
+
+
+def score_completions(examples: list[Example], completions: list[str], cfg: RewardsConfig) -> RewardOutput:
+    """Score each completion against its example (aligned lists, len N = prompts * group_size).
+
+    A reward scores 0 on examples of another task; one that raises or times out scores 0
+    and is counted in `errors[name]`.
+    """
+    if len(examples) != len(completions):
+        raise ValueError(f"{len(examples)} examples for {len(completions)} completions; "
+                         "repeat each example group_size times")
+    if len(cfg.names) != len(cfg.weights):
+        raise ValueError(f"rewards.names ({len(cfg.names)}) and rewards.weights "
+                         f"({len(cfg.weights)}) must have the same length")
+    if len(set(cfg.names)) != len(cfg.names):
+        raise ValueError(f"rewards.names lists a reward twice: {cfg.names}")
+    per_reward: dict[str, torch.Tensor] = {}
+    errors: dict[str, int] = {}
+    total = torch.zeros(len(completions), dtype=torch.float32)  # [N]
+    for name, weight in zip(cfg.names, cfg.weights):
+        entry = _entry(name)
+        fn = bind_config(entry.fn, cfg)
+        scores, failed = [], 0
+        for example, completion in zip(examples, completions):
+            score = 0.0
+            if entry.task is None or entry.task == example.task:
+                score = _score_one(name, fn, example, completion)
+                failed += score is None
+            scores.append(score or 0.0)
+        per_reward[name] = torch.tensor(scores, dtype=torch.float32)  # [N]
+        errors[name] = failed
+        total += weight * per_reward[name]
+    return RewardOutput(total=total, per_reward=per_reward, errors=errors)
