@@ -104,6 +104,8 @@ class OptimConfig:
     micro_batch_size: int = 4
     """Sequences per forward/backward; gradients accumulate to the full step."""
     max_steps: int = 100
+    max_consecutive_bad_steps: int = 3
+    """Skip a step whose loss or gradient is NaN/inf; stop after this many in a row."""
 
 
 @dataclass(frozen=True)

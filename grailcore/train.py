@@ -1,0 +1,40 @@
+"""Entry point: `torchrun --nproc_per_node=N -m grailcore.train --cfg configs/x.py [overrides]`
+(or `python -m grailcore.train ...` for one process). Parse, build, run the loop."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from grailcore import dist
+from grailcore.cli import parse_config, save_config
+from grailcore.config import validate
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
+    validate(cfg)
+    from pathlib import Path
+
+    from grailcore.loop import train
+    from grailcore.setup import build
+
+    parts = build(cfg)
+    logging.basicConfig(level=logging.INFO if parts.dist.rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if parts.dist.rank == 0:
+        save_config(cfg, Path(cfg.run_dir))
+    try:
+        if cfg.dry_run:
+            from grailcore.dry_run import dry_run
+
+            return dry_run(parts, cfg)
+        return train(parts, cfg)
+    finally:
+        if parts.engine is not None:
+            parts.engine.close()
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
