@@ -92,9 +92,10 @@ def grpo_loss(
     the summed micro-batch losses (and gradients) then equal the loss of the whole
     step as one batch. The defaults (this micro-batch's B and token count) are right
     only when the step is a single micro-batch. Across ranks, gradients are averaged:
-    bnpo uses this rank's num_items (a per-rank token mean, as in TRL); dapo uses the
-    global token count divided by the world size (all-reduce the counts); grpo and
-    dr_grpo use this rank's num_sequences (ranks hold equally many sequences).
+    bnpo uses this rank's num_items (a per-rank token mean; TRL's bnpo divides each
+    micro-batch by its own count, which accumulation cannot reproduce exactly); dapo
+    uses the global token count divided by the world size (all-reduce the counts);
+    grpo and dr_grpo use this rank's num_sequences (ranks hold equal numbers).
     """
     _check_inputs(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta, loss_type, max_completion_length)
     mask = mask.bool()
