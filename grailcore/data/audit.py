@@ -30,7 +30,8 @@ _NUMBER_PREFIX = re.compile(r"^\s*\d+[.)]\s+")
 _ENGAGEMENT = re.compile(r"\s*[—–-]+\s*Engagement:", re.IGNORECASE)
 _TRAILING_PARENS = re.compile(r"\s*\(([^()]*)\)\s*$")
 _DURATION = re.compile(r"^(\d+(\.\d+)?\s*s long|\d+:\d{2}(:\d{2})?)$")
-_COUNT = re.compile(r"([A-Za-z]+)\s*:?\s+(\d[\d,]*)")
+_UNKNOWN = "unknown"
+_COUNT = re.compile(r"([A-Za-z]+)\s*:?\s+(\d[\d,]*|unknown)")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,9 @@ class RenderedOption:
 
 
 def parse_option(text: str) -> RenderedOption:
-    """Split a rendered option into title, present fields and view count (None if absent)."""
+    """Split a rendered option into title, rendering signature and view count. A field
+    rendered as 'unknown' (e.g. 'channel unknown', 'views unknown') enters the signature
+    as 'channel?' / 'views?': it looks different from a known value, but carries none."""
     text = _NUMBER_PREFIX.sub("", text.strip())
     match = _ENGAGEMENT.search(text)
     head, engagement = (text[: match.start()], text[match.end():]) if match else (text, "")
@@ -51,15 +54,19 @@ def parse_option(text: str) -> RenderedOption:
     title = head.strip()
     parens = _TRAILING_PARENS.search(title)
     if parens:
-        parts = [p.strip() for p in parens.group(1).split(",") if p.strip()]
-        if any(_DURATION.match(p) for p in parts):
-            fields.append("duration")
-        if any(not _DURATION.match(p) for p in parts):
-            fields.append("channel")
+        for part in (p.strip() for p in parens.group(1).split(",") if p.strip()):
+            if _DURATION.match(part):
+                fields.append("duration")
+            elif part.endswith(_UNKNOWN):
+                fields.append("duration?" if part.startswith("length") else "channel?")
+            else:
+                fields.append("channel")
         title = title[: parens.start()].strip()
-    counts = {key.lower(): int(value.replace(",", "")) for key, value in _COUNT.findall(engagement)}
-    fields.extend(sorted(counts))
-    return RenderedOption(title=title, signature=tuple(fields), views=counts.get("views"))
+    counts = {key.lower(): value for key, value in _COUNT.findall(engagement)}
+    fields += [key if value != _UNKNOWN else f"{key}?" for key, value in counts.items()]
+    views = counts.get("views", _UNKNOWN)
+    return RenderedOption(title=title, signature=tuple(sorted(set(fields))),
+                          views=int(views.replace(",", "")) if views != _UNKNOWN else None)
 
 
 # A rule names, per example, the 1-based options it would pick; an empty tuple means
@@ -119,7 +126,8 @@ def _unique_signature_picks(row: _Row, fewest: bool) -> Candidates:
     unique = [i + 1 for i, o in enumerate(row.options) if seen[o.signature] == 1]
     if not unique:
         return ()
-    sizes = {i: len(row.options[i - 1].signature) for i in unique}
+    # Unknown-valued fields ('views?') do not count: they show no information.
+    sizes = {i: sum(not f.endswith("?") for f in row.options[i - 1].signature) for i in unique}
     target = min(sizes.values()) if fewest else max(sizes.values())
     return tuple(i for i in unique if sizes[i] == target)
 
@@ -308,6 +316,10 @@ class AuditReport:
     best_margin: float
     best_margin_ci: tuple[float, float]
     reasons: list[str]
+    """One line per (group, artifact rule) whose point margin exceeds the threshold."""
+    position_notes: list[str]
+    """Slate sizes whose gold positions differ from uniform (chi-square, Bonferroni 5%):
+    a position prior a model can learn, even when no rule clears the threshold."""
     groups: list[GroupAudit]
 
     @property
@@ -405,8 +417,14 @@ def audit_examples(
         source=source, n_examples=n_examples, ignored=len(examples) - n_examples,
         threshold=threshold, verdict=verdict, comparisons=len(tested), verdict_confidence=level,
         best_group=best_g.name, best_rule=best_r.name, best_margin=best_r.margin,
-        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons, groups=groups,
+        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons,
+        position_notes=_position_notes(groups[0].positions), groups=groups,
     )
+
+
+def _position_notes(tests: Sequence[PositionTest]) -> list[str]:
+    return [f"gold positions for n_options={t.n_options} are not uniform: counts {list(t.counts)}, "
+            f"chi2={t.chi2:.1f}, p={t.p_value:.2g}" for t in tests if t.p_value < (1 - CONFIDENCE) / len(tests)]
 
 
 _VERDICT_MEANING = {
@@ -448,6 +466,7 @@ def format_report(report: AuditReport) -> str:
         f"{report.best_margin:+.3f} CI [{report.best_margin_ci[0]:+.3f}, {report.best_margin_ci[1]:+.3f}]",
     ]
     lines += [f"  over threshold: {reason}" for reason in report.reasons]
+    lines += [f"  note: {note}" for note in report.position_notes]
     lines.append("  Fitted rules are scored leave-one-out; abstentions and k-way ties earn the "
                  "random credit; most_viewed is a content baseline (popularity can be a real "
                  "signal), reported but not part of the verdict.")
