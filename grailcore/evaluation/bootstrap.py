@@ -8,6 +8,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+MIN_CLUSTERS = 10
+"""Below this many resampling units a percentile interval says little; the plan says so."""
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -62,6 +65,8 @@ def make_plan(
         return None
     ids, unit, note = cluster_ids(viewer_ids)
     n_clusters = int(ids.max()) + 1
+    if n_clusters < MIN_CLUSTERS:
+        note += f"; only {n_clusters} {unit}s: the intervals are unreliable (need >= {MIN_CLUSTERS})"
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_boot)  # [B, C]
     return BootstrapPlan(counts[:, ids].astype(np.float32), unit, n_clusters, confidence, note)

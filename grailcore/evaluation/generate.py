@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from grailcore.data.schema import Example
-from grailcore.rollout.base import RolloutEngine
-from grailcore.types import Completion, SamplingParams
+
+if TYPE_CHECKING:  # torch-free import: scoring completion files needs no torch
+    from grailcore.rollout.base import RolloutEngine
+    from grailcore.types import Completion, SamplingParams
 
 
 def eval_sampling_params(samples_per_row: int, temperature: float, max_tokens: int, top_p: float = 1.0,
                          seed: int | None = None) -> SamplingParams:
     """k = 1 is greedy (the model's single best guess); k > 1 samples at `temperature`."""
+    from grailcore.types import SamplingParams
+
     if samples_per_row < 1:
         raise ValueError(f"samples_per_row must be >= 1, got {samples_per_row}")
     if samples_per_row > 1 and temperature <= 0:

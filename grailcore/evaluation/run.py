@@ -1,0 +1,123 @@
+"""The evaluation job behind `python -m grailcore.eval`: get rows and completions
+(from a model through the rollout engine, or from a file), score them, write the report."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from grailcore.config import Config
+from grailcore.data.schema import Example
+from grailcore.evaluation.completions_io import read_completions, write_completions
+from grailcore.evaluation.evaluate import EvalOptions, evaluate
+from grailcore.evaluation.report import summary_table, write_report
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalJob:
+    """Every setting resolved (CLI over preset over defaults); nothing is None that is used."""
+
+    out: str
+    options: EvalOptions
+    completions: str | None = None
+    model: str | None = None
+    data: str | None = None
+    split: str = "validation"
+    train_data: str | None = None
+    max_samples: int | None = None
+    samples_per_row: int = 1
+    temperature: float = 1.0
+    max_tokens: int = 128
+
+
+def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
+    """Evaluated examples, training examples for the priors (or None) and a description."""
+    from grailcore.data.loaders import load_examples
+
+    result = load_examples(job.data, cfg.data, split=job.split)
+    examples = result.examples[: job.max_samples] if job.max_samples else result.examples
+    meta = {"data": job.data, "split": result.split, "rows_loaded": len(result.examples),
+            "rows_skipped_as_malformed": result.skipped}
+    return examples, load_train(job, cfg, result.split), meta
+
+
+def load_train(job: EvalJob, cfg: Config, eval_split: str) -> list[Example] | None:
+    """Rows to fit the position/opinion priors on; never the evaluated rows themselves."""
+    from grailcore.data.loaders import load_examples
+
+    if job.train_data:
+        return load_examples(job.train_data, cfg.data, split="train").examples
+    if job.data is None or eval_split == "all":
+        return None  # a single file has no train split: priors are fitted on eval rows (and labelled so)
+    return load_examples(job.data, cfg.data, split="train").examples
+
+
+def build_engine(cfg: Config, model_dir: Path, tokenizer):
+    """The configured rollout engine over a freshly loaded policy (HF by default)."""
+    from grailcore.model import load_policy
+
+    if cfg.rollout.engine == "vllm":
+        try:
+            from grailcore.dist import init_distributed
+            from grailcore.rollout.vllm_engine import VLLMEngine
+
+            return VLLMEngine.create(model_dir, cfg, init_distributed())
+        except Exception as err:  # engine start failures: stop clearly, or fall back if configured
+            if not cfg.rollout.fallback_to_hf:
+                raise RuntimeError(f"the vLLM engine failed to start ({err}); use --cfg with "
+                                   "rollout.engine='hf' or rollout.fallback_to_hf=True") from err
+            log.warning("vLLM engine failed to start (%s); using the HF engine", err)
+    from grailcore.rollout.hf import HFEngine
+
+    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
+
+
+def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path) -> tuple[list[list[str]], dict]:
+    """Completions of `job.model` for `examples`, saved to out/completions.jsonl for rescoring."""
+    from grailcore.evaluation.generate import eval_sampling_params, generate_raw
+    from grailcore.model import load_tokenizer, resolve_model_path
+
+    model_dir = resolve_model_path(job.model)
+    tokenizer = load_tokenizer(model_dir)
+    engine = build_engine(cfg, model_dir, tokenizer)
+    params = eval_sampling_params(job.samples_per_row, job.temperature, job.max_tokens, cfg.rollout.top_p,
+                                  seed=job.options.seed)
+    try:
+        raw = generate_raw(engine, tokenizer, examples, params)
+    finally:
+        engine.close()
+    completions = [[c.text for c in row] for row in raw]
+    reasons = [[c.finish_reason for c in row] for row in raw]
+    write_completions(out / "completions.jsonl", examples, completions, reasons)
+    truncated = sum(r == "length" for row in reasons for r in row) / max(1, sum(map(len, reasons)))
+    meta = {"model": job.model, "engine": type(engine).__name__, "greedy": params.greedy,
+            "temperature": None if params.greedy else params.temperature, "top_p": params.top_p,
+            "max_tokens": params.max_tokens, "truncated_share": round(truncated, 4)}
+    return completions, meta
+
+
+def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
+    """Score, write metrics.json / report.md / PNGs into `job.out`, print the short table."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if job.completions:
+        examples, completions = read_completions(job.completions)
+        if job.max_samples:
+            examples, completions = examples[: job.max_samples], completions[: job.max_samples]
+        train = load_train(job, cfg, "all") if job.train_data else None
+        meta: dict[str, Any] = {"completions": job.completions}
+    else:
+        examples, train, meta = load_rows(job, cfg)
+        completions, sample_meta = sample_model(job, cfg, examples, out)
+        meta.update(sample_meta)
+    meta["priors_fitted_on"] = f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"
+    results = evaluate(examples, completions, train, job.options)
+    paths = write_report(results, out, meta)
+    print(summary_table(results))
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    return results
