@@ -1,0 +1,185 @@
+"""load_examples over every accepted input, malformed rows (errors and skip mode), and caps."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from grailcore.config import DataConfig
+from grailcore.data import LoadResult, load_examples
+from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT
+from grailcore.data.schema import SchemaError, decision_to_dict
+from grailcore.data.synth import generate_study, write_study
+
+SEED_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "seed_prompts_sample.jsonl"
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    write_study(str(out), "gun_control", 400, seed=0)
+    return out
+
+
+@pytest.fixture(scope="module")
+def decision_rows():
+    return [decision_to_dict(d) for d in generate_study("minimum_wage", 30, seed=2)]
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def seed_rows():
+    if not SEED_SAMPLE.exists():
+        pytest.skip(f"seed sample not found at ../shared/data/{SEED_SAMPLE.name} beside the repo")
+    return [json.loads(line) for line in SEED_SAMPLE.read_text().splitlines()]
+
+
+def test_seed_sample_loads_with_gold_options_and_state(seed_rows):
+    result = load_examples(str(SEED_SAMPLE), DataConfig(), split="validation")
+    assert isinstance(result, LoadResult) and result.skipped == 0 and result.split == "all"
+    assert len(result.examples) == len(seed_rows) == 6
+    for ex, row in zip(result.examples, seed_rows):
+        assert (ex.gold_index, ex.n_options, ex.issue, ex.study) == (row["gold_index"], row["n_options"],
+                                                                    row["issue"], row["study"])
+        assert ex.prompt == row["prompt"]
+        assert ex.messages[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+        assert len(ex.option_texts) == ex.n_options
+        assert ex.state_text.startswith("VIEWER ") and ex.state_text.endswith(".")
+        assert "OPTIONS" not in ex.state_text
+    first = result.examples[0]
+    assert first.option_texts[0] == ("Piers Morgan Argues With Pro-Gun Campaigner About Orlando Shooting | "
+                                     "Good Morning Britain (Good Morning Britain, 382s long) — Engagement: "
+                                     "views 2,433,982, likes 18,834, comments 40")
+    assert first.option_texts[4] == ("Most Americans Want More Gun Control. Why Doesn’t It Happen? | NYT — "
+                                     "Engagement: views 43,105, likes 706")
+    assert first.example_id == "seed_prompts_sample:1"
+
+
+def test_study_dir_splits_render_and_share_no_viewer(study_dir):
+    cfg = DataConfig(seed=0)
+    loaded = {s: load_examples(str(study_dir), cfg, s) for s in ("train", "validation", "test")}
+    for split, result in loaded.items():
+        lines = (study_dir / f"{split}.jsonl").read_text().splitlines()
+        assert len(result.examples) == len(lines) and result.split == split
+        assert all(ex.task == "viewer" and ex.true_choice_probs for ex in result.examples)
+    viewers = {s: {ex.viewer_id for ex in r.examples} for s, r in loaded.items()}
+    assert not viewers["train"] & (viewers["validation"] | viewers["test"])
+    assert loaded["train"].source == study_dir.name
+    capped = DataConfig(max_train_samples=25)
+    assert len(load_examples(str(study_dir), capped, "train").examples) == 25
+    assert len(load_examples(str(study_dir), capped, "validation").examples) == len(loaded["validation"].examples)
+
+
+def test_render_settings_come_from_the_data_config(study_dir):
+    plain = load_examples(str(study_dir), DataConfig(shuffle_options=False, max_history=1), "test").examples
+    rows = [json.loads(x) for x in (study_dir / "test.jsonl").read_text().splitlines()]
+    assert [ex.gold_index for ex in plain] == [r["gold_index"] for r in rows]
+    assert all("\n2. " not in ex.state_text.split("RECENTLY WATCHED")[1] for ex in plain)
+    custom = load_examples(str(study_dir), DataConfig(system_prompt="S"), "test").examples
+    assert custom[0].messages[0]["content"] == "S"
+
+
+def test_synthetic_path_generates_in_memory():
+    cfg = DataConfig(synthetic_n=300, seed=1)
+    parts = [load_examples("synthetic:gun_control", cfg, s).examples for s in ("train", "validation", "test")]
+    assert sum(map(len, parts)) == 300
+    assert not {e.viewer_id for e in parts[0]} & {e.viewer_id for e in parts[2]}
+    assert [e.prompt for e in parts[1]] == [e.prompt for e in load_examples("synthetic:gun_control", cfg,
+                                                                            "validation").examples]
+    with pytest.raises(ValueError, match="unknown issue 'abortion'"):
+        load_examples("synthetic:abortion", cfg)
+
+
+def test_jsonl_parquet_and_saved_dataset_give_the_same_examples(tmp_path, decision_rows):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = DataConfig()
+    from_jsonl = load_examples(str(_write_jsonl(tmp_path / "rows.jsonl", decision_rows)), cfg).examples
+    pq.write_table(pa.Table.from_pylist(decision_rows), tmp_path / "rows.parquet")
+    from_parquet = load_examples(str(tmp_path / "rows.parquet"), cfg).examples
+    datasets.Dataset.from_list(decision_rows).save_to_disk(str(tmp_path / "saved"))
+    from_saved = load_examples(str(tmp_path / "saved"), cfg).examples
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(decision_rows)}).save_to_disk(str(tmp_path / "dd"))
+    from_dict = load_examples(str(tmp_path / "dd"), cfg, "test")
+    assert len(from_jsonl) == 30
+    prompts = [e.prompt for e in from_jsonl]
+    for other in (from_parquet, from_saved, from_dict.examples):
+        assert [e.prompt for e in other] == prompts
+        assert [e.gold_index for e in other] == [e.gold_index for e in from_jsonl]
+    assert from_dict.split == "test"
+    with pytest.raises(SchemaError, match="has splits \\['test'\\], not 'train'"):
+        load_examples(str(tmp_path / "dd"), cfg, "train")
+
+
+BAD_ROWS = [
+    ("gold out of range", lambda r: r.update(gold_index=9), "field 'gold_index' must be in 1.."),
+    ("empty slate", lambda r: r.update(slate=[]), "field 'slate' is empty"),
+    ("missing field", lambda r: r.pop("current"), "field 'current' is missing"),
+    ("bad direction", lambda r: r.update(opinion_direction="up"), "field 'opinion_direction'"),
+    ("probs", lambda r: r.update(true_opinion_probs=[0.2, 0.2, 0.2]), "field 'true_opinion_probs' must sum to 1"),
+]
+
+
+@pytest.mark.parametrize("name,mutate,expected", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
+def test_malformed_decision_row_names_file_line_and_field(tmp_path, decision_rows, name, mutate, expected):
+    rows = [dict(r) for r in decision_rows[:4]]
+    mutate(rows[2])
+    path = _write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SchemaError) as err:
+        load_examples(str(path), DataConfig())
+    assert str(err.value).startswith(f"{path}:3: ") and expected in str(err.value), str(err.value)
+    assert "skip_bad_rows" in str(err.value)
+
+
+def test_malformed_prerendered_rows_name_file_line_and_field(tmp_path, seed_rows):
+    cases = [
+        (dict(seed_rows[0], n_options=4), "field 'n_options' is 4 but the prompt's OPTIONS lists 5"),
+        (dict(seed_rows[0], gold_index=6), "field 'gold_index' must be in 1..5"),
+        (dict(seed_rows[0], gold_index="5"), "field 'gold_index' must be int"),
+        ({k: v for k, v in seed_rows[0].items() if k != "prompt"}, "field 'prompt' is missing"),
+        (dict(seed_rows[0], prompt="VIEWER x"), "field 'prompt' has no OPTIONS section"),
+        (dict(seed_rows[0], opinion_direction="more"), "field 'opinion_direction' must be one of"),
+    ]
+    for row, expected in cases:
+        path = _write_jsonl(tmp_path / "pre.jsonl", [seed_rows[1], row])
+        with pytest.raises(SchemaError) as err:
+            load_examples(str(path), DataConfig())
+        assert str(err.value).startswith(f"{path}:2: ") and expected in str(err.value), str(err.value)
+
+
+def test_skip_mode_counts_and_reports_every_bad_row(tmp_path, decision_rows):
+    rows = [dict(r) for r in decision_rows[:6]]
+    rows[1]["gold_index"] = 0
+    rows[4]["slate"] = []
+    path = _write_jsonl(tmp_path / "mixed.jsonl", rows[:3] + ["{not json"] + rows[3:])
+    with pytest.raises(SchemaError, match=rf"{path}:2: field 'gold_index'"):
+        load_examples(str(path), DataConfig())
+    result = load_examples(str(path), DataConfig(skip_bad_rows=True))
+    assert result.skipped == 3 and len(result.examples) == 4
+    assert [r.split(": ", 1)[0] for r in result.skip_reasons] == [f"{path}:2", f"{path}:4", f"{path}:6"]
+    assert "not valid JSON" in result.skip_reasons[1] and "'slate' is empty" in result.skip_reasons[2]
+    with pytest.raises(SchemaError, match="no usable rows"):
+        load_examples(str(_write_jsonl(tmp_path / "all_bad.jsonl", ["[]"])), DataConfig(skip_bad_rows=True))
+
+
+def test_math_task_dispatches_to_the_math_loader(tmp_path):
+    path = _write_jsonl(tmp_path / "math.jsonl", [{"problem": "Compute $2+2$.", "answer": "4"}] * 3)
+    result = load_examples(str(path), DataConfig(task="math", max_train_samples=2))
+    assert [ex.task for ex in result.examples] == ["math", "math"]
+    assert result.examples[0].answer == "4"
+
+
+def test_missing_and_unsupported_paths_say_what_to_use(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        load_examples(str(tmp_path / "nope.jsonl"), DataConfig())
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with pytest.raises(SchemaError, match="unsupported file type; use .jsonl, .parquet"):
+        load_examples(str(tmp_path / "data.csv"), DataConfig())
+    with pytest.raises(SchemaError, match="without train.jsonl"):
+        load_examples(str(tmp_path), DataConfig())
