@@ -12,17 +12,19 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
+import typing
 from typing import Callable
 
 import torch
 
 from grailcore.config import RewardsConfig
-from grailcore.data.schema import Example
+from grailcore.data.schema import Example, Task
 from grailcore.types import RewardOutput
 
 logger = logging.getLogger(__name__)
 
 RewardFn = Callable[..., float]
+TASKS: tuple[str, ...] = typing.get_args(Task)
 _LOGGED_INPUT_CHARS = 300
 
 
@@ -41,6 +43,9 @@ counts go to RewardOutput.errors every step."""
 
 def register(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register `fn` under `name` for examples of `task` (None = any)."""
+
+    if task not in (*TASKS, None):
+        raise ValueError(f"reward {name!r}: task must be one of {TASKS} or None, got {task!r}")
 
     def decorator(fn: RewardFn) -> RewardFn:
         if name in _REGISTRY:

@@ -46,9 +46,12 @@ def test_both_tasks_are_registered_without_collisions():
     assert registry.reward_task("format") == "viewer" and registry.reward_task("math_format") == "math"
 
 
-def test_registering_a_name_twice_fails():
+def test_registering_a_name_twice_or_an_unknown_task_fails():
     with pytest.raises(ValueError, match="already registered"):
         register("format")(lambda example, completion: 0.0)
+    with pytest.raises(ValueError, match="task"):
+        register("test_bad_task", task="chess")
+    assert "test_bad_task" not in available_rewards()
 
 
 def test_weighted_total_and_dtypes():
