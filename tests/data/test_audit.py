@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -16,7 +17,8 @@ from grailcore.data.audit import (
 )
 from grailcore.data.schema import Example
 
-SEED_SAMPLE = "/work/shared/data/seed_prompts_sample.jsonl"
+# A copy of the shared seed_prompts_sample.jsonl (6 real rows), so the test needs nothing outside the repo.
+SEED_SAMPLE = str(Path(__file__).parent / "fixtures" / "audit_seed_prompts_sample.jsonl")
 
 
 def option(title: str, rng: random.Random, channel: bool = True, duration: bool = True,
