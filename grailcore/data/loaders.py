@@ -50,7 +50,12 @@ def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> Load
     if data_cfg.task == "math":
         from grailcore.data.math import load_math  # late import: math data is optional for viewer runs
 
-        result = LoadResult(examples=load_math(path), source=_source_name(path), split="all")
+        examples = load_math(path)
+        if data_cfg.system_prompt:
+            examples = [ex.replace(messages=({"role": "system", "content": data_cfg.system_prompt},
+                                             *[m for m in ex.messages if m["role"] != "system"]))
+                        for ex in examples]
+        result = LoadResult(examples=examples, source=_source_name(path), split="all")
     elif path.startswith(SYNTHETIC_PREFIX):
         result = _load_synthetic(path, data_cfg, split)
     else:

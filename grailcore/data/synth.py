@@ -302,6 +302,10 @@ def generate_study(issue: str, n: int, seed: int = 0, params: StudyParams | None
     catalog = make_catalog(issue, rng, params.n_videos)
     pools = {s: [v for v in catalog if (v.stance > 0.15 if s > 0 else v.stance < -0.15 if s < 0 else
                                          abs(v.stance) <= 0.15)] for s in (1, -1, 0)}
+    needed = max(params.slate_sizes) + params.steps[1] + 1  # a session never re-offers a watched video
+    if min(len(pool) for pool in pools.values()) < needed:
+        raise ValueError(f"StudyParams.n_videos={params.n_videos} leaves a stance pool with fewer than "
+                         f"{needed} videos (sizes {[len(p) for p in pools.values()]}); raise n_videos")
     decisions: list[Decision] = []
     viewer_index = 0
     while len(decisions) < n:

@@ -173,6 +173,9 @@ def test_math_task_dispatches_to_the_math_loader(tmp_path):
     result = load_examples(str(path), DataConfig(task="math", max_train_samples=2))
     assert [ex.task for ex in result.examples] == ["math", "math"]
     assert result.examples[0].answer == "4"
+    custom = load_examples(str(path), DataConfig(task="math", system_prompt="Solve."), "validation")
+    assert [m["role"] for m in custom.examples[0].messages] == ["system", "user"]
+    assert custom.examples[0].messages[0]["content"] == "Solve." and len(custom.examples) == 3
 
 
 def test_missing_and_unsupported_paths_say_what_to_use(tmp_path):

@@ -101,6 +101,8 @@ def test_shuffled_gold_position_is_uniform(study):
     n = len(four)
     assert all(abs(shown[k] / n - 0.25) < 0.035 for k in range(1, 5)), shown
     assert stored[1] + stored[2] > stored[3] + stored[4] + 0.05 * n, "the stored order's primacy bias"
+    moved = sum(build_example(d).gold_index != d.gold_index for d in four) / n
+    assert 0.68 < moved < 0.82, "a uniform shuffle moves the gold of a 4-option slate 3 times in 4"
 
 
 def test_every_option_is_rendered_the_same_way_even_with_missing_fields(study):

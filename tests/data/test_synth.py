@@ -142,3 +142,8 @@ def test_titles_look_like_real_titles(study):
 def test_unknown_issue_is_rejected():
     with pytest.raises(ValueError, match="unknown issue 'abortion'"):
         generate_study("abortion", 10)
+
+
+def test_too_small_catalog_is_rejected_with_a_fix():
+    with pytest.raises(ValueError, match="raise n_videos"):
+        generate_study("gun_control", 10, params=StudyParams(n_videos=20))
