@@ -82,6 +82,8 @@ class _Row:
     options: tuple[RenderedOption, ...]
     state: str
     cluster: str
+    """Viewer id, or the example id when there is none (the row then stands alone)."""
+    has_viewer: bool
     group: str
 
 
@@ -291,6 +293,7 @@ class GroupAudit:
     name: str
     n_examples: int
     n_viewers: int
+    """Distinct viewer ids; rows without one are treated as independent."""
     random_accuracy: float
     """mean(1/n_options): the expected accuracy of a uniform random pick."""
     positions: list[PositionTest]
@@ -338,7 +341,8 @@ def _to_rows(examples: Sequence[Example]) -> list[_Row]:
         texts = ex.option_texts if len(ex.option_texts) == ex.n_options else ()
         state = ex.state_text or ex.prompt.split("\nOPTIONS", 1)[0]
         rows.append(_Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
-                         state, ex.viewer_id or ex.example_id, f"{ex.issue or '-'}/{ex.study or '-'}"))
+                         state, ex.viewer_id or ex.example_id, ex.viewer_id is not None,
+                         f"{ex.issue or '-'}/{ex.study or '-'}"))
     return rows
 
 
@@ -364,7 +368,7 @@ def _audit_group(name: str, rows: Sequence[_Row]) -> GroupAudit:
     for r in rows:
         golds[r.n].append(r.gold)
     return GroupAudit(
-        name=name, n_examples=len(rows), n_viewers=len({r.cluster for r in rows}),
+        name=name, n_examples=len(rows), n_viewers=len({r.cluster for r in rows if r.has_viewer}),
         random_accuracy=random, positions=position_tests(golds),
         rules=[_score_rule(rows, rule_name, kind, rule, random) for rule_name, kind, rule in RULES],
     )
@@ -437,7 +441,8 @@ _VERDICT_MEANING = {
 
 
 def _format_group(g: GroupAudit) -> list[str]:
-    lines = [f"[{g.name}] {g.n_examples} examples, {g.n_viewers} viewers, "
+    viewers = f"{g.n_viewers} viewers" if g.n_viewers else "no viewer ids (rows taken as independent)"
+    lines = [f"[{g.name}] {g.n_examples} examples, {viewers}, "
              f"random accuracy mean(1/n_options) = {g.random_accuracy:.3f}",
              "  gold position vs uniform:"]
     for t in g.positions:
@@ -497,7 +502,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     data_cfg = DataConfig(train_path=args.path, shuffle_options=not args.no_shuffle)
     loaded = load_examples(args.path, data_cfg, split=args.split)
     report = audit_examples(loaded.examples, threshold=args.threshold,
-                            source=f"{loaded.source or args.path} [{args.split}]")
+                            source=f"{loaded.source or args.path} [{loaded.split or args.split}]")
     print(format_report(report))
     if loaded.skipped:
         print(f"\nloader skipped {loaded.skipped} rows: " + "; ".join(loaded.skip_reasons[:5]))

@@ -217,8 +217,10 @@ def test_repeated_rows_of_one_viewer_do_not_count_as_independent_evidence():
     assert last.accuracy == pytest.approx(4 / 6) and last.design_effect > 10
     assert last.ci_high - last.ci_low > 0.4  # about 6 rows' worth of evidence, not 150
     assert audit_examples(examples).verdict == "SUSPECT"
+    assert audit_examples(examples).groups[0].n_viewers == 6
     independent = [dataclasses.replace(e, viewer_id=None) for e in examples]
     assert audit_examples(independent).verdict == "LEAK"
+    assert audit_examples(independent).groups[0].n_viewers == 0
 
 
 def test_a_leak_confined_to_one_study_is_reported_for_that_study():
