@@ -338,6 +338,7 @@ def _to_rows(examples: Sequence[Example]) -> list[_Row]:
     for ex in examples:
         if ex.task != "viewer" or ex.gold_index is None or not ex.n_options:
             continue
+        # Without one text per option the text rules abstain (it shows as lower coverage).
         texts = ex.option_texts if len(ex.option_texts) == ex.n_options else ()
         state = ex.state_text or ex.prompt.split("\nOPTIONS", 1)[0]
         rows.append(_Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
