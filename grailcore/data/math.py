@@ -215,10 +215,10 @@ def _table_rows(path: Path, where_prefix: str) -> Iterable[tuple[str, Mapping[st
         yield f"{where_prefix}{path}: row {row_no}", row
 
 
-def load_math(path: str, where_prefix: str = "") -> list[Example]:
+def load_math(path: str, where_prefix: str = "", system_prompt: str | None = None) -> list[Example]:
     """Examples from a JSONL (.jsonl/.json), parquet file or `save_to_disk` directory with
     'problem' and 'answer' columns ('kind' optional). Errors name file, line and field;
-    `where_prefix` is prepended to every location."""
+    `where_prefix` is prepended to every location; `system_prompt` replaces the R1 one."""
     file = Path(path)
     if not file.exists():
         raise SchemaError(f"{where_prefix}{path}: no such file or directory")
@@ -230,7 +230,7 @@ def load_math(path: str, where_prefix: str = "") -> list[Example]:
         raise SchemaError(f"{where_prefix}{path}: unsupported math data; use .jsonl, .parquet or a "
                           f"save_to_disk directory")
     source = file.stem
-    examples = [_example(row, i, where, None, source) for i, (where, row) in enumerate(rows)]
+    examples = [_example(row, i, where, system_prompt, source) for i, (where, row) in enumerate(rows)]
     if not examples:
         raise SchemaError(f"{where_prefix}{path}: no rows")
     return examples

@@ -155,6 +155,8 @@ def test_load_math_jsonl(tmp_path):
     assert [e.answer for e in examples] == ["4", "\\frac{1}{2}"]
     assert [e.prompt for e in examples] == ["2+2?", "Half of 1?"]
     assert all(e.source == "mine" and e.task == "math" for e in examples)
+    assert examples[0].messages[0]["content"] == R1_SYSTEM_PROMPT
+    assert load_math(path, system_prompt="Short.")[1].messages[0]["content"] == "Short."
 
 
 @pytest.mark.parametrize("bad_line, field", [
