@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from grailcore.data.schema import Example
 
 
@@ -20,3 +24,15 @@ def example(i: int, gold: int, n: int, *, viewer: str | None = None, opinion: st
 def completion(answer: int | str, opinion: str | None = "no_change") -> str:
     tail = f"<opinion>{opinion}</opinion>" if opinion else ""
     return f"<think>because</think><answer>{answer}</answer>{tail}"
+
+
+REPO = Path(__file__).resolve().parents[2]
+SEED_CANDIDATES = (REPO.parent / "shared" / "data" / "seed_prompts_sample.jsonl",  # CI: ../shared beside the repo
+                   REPO / "tests" / "rewards" / "data" / "seed_prompts_sample.jsonl")  # the repo's copy
+
+
+def seed_sample() -> Path:
+    for path in SEED_CANDIDATES:
+        if path.is_file():
+            return path
+    pytest.skip(f"seed sample not found at {[str(p) for p in SEED_CANDIDATES]}")
