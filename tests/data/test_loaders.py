@@ -11,7 +11,8 @@ from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT
 from grailcore.data.schema import SchemaError, decision_to_dict
 from grailcore.data.synth import generate_study, write_study
 
-SEED_SAMPLE = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "seed_prompts_sample.jsonl"
+# The repo's copy of the shared seed_prompts_sample.jsonl (6 real rows), shared with test_audit.
+SEED_SAMPLE = Path(__file__).parent / "fixtures" / "audit_seed_prompts_sample.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +34,6 @@ def _write_jsonl(path, rows):
 
 @pytest.fixture
 def seed_rows():
-    if not SEED_SAMPLE.exists():
-        pytest.skip(f"seed sample not found at ../shared/data/{SEED_SAMPLE.name} beside the repo")
     return [json.loads(line) for line in SEED_SAMPLE.read_text().splitlines()]
 
 
@@ -56,7 +55,7 @@ def test_seed_sample_loads_with_gold_options_and_state(seed_rows):
                                      "views 2,433,982, likes 18,834, comments 40")
     assert first.option_texts[4] == ("Most Americans Want More Gun Control. Why Doesn’t It Happen? | NYT — "
                                      "Engagement: views 43,105, likes 706")
-    assert first.example_id == "seed_prompts_sample:1"
+    assert first.example_id == f"{SEED_SAMPLE.stem}:1"
 
 
 def test_study_dir_splits_render_and_share_no_viewer(study_dir):
