@@ -106,9 +106,7 @@ def score_completions(examples: Sequence[Example], completions: Sequence[Sequenc
         if not texts:
             raise ValueError(f"example {i} ({ex.example_id}) has no completions")
         parsed = [parse_viewer(t, ex.n_options) for t in texts]
-        # A number outside the slate is no choice at all: count it as unparsed.
-        answers.append([p.answer if p.answer is not None and 1 <= p.answer <= ex.n_options else NONE
-                        for p in parsed])
+        answers.append([NONE if p.answer is None else p.answer for p in parsed])  # parser checks 1..n
         fmt.append([p.format_ok for p in parsed])
         opinions.append([opinion_code(p.opinion) for p in parsed])
         orig.append([NONE if (a := original_answer(t)) is None else a for t in texts])

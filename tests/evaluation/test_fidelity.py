@@ -80,3 +80,14 @@ def test_opinion_fidelity_against_gold_and_constant_no_change():
     assert out["tv_model"].value == pytest.approx(1 / 3)
     assert out["tv_always_no_change"] == pytest.approx(1 / 3)
     assert fd.opinion_fidelity(build_rows([example(0, 1, 2)], [[1]]), 1.0, None) is None
+
+
+def test_histograms_follow_bootstrap_row_weights():
+    examples = [example(0, 1, 2, opinion="increase"), example(1, 2, 2, opinion="decrease")]
+    rows = build_rows(examples, [[1], [1]], opinions=[[0], [0]])
+    dropped_second = np.array([2.0, 0.0])  # a replicate that drew row 0 twice and row 1 never
+    model, gold = fd.position_histograms(rows, dropped_second)
+    np.testing.assert_allclose(model, [1, 0, 0])
+    np.testing.assert_allclose(gold, [1, 0, 0])
+    model, gold = fd.opinion_histograms(rows, dropped_second)
+    np.testing.assert_allclose(gold, [1, 0, 0, 0])

@@ -37,6 +37,14 @@ def test_strict_parse_original_rule_and_rates():
     assert choice["original_format_rate"].value == pytest.approx(1.0)
 
 
+def test_original_rule_is_scored_apart_from_the_strict_parse():
+    examples = [example(0, 2, 3), example(1, 1, 3)]
+    completions = [["<answer>Option 2</answer>"], [completion(1)]]  # 'Option 2': only the original reads it
+    choice = evaluate(examples, completions, options=EvalOptions(n_boot=0))["choice"]
+    assert (choice["accuracy"].value, choice["parsed_rate"].value) == (0.5, 0.5)
+    assert (choice["original_accuracy"].value, choice["original_parsed_rate"].value) == (1.0, 1.0)
+
+
 def test_breakdowns_by_group():
     res = evaluate(EXAMPLES, COMPLETIONS, options=EvalOptions(n_boot=0))
     by = res["breakdowns"]
