@@ -135,6 +135,15 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     return box[0]
 
 
+def all_gather_object(obj: T) -> list[T]:
+    """Every rank's `obj`, indexed by rank (pickled; for small objects)."""
+    if not _active():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def shutdown() -> None:
     """Destroy the default group if it still exists (vLLM's engine shutdown may have done it)."""
     if dist.is_available() and dist.is_initialized():
