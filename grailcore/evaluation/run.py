@@ -57,15 +57,17 @@ def load_train(job: EvalJob, cfg: Config, eval_split: str) -> list[Example] | No
 
 
 def build_engine(cfg: Config, model_dir: Path, tokenizer):
-    """The configured rollout engine over a freshly loaded policy (HF by default)."""
+    """The configured rollout engine over a freshly loaded policy (HF by default), on the
+    GPU when there is one."""
+    from grailcore.dist import init_distributed
     from grailcore.model import load_policy
 
+    dist = init_distributed()
     if cfg.rollout.engine == "vllm":
         try:
-            from grailcore.dist import init_distributed
             from grailcore.rollout.vllm_engine import VLLMEngine
 
-            return VLLMEngine.create(model_dir, cfg, init_distributed())
+            return VLLMEngine.create(model_dir, cfg, dist)
         except Exception as err:  # engine start failures: stop clearly, or fall back if configured
             if not cfg.rollout.fallback_to_hf:
                 raise RuntimeError(f"the vLLM engine failed to start ({err}); use --cfg with "
@@ -73,7 +75,7 @@ def build_engine(cfg: Config, model_dir: Path, tokenizer):
             log.warning("vLLM engine failed to start (%s); using the HF engine", err)
     from grailcore.rollout.hf import HFEngine
 
-    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
     return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
 
 
