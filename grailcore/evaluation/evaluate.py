@@ -87,7 +87,7 @@ def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
 
     for name, est in results["choice"].items():
         put(name, est)
-    for name, est in (results["opinion"] or {}).items():
+    for name, est in results["opinion"].items():
         put(f"opinion_{name}", est)
     for name, row in {**results["baselines"], **results["opinion_baselines"]}.items():
         put(f"baseline/{name}", row["accuracy"])

@@ -108,22 +108,21 @@ def macro_f1(gold: np.ndarray, predicted: np.ndarray, n_classes: int, weights: n
     return float(f1[present].mean())
 
 
-def opinion_summary(rows: ScoredRows, plan: BootstrapPlan | None) -> dict[str, Estimate] | None:
-    """Opinion-direction accuracy and macro-F1 of the first sample (None without gold)."""
+def opinion_summary(rows: ScoredRows, plan: BootstrapPlan | None) -> dict[str, Estimate]:
+    """Opinion tags parsed (all rows); accuracy and macro-F1 of the first sample on rows
+    with a gold direction (absent when no row has one)."""
+    out = {"parsed_rate": mean_estimate(row_mean(rows.opinions != NONE, rows.sample_mask), plan)}
     has = rows.has_gold_opinion
     if not has.any():
-        return None
+        return out
     gold, predicted = rows.gold_opinion, rows.opinions[:, 0]
-    correct = (predicted == gold).astype(np.float64)
 
     def f1(weights: np.ndarray) -> float:
         return macro_f1(gold[has], predicted[has], N_OPINIONS, weights[has])
 
-    return {
-        "accuracy": mean_estimate(correct, plan, has),
-        "macro_f1": statistic_estimate(f1, rows.n_rows, plan),
-        "parsed_rate": mean_estimate(row_mean(rows.opinions != NONE, rows.sample_mask), plan, has),
-    }
+    out["accuracy"] = mean_estimate((predicted == gold).astype(np.float64), plan, has)
+    out["macro_f1"] = statistic_estimate(f1, rows.n_rows, plan)
+    return out
 
 
 def opinion_confusion(rows: ScoredRows) -> np.ndarray:

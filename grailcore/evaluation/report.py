@@ -78,9 +78,9 @@ def _choice_sections(r: dict) -> list[str]:
 
 def _opinion_sections(r: dict) -> list[str]:
     out = ["", "## Opinion direction", ""]
-    if r["opinion"] is None:
-        return out + ["No gold `opinion_direction` on these rows: opinion metrics not computed."]
     out += _table(["metric", "value [95% CI]"], [[k, fmt(v)] for k, v in r["opinion"].items()])
+    if "accuracy" not in r["opinion"]:
+        return out + ["", "No gold `opinion_direction` on these rows: accuracy and fidelity not computed."]
     out += [""] + _table(["predictor", "accuracy", "model - baseline", "how"],
                          _baseline_rows("model", r["opinion"]["accuracy"], r["opinion_baselines"]))
     fid = r["opinion_fidelity"]
@@ -139,8 +139,7 @@ def summary_table(r: dict) -> str:
     """The short console table: headline choice metrics, then every baseline."""
     rows = [(CHOICE_LABELS.get(k, k), fmt(v)) for k, v in r["choice"].items()]
     rows += [(f"baseline: {name}", fmt(row["accuracy"])) for name, row in r["baselines"].items()]
-    if r["opinion"] is not None:
-        rows += [(f"opinion {k}", fmt(v)) for k, v in r["opinion"].items()]
+    rows += [(f"opinion {k}", fmt(v)) for k, v in r["opinion"].items()]
     width = max(len(a) for a, _ in rows)
     head = f"{'metric':<{width}}  value [95% CI]   ({r['n_rows']} rows, k={r['samples_per_row']})"
     return "\n".join([head, "-" * len(head)] + [f"{a:<{width}}  {b}" for a, b in rows])

@@ -17,7 +17,8 @@ def test_seed_completions_reproduce_the_original_rule():
     # Its answers are 5, 2, 2, 1, 1, 1 against gold 5, 2, 2, 3, 2, 2: the gun rows right, the wage rows wrong.
     assert rows.original_answers[:, 0].tolist() == [5, 2, 2, 1, 1, 1]
     assert rows.gold.tolist() == [5, 2, 2, 3, 2, 2]
-    choice = evaluate(examples, completions, options=EvalOptions(n_boot=0))["choice"]
+    results = evaluate(examples, completions, options=EvalOptions(n_boot=0))
+    choice = results["choice"]
     # The original rule: correct when the <answer> integer equals the gold; every row parsed and formatted.
     assert choice["original_accuracy"].value == pytest.approx(0.5)
     assert choice["original_parsed_rate"].value == 1.0
@@ -26,6 +27,8 @@ def test_seed_completions_reproduce_the_original_rule():
     assert choice["accuracy"].value == pytest.approx(0.5)
     assert choice["parsed_rate"].value == 1.0
     assert choice["format_rate"].value == 0.0
+    # No opinion tags and no gold directions: only the (zero) opinion parsed rate is reported.
+    assert list(results["opinion"]) == ["parsed_rate"] and results["opinion"]["parsed_rate"].value == 0.0
 
 
 def test_seed_breakdown_matches_the_original_pattern():
