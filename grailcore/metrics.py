@@ -131,7 +131,8 @@ class MetricsLogger:
 
 
 class StepTimer:
-    """Wall seconds per phase of a step: `with timer("generation"): ...`, then `lap()`.
+    """Wall seconds per phase of one step (make one per step): `with timer("generation"):`,
+    then `as_metrics()`. Phases may nest (the loop wraps the whole step in `timer("step")`).
 
     CUDA work is asynchronous: a phase ends when its results are read on the host (`.item()`,
     `.tolist()`); time on its own, a GPU phase only covers the kernel launches.
@@ -139,24 +140,22 @@ class StepTimer:
 
     def __init__(self) -> None:
         self._phases: dict[str, float] = {}
-        self._start = time.perf_counter()
+        self._created = time.perf_counter()
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
-        if phase == "step":
-            raise ValueError("phase name 'step' is reserved for the whole step (time/step)")
         start = time.perf_counter()
         try:
             yield
         finally:
             self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - start
 
-    def lap(self) -> dict[str, float]:
-        """{"time/<phase>": s, ..., "time/step": s since the last lap}; starts the next step."""
-        now = time.perf_counter()
+    def as_metrics(self) -> dict[str, float]:
+        """{"time/<phase>": seconds summed over its uses, ..., "time/step": seconds}; time/step
+        is the "step" phase if it was timed, else the time since this timer was made."""
         out = {f"time/{phase}": seconds for phase, seconds in self._phases.items()}
-        out["time/step"] = now - self._start
-        self._phases, self._start = {}, now
+        if "time/step" not in out:
+            out["time/step"] = time.perf_counter() - self._created
         return out
 
 

@@ -80,21 +80,25 @@ def test_read_metrics_rejects_a_corrupt_middle_line(tmp_path):
         read_metrics(tmp_path)
 
 
-def test_step_timer_accumulates_phases_and_laps(monkeypatch):
-    clock = iter([0.0, 1.0, 3.0, 3.5, 4.0, 10.0, 10.0, 10.25, 11.0])
+def test_step_timer_sums_nested_phases(monkeypatch):
+    clock = iter([0.0, 1.0, 2.0, 4.0, 4.5, 5.0, 7.0])
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
-    timer = StepTimer()  # t=0
-    with timer("generation"):  # 1 -> 3
-        pass
-    with timer("generation"):  # 3.5 -> 4: phases add up within a step
-        pass
-    assert timer.lap() == {"time/generation": 2.5, "time/step": 10.0}  # lap at 10
-    with timer("backward"):  # 10 -> 10.25
-        pass
-    assert timer.lap() == {"time/backward": 0.25, "time/step": 1.0}  # new step: 10 -> 11
-    with pytest.raises(ValueError, match="reserved"):
-        with timer("step"):
+    timer = StepTimer()  # made at 0
+    with timer("step"):  # 1 -> 7
+        with timer("generation"):  # 2 -> 4
             pass
+        with timer("generation"):  # 4.5 -> 5: a phase used twice adds up
+            pass
+    assert timer.as_metrics() == {"time/step": 6.0, "time/generation": 2.5}
+
+
+def test_step_timer_step_defaults_to_time_since_creation(monkeypatch):
+    clock = iter([10.0, 11.0, 11.25, 13.0])
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock))
+    timer = StepTimer()  # made at 10
+    with timer("backward"):  # 11 -> 11.25
+        pass
+    assert timer.as_metrics() == {"time/backward": 0.25, "time/step": 3.0}  # read at 13
 
 
 def test_progress_shows_step_postfix_and_eta():
