@@ -37,6 +37,17 @@ class Toy(nn.Module):
         return self.head(torch.tanh(self.mid(self.emb(ids))))
 
 
+class Policy(nn.Module):
+    """The trainer's shape: the HF model under `.lm`, FSDP2's root is this wrapper."""
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
+
 def make_optim(model: nn.Module):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     # lr changes every step, so a scheduler that was not restored shows in the lr.
@@ -238,9 +249,17 @@ from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 plain_dir, sharded_dir, export_dir, out = map(Path, sys.argv[1:])
 info = gdist.init_distributed()
 assert info.world_size == 2
+class Policy(torch.nn.Module):  # as in the test module: the root wraps the HF model
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, **kwargs):
+        return self.lm(**kwargs)
+
 path = resolve_model_path("tiny-llama")
-model = load_policy(path)
-for layer in model.model.layers:
+model = Policy(load_policy(path))
+for layer in model.lm.model.layers:
     fully_shard(layer)
 fully_shard(model)
 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
@@ -262,7 +281,7 @@ optimizer.step()
 scheduler.step()
 dump("stepped")
 ckpt.save_checkpoint(sharded_dir, 2, model, optimizer, scheduler, {"step": 2})
-ckpt.export_hf(model, load_tokenizer(path), export_dir)
+ckpt.export_hf(model.lm, load_tokenizer(path), export_dir)
 gdist.shutdown()
 '''
 
@@ -286,7 +305,7 @@ def full_from_shards(out: Path, name: str, key: str) -> dict[str, torch.Tensor]:
 def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    plain = tiny_llama()
+    plain = Policy(tiny_llama())
     optimizer, scheduler = make_optim(plain)
     train_step(plain, optimizer, scheduler)
     ckpt.save_checkpoint(tmp_path / "plain", 1, plain, optimizer, scheduler, {"step": 1})
@@ -294,7 +313,7 @@ def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path):
     script.write_text(FSDP_WORKER)
     dirs = [tmp_path / d for d in ("plain", "sharded", "export", "out")]
     dirs[-1].mkdir()
-    torchrun(script, *map(str, dirs), timeout=90)
+    torchrun(script, *map(str, dirs), timeout=180)  # generous: the 2 cores are shared
     out = dirs[-1]
 
     # world 1 -> 2: the shards hold exactly the plain run's weights and Adam moments.
@@ -307,7 +326,7 @@ def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path):
     # world 2 -> 1: a plain model resumes from the sharded run's checkpoint.
     stepped = full_from_shards(out, "stepped", "params")
     stepped_avg = full_from_shards(out, "stepped", "exp_avg")
-    fresh = tiny_llama()
+    fresh = Policy(tiny_llama())
     fresh_opt, fresh_sched = make_optim(fresh)
     result = ckpt.load_checkpoint(tmp_path / "sharded", fresh, fresh_opt, fresh_sched)
     assert result.step == 2 and fresh_sched.last_epoch == 2
@@ -322,4 +341,4 @@ def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path):
         assert "lm_head.weight" not in f.keys()
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     for name, param in exported.named_parameters():
-        assert torch.equal(param.detach(), stepped[name]), name
+        assert torch.equal(param.detach(), stepped[f"lm.{name}"]), name
