@@ -25,9 +25,12 @@ CHOICE_LABELS = {
 
 
 def to_jsonable(obj: Any) -> Any:
-    """Estimates become {value, lo, hi}; numpy scalars/arrays become Python numbers/lists."""
+    """Estimates become {value, lo, hi}; numpy values become Python ones; NaN (no interval,
+    empty group) and inf (NLL of a zero probability, alpha = 0) become null: strict JSON."""
     if isinstance(obj, Estimate):
-        return obj.as_dict()
+        return to_jsonable(obj.as_dict())
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if np.isfinite(obj) else None
     if isinstance(obj, dict):
         return {str(k): to_jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -151,7 +154,7 @@ def write_report(results: dict, out_dir: str | Path, meta: dict[str, Any]) -> di
     out.mkdir(parents=True, exist_ok=True)
     images = plots.write_plots(results, out)
     metrics_path = out / "metrics.json"
-    metrics_path.write_text(json.dumps({"meta": meta, **to_jsonable(results)}, indent=2, allow_nan=True))
+    metrics_path.write_text(json.dumps({"meta": meta, **to_jsonable(results)}, indent=2, allow_nan=False))
     report_path = out / "report.md"
     report_path.write_text(render_markdown(results, meta, images))
     return {"metrics": metrics_path, "report": report_path, **{p.stem: p for p in images}}

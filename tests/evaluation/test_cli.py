@@ -71,7 +71,8 @@ def test_cli_as_a_module(tmp_path):
                            "--n-boot", "0"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "0.667" in proc.stdout
-    assert json.loads((out / "metrics.json").read_text())["choice"]["accuracy"]["value"] == pytest.approx(2 / 3)
+    accuracy = json.loads((out / "metrics.json").read_text())["choice"]["accuracy"]
+    assert accuracy == {"value": pytest.approx(2 / 3), "lo": None, "hi": None}  # no bootstrap: null, not NaN
 
 
 def test_cli_without_inputs_says_what_to_give():
