@@ -28,7 +28,8 @@ class EvalArgs:
     """Eval data, any loader path (default: the preset's data.eval_path, else data.train_path)."""
     split: Literal["train", "validation", "test"] = "validation"
     train_data: str | None = None
-    """Rows to fit the position/opinion priors (default: the train split of --data, if it has splits)."""
+    """Loader data whose train split fits the position/opinion priors; must not share rows with the
+    evaluated ones (default: the train split of --data when it has splits, else the eval rows, labelled)."""
     max_samples: int | None = None
     """Evaluate only the first N rows (default: all)."""
     samples_per_row: int | None = None

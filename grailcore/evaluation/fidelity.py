@@ -7,7 +7,7 @@ import numpy as np
 
 from grailcore.data.schema import OPINION_DIRECTIONS
 from grailcore.evaluation.baselines import PositionPrior
-from grailcore.evaluation.bootstrap import BootstrapPlan, Estimate, mean_estimate, statistic_estimate
+from grailcore.evaluation.bootstrap import BootstrapPlan, mean_estimate, statistic_estimate
 from grailcore.evaluation.rows import NONE, ScoredRows
 
 N_OPINIONS = len(OPINION_DIRECTIONS)

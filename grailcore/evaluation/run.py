@@ -42,18 +42,26 @@ def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] |
     examples = result.examples[: job.max_samples] if job.max_samples else result.examples
     meta = {"data": job.data, "split": result.split, "rows_loaded": len(result.examples),
             "rows_skipped_as_malformed": result.skipped}
-    return examples, load_train(job, cfg, result.split), meta
+    return examples, load_train(job, cfg, eval_has_splits=result.split != "all"), meta
 
 
-def load_train(job: EvalJob, cfg: Config, eval_split: str) -> list[Example] | None:
+def load_train(job: EvalJob, cfg: Config, eval_has_splits: bool) -> list[Example] | None:
     """Rows to fit the position/opinion priors on; never the evaluated rows themselves."""
     from grailcore.data.loaders import load_examples
 
     if job.train_data:
         return load_examples(job.train_data, cfg.data, split="train").examples
-    if job.data is None or eval_split == "all":
-        return None  # a single file has no train split: priors are fitted on eval rows (and labelled so)
+    if not eval_has_splits or job.split == "train":
+        return None  # no held-out train rows: priors are fitted on the eval rows (and labelled so)
     return load_examples(job.data, cfg.data, split="train").examples
+
+
+def check_disjoint(examples: list[Example], train: list[Example] | None) -> None:
+    """Priors fitted on the scored rows would flatter the baselines: refuse shared rows."""
+    shared = {e.example_id for e in examples} & {t.example_id for t in train or ()}
+    if shared:
+        raise ValueError(f"the training rows share {len(shared)} example ids with the evaluated rows "
+                         f"(e.g. {sorted(shared)[:3]}); give --train-data rows held out from the evaluation")
 
 
 def build_engine(cfg: Config, model_dir: Path, tokenizer):
@@ -111,12 +119,13 @@ def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
         examples, completions = read_completions(job.completions)
         if job.max_samples:
             examples, completions = examples[: job.max_samples], completions[: job.max_samples]
-        train = load_train(job, cfg, "all") if job.train_data else None
+        train = load_train(job, cfg, eval_has_splits=False)
         meta: dict[str, Any] = {"completions": job.completions}
     else:
         examples, train, meta = load_rows(job, cfg)
         completions, sample_meta = sample_model(job, cfg, examples, out)
         meta.update(sample_meta)
+    check_disjoint(examples, train)
     meta["priors_fitted_on"] = f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"
     results = evaluate(examples, completions, train, job.options)
     paths = write_report(results, out, meta)

@@ -78,3 +78,16 @@ def test_cli_as_a_module(tmp_path):
 def test_cli_without_inputs_says_what_to_give():
     with pytest.raises(SystemExit, match="--completions"):
         main([])
+
+
+def test_cli_refuses_priors_fitted_on_the_evaluated_rows(tmp_path):
+    path, examples = tiny_file(tmp_path)
+    train = tmp_path / "train.jsonl"  # the same rows as plain pre-rendered loader rows
+    plain = [{k: v for k, v in example_row(ex).items() if k not in ("viewer_id", "true_choice_probs")}
+             for ex in examples]
+    train.write_text("".join(json.dumps(row) + "\n" for row in plain))
+    with pytest.raises(ValueError, match="share 3 example ids"):
+        main(["--completions", str(path), "--train-data", str(train), "--out", str(tmp_path / "o"), "--n-boot", "0"])
+    train.write_text("".join(json.dumps({**row, "example_id": f"t{i}"}) + "\n" for i, row in enumerate(plain)))
+    results = main(["--completions", str(path), "--train-data", str(train), "--out", str(tmp_path / "o")])
+    assert "train (3 rows)" in results["baselines"]["most_frequent_position"]["description"]
