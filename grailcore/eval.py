@@ -72,7 +72,8 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    args = tyro.cli(EvalArgs, args=sys.argv[1:] if argv is None else list(argv), description=__doc__)
+    args = tyro.cli(EvalArgs, args=sys.argv[1:] if argv is None else list(argv), description=__doc__,
+                    prog="python -m grailcore.eval")
     return run(*resolve(args))
 
 
