@@ -1,0 +1,434 @@
+"""GRAIL's discriminator D(state, action) -> P(the human made this choice): trained on the
+policy's rollouts of training examples against the humans' choices, it pays the policy
+`gail.weight * r(D)` for choices that look human (added to the rule rewards)."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Sequence
+
+import torch
+import torch.distributed as tdist
+import torch.nn.functional as F
+from torch import nn
+
+from grailcore.config import Config, ConfigError, GailConfig
+from grailcore.data.schema import Example
+from grailcore.dist import DistInfo
+from grailcore.model import resolve_model_path
+from grailcore.rewards.gail.encoding import ActionTooLongError, encode_pairs
+from grailcore.rewards.gail.objective import (REWARD_KINDS, TrainingRows, gail_reward,
+                                              training_rows, weighted_bce)
+from grailcore.rewards.parsing import parse_viewer
+from grailcore.rollout.collect import Rollouts, Scorer
+from grailcore.types import RewardOutput
+
+log = logging.getLogger(__name__)
+
+SAVE_FORMAT = "grailcore-discriminator-v1"
+_MICRO_ROWS = 64
+"""Rows per encoder forward: bounds activation memory whatever the rollout batch size."""
+_STAT_KEYS = ("observes", "frozen_skips", "loss_sum", "loss_n", "expert_n", "expert_hit", "expert_p",
+              "policy_n", "policy_hit", "policy_p", "correct_n", "correct_p", "reward_gail_abs",
+              "reward_rule_abs", "inputs", "truncated", "negatives", "replayed", "unparsed")
+
+__all__ = ["ActionTooLongError", "Discriminator", "REWARD_KINDS", "SAVE_FORMAT", "build_discriminator",
+           "gail_reward"]
+
+
+def _world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+class Discriminator(nn.Module):
+    """HF encoder (mean-pooled) + MLP head -> logit of P(human) for (action, state) text.
+
+    Owns its training state (AdamW, replay buffer of past policy negatives, step
+    counters), so `state_dict()` is the FULL training state, not only the weights.
+    Collectives: `observe` and `metrics` must be called on every rank together.
+    """
+
+    def __init__(self, gail: GailConfig, train_examples: Sequence[Example], *,
+                 device: torch.device | str = "cpu", seed: int = 0):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        _check_config(gail)
+        self.gail, self.seed, self.rank = gail, seed, tdist.get_rank() if _world_size() > 1 else 0
+        self._train = _index_training_examples(train_examples)
+        path = resolve_model_path(gail.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.encoder = AutoModel.from_pretrained(path)
+        hidden = self.encoder.config.hidden_size
+        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed)
+            self.head[0].weight.normal_(0.0, hidden ** -0.5, generator=generator)
+            self.head[0].bias.zero_()
+            # Zero output layer: D = 0.5 everywhere at the start, so the first steps add
+            # the same GAIL reward to every completion instead of random-init noise.
+            self.head[2].weight.zero_()
+            self.head[2].bias.zero_()
+        self.to(device)
+        self.device = torch.device(device)
+        self._broadcast_from_rank0()
+        self.frozen = gail.frozen_path is not None
+        if self.frozen:
+            self._load_weights_file(gail.frozen_path)
+            self.requires_grad_(False)
+        self.optimizer = None if self.frozen else torch.optim.AdamW(
+            [p for p in self.parameters() if p.requires_grad], lr=gail.lr)
+        self.replay: list[tuple[str, int]] = []
+        """Past policy negatives as (example_id, option), the same on every rank, oldest first."""
+        self.updates = 0
+        """D optimizer steps taken."""
+        self.observed = 0
+        """observe() calls (seeds the replay draw, so a resumed run draws the same)."""
+        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
+        self._log_state_truncation()
+
+    # ---- model ---------------------------------------------------------------------------
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[B] logits of P(human) from [B, T] token ids."""
+        kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # [B, H]
+        return self.head(pooled).squeeze(-1)
+
+    def encode(self, examples: Sequence[Example], answers: Sequence[int]) -> dict[str, torch.Tensor]:
+        """Token tensors of (chosen option text, state text) pairs, ACTION FIRST, so
+        truncation at gail.max_tokens can only cut the state's tail; counts truncations."""
+        actions = [ex.option_texts[a - 1] for ex, a in zip(examples, answers)]
+        batch, truncated = encode_pairs(self.tokenizer, actions, [ex.state_text for ex in examples],
+                                        self.gail.max_tokens, [ex.example_id for ex in examples])
+        self._stats["inputs"] += len(truncated)
+        self._stats["truncated"] += sum(truncated)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """[R] logits, `_MICRO_ROWS` rows per forward (grad mode is the caller's)."""
+        rows = batch["input_ids"].shape[0]
+        return torch.cat([self(**{k: v[i:i + _MICRO_ROWS] for k, v in batch.items()})
+                          for i in range(0, rows, _MICRO_ROWS)])
+
+    @torch.no_grad()
+    def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
+        """[N] D logits of (example, 1-based option) pairs, eval mode (no dropout)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._logits(self.encode(examples, answers)).float().cpu()
+        finally:
+            self.train(was_training)
+
+    # ---- reward ----------------------------------------------------------------------------
+
+    def rewards(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
+        """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer."""
+        keys: dict[tuple[str, int], int] = {}
+        pairs: list[tuple[Example, int]] = []
+        slots: list[tuple[int, int]] = []  # (completion index, unique pair index)
+        for i, (ex, text) in enumerate(zip(examples, completions, strict=True)):
+            answer = _parsed_answer(ex, text)
+            if answer is None:
+                continue
+            key = (ex.example_id, answer)
+            if key not in keys:  # a group often repeats a choice: one D forward per distinct input
+                keys[key] = len(pairs)
+                pairs.append((ex, answer))
+            slots.append((i, keys[key]))
+        out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
+        if pairs:
+            values = gail_reward(self.logits(*zip(*pairs)), self.gail.reward, self.gail.reward_clip)
+            index, pair = torch.tensor(slots).unbind(1)
+            out[index] = values[pair]
+        return out
+
+    def wrap_scorer(self, scorer: Scorer) -> Scorer:
+        """`scorer` plus the GAIL reward: total += gail.weight * r(D); per_reward['gail'] = r(D)
+        (unweighted, like every per_reward entry)."""
+
+        def score(examples: list[Example], completions: list[str]) -> RewardOutput:
+            base = scorer(examples, completions)
+            if "gail" in base.per_reward:
+                raise ValueError("the wrapped scorer already returns a 'gail' reward: wrap_scorer "
+                                 "was applied twice, or a rule reward is named 'gail'")
+            gail = self.rewards(examples, completions)  # [N]
+            return RewardOutput(total=base.total + self.gail.weight * gail,
+                                per_reward={**base.per_reward, "gail": gail},
+                                errors={**base.errors, "gail": 0})
+
+        return score
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def observe(self, rollouts: Rollouts) -> None:
+        """D's update for one trainer step: `gail.disc_steps` AdamW steps on the human's
+        choices (positives) vs the policy's parsed choices (negatives, plus replay).
+        Collective: every rank calls it once per step with its own rollouts."""
+        self._check_training(rollouts.examples)
+        self._record_reward_share(rollouts.rewards)
+        self._stats["observes"] += 1
+        if self.frozen:
+            self._stats["frozen_skips"] += 1
+            return
+        answers = [_parsed_answer(ex, c.text) for ex, c in zip(rollouts.examples, rollouts.completions)]
+        replayed = self._draw_replay(rollouts.examples, answers)
+        rows = training_rows(rollouts.examples, answers, replayed, self._train, self.gail.negatives)
+        self._stats["unparsed"] += answers.count(None)
+        self._stats["negatives"] += rows.negatives
+        self._stats["replayed"] += len(replayed)
+        batch = self.encode(rows.examples, rows.answers)
+        for step in range(self.gail.disc_steps):
+            loss, logits = self._update(batch, rows)
+            self._stats["loss_sum"] += loss
+            self._stats["loss_n"] += 1
+            if step == 0:  # scores before D has trained on this batch: an honest accuracy
+                self._record_scores(logits, rows)
+        self._extend_replay(rows.fresh_negatives)
+        self.observed += 1
+
+    def _update(self, batch: dict[str, torch.Tensor], rows: TrainingRows) -> tuple[float, torch.Tensor]:
+        """One AdamW step on gradients averaged over ranks; (this rank's loss, logits [R])."""
+        self.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        target, weight = rows.targets(self.gail.label_smoothing), rows.weights()
+        logits, loss_value = [], 0.0
+        rows_n = batch["input_ids"].shape[0]
+        for i in range(0, rows_n, _MICRO_ROWS):  # losses are weighted sums: chunks add up exactly
+            chunk = slice(i, i + _MICRO_ROWS)
+            part = self(**{k: v[chunk] for k, v in batch.items()}).float()
+            loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
+            loss.backward()
+            loss_value += float(loss.detach())
+            logits.append(part.detach().cpu())
+        self._average_gradients()
+        self.optimizer.step()
+        self.updates += 1
+        return loss_value, torch.cat(logits)
+
+    def _average_gradients(self) -> None:
+        """Mean gradient over ranks, so every rank takes the same step and D stays identical."""
+        world = _world_size()
+        if world == 1:
+            return
+        # Every rank runs the same graph, so the same parameters have gradients everywhere.
+        params = [p for p in self.parameters() if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat /= world
+        offset = 0
+        for p in params:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+            offset += p.numel()
+
+    def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
+        """round(replay_ratio * fresh negatives) past negatives, uniformly without replacement.
+
+        Seeded by (seed, rank, observe count): a resumed run draws what the original would have."""
+        if self.gail.replay_size == 0 or not self.replay:
+            return []
+        fresh = sum(a is not None and (self.gail.negatives == "all" or a != ex.gold_index)
+                    for ex, a in zip(examples, answers))
+        count = min(len(self.replay), round(self.gail.replay_ratio * fresh))
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rank * 7919 + self.observed)
+        return [self.replay[i] for i in torch.randperm(len(self.replay), generator=generator)[:count].tolist()]
+
+    def _extend_replay(self, fresh: list[tuple[str, int]]) -> None:
+        """Append every rank's fresh negatives (rank order) and keep the newest replay_size."""
+        if self.gail.replay_size == 0:
+            return
+        gathered = [fresh]
+        if _world_size() > 1:
+            gathered = [None] * _world_size()
+            tdist.all_gather_object(gathered, fresh)
+        self.replay.extend(item for part in gathered for item in part)
+        del self.replay[:max(0, len(self.replay) - self.gail.replay_size)]
+
+    def _check_training(self, examples: Sequence[Example]) -> None:
+        """Raise unless every example is one of the training examples D was built with."""
+        seen: set[str] = set()
+        for ex in examples:
+            if ex.example_id in seen:
+                continue
+            seen.add(ex.example_id)
+            known = self._train.get(ex.example_id)
+            if known is None or (known is not ex and known != ex):
+                raise ValueError(
+                    f"discriminator.observe got example {ex.example_id!r} (source {ex.source!r}), which is "
+                    "not one of the training examples it was built with: D must never train on "
+                    "evaluation data. Call observe only with the training step's rollouts."
+                )
+
+    # ---- metrics ---------------------------------------------------------------------------
+
+    def _record_reward_share(self, rewards: RewardOutput) -> None:
+        if "gail" not in rewards.per_reward:
+            raise ValueError("observe: rollouts.rewards has no 'gail' reward; build the scorer "
+                             "with discriminator.wrap_scorer(scorer)")
+        gail = self.gail.weight * rewards.per_reward["gail"]  # [N]
+        self._stats["reward_gail_abs"] += float(gail.abs().sum())
+        self._stats["reward_rule_abs"] += float((rewards.total - gail).abs().sum())
+
+    def _record_scores(self, logits: torch.Tensor, rows: TrainingRows) -> None:
+        """Accuracy and mean P(human) per kind of input, weighted by how often each occurred."""
+        p, human = torch.sigmoid(logits), (logits > 0).double()
+        for name, counts, hit in (("expert", rows.expert_count, human), ("policy", rows.differing_count, 1 - human),
+                                  ("correct", rows.correct_count, None)):
+            self._stats[f"{name}_n"] += float(counts.sum())
+            self._stats[f"{name}_p"] += float((counts * p.double()).sum())
+            if hit is not None:
+                self._stats[f"{name}_hit"] += float((counts * hit).sum())
+
+    def metrics(self) -> dict[str, float]:
+        """The step's gail/* metrics summed over ranks (collective), then reset.
+        NaN where nothing was measured (e.g. d_loss of a frozen D)."""
+        values = torch.tensor([self._stats[k] for k in _STAT_KEYS], dtype=torch.float64, device=self.device)
+        if _world_size() > 1:
+            tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
+        s = dict(zip(_STAT_KEYS, values.tolist()))
+        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
+
+        def ratio(num: float, den: float) -> float:
+            return num / den if den else math.nan
+
+        return {
+            "gail/d_loss": ratio(s["loss_sum"], s["loss_n"]),
+            "gail/d_acc_expert": ratio(s["expert_hit"], s["expert_n"]),
+            "gail/d_acc_policy": ratio(s["policy_hit"], s["policy_n"]),
+            "gail/p_human_expert": ratio(s["expert_p"], s["expert_n"]),
+            "gail/p_human_policy": ratio(s["policy_p"], s["policy_n"]),
+            "gail/p_human_correct": ratio(s["correct_p"], s["correct_n"]),
+            # Share of the absolute reward mass, in [0, 1]: |gail part| / (|gail part| + |rule part|).
+            "gail/reward_share": ratio(s["reward_gail_abs"], s["reward_gail_abs"] + s["reward_rule_abs"]),
+            "gail/truncation_rate": ratio(s["truncated"], s["inputs"]),
+            "gail/negatives": s["negatives"],
+            "gail/replayed": s["replayed"],
+            "gail/unparsed": s["unparsed"],
+            "gail/frozen_skips": s["frozen_skips"],
+            "gail/replay_buffer": float(len(self.replay)),
+        }
+
+    # ---- state ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """Full training state as plain tensors/lists (CPU copies): weights, optimizer,
+        replay buffer, counters. Identical on every rank, so rank 0's copy restores all."""
+        return {
+            "format": SAVE_FORMAT,
+            "weights": _cpu_copy(super().state_dict()),
+            "optimizer": None if self.optimizer is None else _cpu_copy(self.optimizer.state_dict()),
+            "replay": [[example_id, answer] for example_id, answer in self.replay],
+            "updates": self.updates,
+            "observed": self.observed,
+            "frozen": self.frozen,
+        }
+
+    def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
+        """Restore what `state_dict()` returned."""
+        if state.get("format") != SAVE_FORMAT:
+            raise ValueError(f"not a discriminator state (format {state.get('format')!r}, expected {SAVE_FORMAT!r})")
+        if state["frozen"] != self.frozen:
+            raise ValueError(f"discriminator state was saved with frozen={state['frozen']} but gail.frozen_path "
+                             f"is {self.gail.frozen_path!r}; resume with the same gail settings")
+        super().load_state_dict(state["weights"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.replay = [(str(i), int(a)) for i, a in state["replay"]]
+        self.updates, self.observed = int(state["updates"]), int(state["observed"])
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write D's weights to `path` (atomic) for `gail.frozen_path`; call on one rank."""
+        tmp = f"{path}.tmp"
+        torch.save({"format": SAVE_FORMAT, "model": self.gail.model, "weights": _cpu_copy(super().state_dict())}, tmp)
+        os.replace(tmp, path)
+
+    def _load_weights_file(self, path: str) -> None:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
+            raise ValueError(f"gail.frozen_path={path!r} is not a file written by Discriminator.save")
+        try:
+            super().load_state_dict(saved["weights"])
+        except RuntimeError as err:
+            raise ValueError(f"gail.frozen_path={path!r} holds a discriminator on encoder {saved['model']!r}, "
+                             f"which does not fit gail.model={self.gail.model!r}: {err}") from err
+
+    def _broadcast_from_rank0(self) -> None:
+        if _world_size() > 1:
+            for tensor in [*self.parameters(), *self.buffers()]:
+                tdist.broadcast(tensor.data, src=0)
+
+    def _log_state_truncation(self) -> None:
+        """Log once how often a training state is cut at gail.max_tokens (with its gold action)."""
+        examples = list(self._train.values())
+        self.encode(examples, [ex.gold_index for ex in examples])  # also fails fast on too-long actions
+        rate = self._stats["truncated"] / max(self._stats["inputs"], 1)
+        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
+        if self.rank == 0:
+            log.info("gail: %.1f%% of %d training (gold action, state) inputs exceed gail.max_tokens=%d; "
+                     "their state tails are cut", 100 * rate, len(examples), self.gail.max_tokens)
+
+
+def _parsed_answer(example: Example, completion: str) -> int | None:
+    """The completion's 1-based option, or None (unparsable, or not a viewer example)."""
+    if example.task != "viewer" or not example.option_texts:
+        return None
+    return parse_viewer(completion, len(example.option_texts)).answer
+
+
+def _cpu_copy(obj):
+    """Deep copy with tensors detached on CPU: later training must not mutate a saved state."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def _check_config(gail: GailConfig) -> None:
+    checks = [
+        (gail.reward in REWARD_KINDS, f"gail.reward must be one of {REWARD_KINDS}, got {gail.reward!r}"),
+        (gail.reward_clip > 0, f"gail.reward_clip must be > 0, got {gail.reward_clip}"),
+        (gail.lr > 0, f"gail.lr must be > 0, got {gail.lr}"),
+        (gail.disc_steps >= 1, f"gail.disc_steps must be >= 1, got {gail.disc_steps}"),
+        (gail.max_tokens >= 8, f"gail.max_tokens must be >= 8, got {gail.max_tokens}"),
+        (0 <= gail.label_smoothing < 1, f"gail.label_smoothing must be in [0, 1), got {gail.label_smoothing}"),
+        (gail.negatives in ("differing", "all"), f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
+        (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),
+        (0 <= gail.replay_ratio <= 1, f"gail.replay_ratio must be in [0, 1], got {gail.replay_ratio}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+
+
+def _index_training_examples(examples: Sequence[Example]) -> dict[str, Example]:
+    """example_id -> example; the discriminator needs viewer examples with option texts."""
+    index: dict[str, Example] = {}
+    for ex in examples:
+        if ex.task != "viewer" or ex.gold_index is None or len(ex.option_texts) != ex.n_options:
+            raise ConfigError(
+                f"gail.enabled needs viewer examples with one option text per option; example "
+                f"{ex.example_id!r} (source {ex.source!r}) has task={ex.task!r}, gold_index={ex.gold_index}, "
+                f"{len(ex.option_texts)} option texts for n_options={ex.n_options}")
+        if ex.example_id in index and index[ex.example_id] != ex:
+            raise ConfigError(f"two different training examples share example_id {ex.example_id!r}; "
+                              "the discriminator's guard and replay buffer need unique ids")
+        index[ex.example_id] = ex
+    if not index:
+        raise ConfigError("gail.enabled with no training examples")
+    return index
+
+
+def build_discriminator(cfg: Config, train_examples: Sequence[Example], dist: DistInfo | None = None) -> Discriminator:
+    """The trainer's discriminator: on `dist.device`, identical on every rank (rank 0's
+    initial weights are broadcast), frozen when gail.frozen_path is set."""
+    device = dist.device if dist is not None else torch.device("cpu")
+    return Discriminator(cfg.gail, train_examples, device=device, seed=cfg.seed)

@@ -1,0 +1,114 @@
+"""The discriminator's objective as pure functions: GAIL reward transforms of D's logit,
+the weighted rows of one D update (human choices vs policy choices), and its loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from grailcore.data.schema import Example
+
+REWARD_KINDS: tuple[str, ...] = ("d", "log_d", "neg_log_1m_d", "logit")
+
+
+def gail_reward(logits: torch.Tensor, kind: str, clip: float) -> torch.Tensor:
+    """[N] reward from [N] logits z of D = sigmoid(z), clipped to [-clip, clip].
+
+    d: D;  log_d: log D (<= 0);  neg_log_1m_d: -log(1 - D) (>= 0);  logit: log D - log(1 - D) = z.
+    Computed from z directly (logsigmoid/softplus), so saturated D gives finite values.
+    """
+    if kind == "d":
+        reward = torch.sigmoid(logits)
+    elif kind == "log_d":
+        reward = F.logsigmoid(logits)
+    elif kind == "neg_log_1m_d":
+        reward = F.softplus(logits)
+    elif kind == "logit":
+        reward = logits
+    else:
+        raise ValueError(f"gail.reward must be one of {REWARD_KINDS}, got {kind!r}")
+    return reward.clamp(-clip, clip)
+
+
+@dataclass(frozen=True)
+class TrainingRows:
+    """The distinct (example, option) inputs of one D update; tensors are [R] float64.
+
+    Loss = 0.5 * E_human[BCE(D, 1)] + 0.5 * E_policy[BCE(D, 0)], each expectation a mean
+    over its own samples. A row can be in both (a policy sample equal to the human's
+    choice under negatives="all"); BCE is linear in the target, so such a row is one
+    forward with weight w_e + w_p and target w_e / (w_e + w_p).
+    """
+
+    examples: list[Example]
+    answers: list[int]
+    """1-based options."""
+    expert_weight: torch.Tensor
+    policy_weight: torch.Tensor
+    expert_count: torch.Tensor
+    """How many rollout slots had this row as the human's choice (metrics)."""
+    differing_count: torch.Tensor
+    """Fresh policy samples of this row that differ from the human's choice (metrics)."""
+    correct_count: torch.Tensor
+    """Fresh policy samples of this row equal to the human's choice (metrics)."""
+    negatives: int
+    """Policy samples in E_policy: fresh + replayed."""
+    fresh_negatives: list[tuple[str, int]]
+    """This step's policy negatives as (example_id, option), for the replay buffer."""
+
+    def weights(self) -> torch.Tensor:
+        return (self.expert_weight + self.policy_weight).float()
+
+    def targets(self, label_smoothing: float) -> torch.Tensor:
+        """Soft targets: human 1 - eps/2, policy eps/2, mixed by the row's weights."""
+        high, low = 1 - label_smoothing / 2, label_smoothing / 2
+        return ((self.expert_weight * high + self.policy_weight * low)
+                / (self.expert_weight + self.policy_weight)).float()
+
+
+def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
+                  replayed: Sequence[tuple[str, int]], index: Mapping[str, Example],
+                  negatives: Literal["differing", "all"]) -> TrainingRows:
+    """Rows of one D update from the rollout slots (examples[i], parsed answers[i]).
+
+    Every slot contributes the human's choice for its state (so positives follow the
+    states the policy visits). Policy samples: "differing" uses only choices that differ
+    from the human's (D learns human vs not-human); "all" uses every parsed sample, the
+    unbiased GAIL estimate, whose optimum is D = p_human / (p_human + p_policy) for
+    each (state, option). Unparsable samples (None) are skipped. `replayed` adds past
+    negatives, looked up in `index` (the training examples).
+    """
+    rows: dict[tuple[str, int], list] = {}  # key -> [example, expert, negatives, differing, correct]
+
+    def row(example: Example, answer: int) -> list:
+        return rows.setdefault((example.example_id, answer), [example, 0, 0, 0, 0])
+
+    fresh: list[tuple[str, int]] = []
+    for example, answer in zip(examples, answers, strict=True):
+        row(example, example.gold_index)[1] += 1
+        if answer is None:
+            continue
+        differs = answer != example.gold_index
+        row(example, answer)[3 if differs else 4] += 1
+        if differs or negatives == "all":
+            fresh.append((example.example_id, answer))
+    for example_id, answer in [*fresh, *replayed]:
+        row(index[example_id], answer)[2] += 1
+    n_policy = len(fresh) + len(replayed)
+    values = list(rows.values())
+    counts = torch.tensor([v[1:] for v in values], dtype=torch.float64)  # [R, 4]
+    return TrainingRows(
+        examples=[v[0] for v in values], answers=[key[1] for key in rows],
+        expert_weight=0.5 * counts[:, 0] / len(examples),
+        policy_weight=0.5 * counts[:, 1] / max(n_policy, 1),
+        expert_count=counts[:, 0], differing_count=counts[:, 2], correct_count=counts[:, 3],
+        negatives=n_policy, fresh_negatives=fresh,
+    )
+
+
+def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Scalar sum_i w_i * BCE(logit_i, target_i); weights already hold the 1/N of each mean."""
+    return (weights * F.binary_cross_entropy_with_logits(logits, targets, reduction="none")).sum()

@@ -1,0 +1,288 @@
+"""GRAIL discriminator: action-first inputs, learning, rewards, eval-data guard, state,
+frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (MiniLM)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from grailcore.config import Config, ConfigError, GailConfig
+from grailcore.data.schema import Example
+from grailcore.rewards.discriminator import ActionTooLongError, Discriminator, build_discriminator, gail_reward
+from grailcore.rewards.gail.objective import training_rows
+from grailcore.rollout.collect import Rollouts
+from grailcore.types import Completion, RewardOutput
+
+LEFT = ("Why gun control saves lives", "The case for gun control now", "Gun control explained by a doctor")
+RIGHT = ("Why gun rights protect everyone", "The case for gun rights now", "Gun rights explained by a sheriff")
+
+
+def lean_examples(n: int, seed: int, prefix: str = "ex") -> list[Example]:
+    """Viewers lean left or right; the human picks the one option of their lean (of 4)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        lean = rng.choice(["left", "right"])
+        same, other = (LEFT, RIGHT) if lean == "left" else (RIGHT, LEFT)
+        options = [rng.choice(same), *rng.sample(other, 3)]
+        rng.shuffle(options)
+        gold = next(k for k, text in enumerate(options, 1) if text in same)
+        state = f"VIEWER supports gun {'control' if lean == 'left' else 'rights'}."
+        out.append(Example(example_id=f"{prefix}{i}", task="viewer",
+                           messages=({"role": "user", "content": state},), gold_index=gold, n_options=4,
+                           option_texts=tuple(options), state_text=state, source="test"))
+    return out
+
+
+def answer(k: int | None) -> str:
+    return "no answer here" if k is None else f"<think>t</think><answer>{k}</answer><opinion>increase</opinion>"
+
+
+def rule_scorer(examples, completions) -> RewardOutput:
+    """A stand-in rule reward: 1 for every completion."""
+    ones = torch.ones(len(completions))
+    return RewardOutput(total=ones.clone(), per_reward={"rule": ones}, errors={"rule": 0})
+
+
+def rollouts(d: Discriminator, examples: list[Example], answers: list[int | None]) -> Rollouts:
+    """Rollouts of one completion per (example, answer) slot, scored through d's wrapped scorer."""
+    texts = [answer(a) for a in answers]
+    rewards = d.wrap_scorer(rule_scorer)(examples, texts)
+    completions = [Completion(text=t, token_ids=(1,), logprobs=None, finish_reason="stop") for t in texts]
+    return Rollouts(examples=examples, prompt_ids=[[1]] * len(examples), completions=completions,
+                    rewards=rewards, resampled_groups=0, resample_attempts=0)
+
+
+def random_policy_rollouts(d, train, rng, prompts=8, group_size=4) -> Rollouts:
+    chosen = [ex for ex in rng.sample(train, prompts) for _ in range(group_size)]
+    return rollouts(d, chosen, [rng.randint(1, 4) for _ in chosen])
+
+
+def make(train, seed=0, **gail) -> Discriminator:
+    gail = {"model": "tiny-bert", "max_tokens": 64, "lr": 1e-3, **gail}
+    return Discriminator(GailConfig(enabled=True, **gail), train, seed=seed)
+
+
+def weights(d: Discriminator) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in d.state_dict()["weights"].items()}
+
+
+# ---- inputs ------------------------------------------------------------------------------
+
+
+def test_action_first_truncation_never_cuts_the_action_minilm():
+    action = "Navy SEAL explains what universal background checks would really do (Metro News, 269s long)"
+    short = Example(example_id="s", task="viewer", messages=({"role": "user", "content": "q"},), gold_index=1,
+                    n_options=1, option_texts=(action,), state_text="VIEWER 56-year-old man.")
+    long = short.replace(example_id="l", state_text="RECENTLY WATCHED " + "a long video title, " * 200)
+    d = Discriminator(GailConfig(enabled=True, model="minilm-l6", max_tokens=48), [short, long])
+    d.metrics()
+    batch = d.encode([short, long], [1, 1])
+    action_ids = d.tokenizer(action, add_special_tokens=False)["input_ids"]
+    ids = batch["input_ids"]
+    assert ids.shape[1] == 48  # the long pair is cut to the budget
+    for row in ids.tolist():  # [CLS] then the WHOLE action then [SEP], in both rows
+        assert row[1:1 + len(action_ids)] == action_ids
+        assert row[1 + len(action_ids)] == d.tokenizer.sep_token_id
+    assert d.tokenizer.decode(ids[1]).count("long video title") >= 1  # the state's head survives
+    assert d.metrics()["gail/truncation_rate"] == pytest.approx(0.5)
+    assert d.logits([short, long], [1, 1]).shape == (2,)
+    with pytest.raises(ActionTooLongError, match="gail.max_tokens=48"):
+        d.encode([short.replace(option_texts=(action * 3,))], [1])
+
+
+# ---- objective ----------------------------------------------------------------------------
+
+
+def test_reward_transforms_on_known_logits_and_clipping():
+    z = torch.tensor([-10.0, -1.0, 0.0, 2.0, 10.0])
+    sig = [1 / (1 + math.exp(-v)) for v in z.tolist()]
+    expected = {
+        "d": sig,
+        "log_d": [max(math.log(p), -5.0) for p in sig],
+        "neg_log_1m_d": [min(-math.log(1 - p), 5.0) for p in sig],
+        "logit": [-5.0, -1.0, 0.0, 2.0, 5.0],
+    }
+    for kind, values in expected.items():
+        assert gail_reward(z, kind, clip=5.0).tolist() == pytest.approx(values, abs=1e-6), kind
+    assert gail_reward(z, "log_d", clip=5.0)[0] == -5.0 and gail_reward(z, "neg_log_1m_d", clip=5.0)[-1] == 5.0
+    with pytest.raises(ValueError, match="gail.reward"):
+        gail_reward(z, "exp", clip=5.0)
+
+
+def test_training_rows_weighting_for_both_negative_modes():
+    ex = lean_examples(1, seed=0)[0]
+    gold, other = ex.gold_index, ex.gold_index % 4 + 1
+    index = {ex.example_id: ex}
+    slots, answers = [ex] * 4, [gold, other, None, other]
+    rows = training_rows(slots, answers, [], index, "differing")
+    by = dict(zip(rows.answers, range(len(rows.answers))))
+    assert set(by) == {gold, other} and rows.negatives == 2
+    assert rows.expert_weight[by[gold]] == 0.5 and rows.policy_weight[by[gold]] == 0  # correct != negative
+    assert rows.policy_weight[by[other]] == 0.5 and rows.targets(0.0)[by[other]] == 0.0
+    assert rows.correct_count[by[gold]] == 1 and rows.differing_count[by[other]] == 2
+    assert rows.fresh_negatives == [(ex.example_id, other)] * 2
+    everything = training_rows(slots, answers, [(ex.example_id, other)], index, "all")
+    by = dict(zip(everything.answers, range(len(everything.answers))))
+    assert everything.negatives == 4  # 3 parsed fresh + 1 replayed
+    assert everything.policy_weight[by[gold]] == pytest.approx(0.5 / 4)
+    assert everything.policy_weight[by[other]] == pytest.approx(0.5 * 3 / 4)
+    # The correct sample is one row: weight w_e + w_p, target w_e / (w_e + w_p).
+    assert everything.weights()[by[gold]] == pytest.approx(0.5 + 0.125)
+    assert everything.targets(0.0)[by[gold]] == pytest.approx(0.5 / 0.625)
+    assert everything.targets(0.2)[by[other]] == pytest.approx(0.1)
+
+
+# ---- learning ------------------------------------------------------------------------------
+
+
+def heldout_accuracy(d: Discriminator, examples: list[Example]) -> float:
+    """Share of (human choice, a different option) pairs D ranks the right way round."""
+    others = [ex.gold_index % 4 + 1 for ex in examples]
+    human, policy = d.logits(examples, [ex.gold_index for ex in examples]), d.logits(examples, others)
+    return float((human > policy).double().mean())
+
+
+def test_discriminator_learns_to_separate_human_from_random_choices():
+    torch.manual_seed(0)
+    train, heldout = lean_examples(64, seed=1), lean_examples(64, seed=2, prefix="held")
+    d, rng = make(train, lr=3e-3, disc_steps=3), random.Random(0)
+    assert heldout_accuracy(d, heldout) == 0.0  # logits all 0 at the start: no pair ranked right
+    for _ in range(10):
+        d.metrics()
+        d.observe(random_policy_rollouts(d, train, rng))
+    last = d.metrics()
+    assert heldout_accuracy(d, heldout) >= 0.9
+    # Only an interaction of state and action separates them: every viewer's human choice
+    # and random choices use the same titles, just with the other lean's viewers.
+    assert last["gail/p_human_expert"] > last["gail/p_human_policy"] + 0.2
+    assert (last["gail/d_acc_expert"] + last["gail/d_acc_policy"]) / 2 > 0.75
+    human = d.rewards(heldout, [answer(ex.gold_index) for ex in heldout])
+    other = d.rewards(heldout, [answer(ex.gold_index % 4 + 1) for ex in heldout])
+    assert human.mean() > other.mean() + 1.0  # the reward pays human-like choices more
+
+
+# ---- rewards -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def train_examples():
+    return lean_examples(16, seed=3)
+
+
+def test_wrapped_scorer_adds_weighted_reward_and_unparsable_get_zero(train_examples):
+    d = make(train_examples, reward="logit", weight=0.5, reward_clip=1.5)
+    with torch.no_grad():
+        d.head[2].bias.fill_(2.0)  # D logit = 2 for every input (output weights are zero at init)
+    exs = train_examples[:4]
+    texts = [answer(1), answer(None), "<answer>9</answer>", answer(3)]
+    out = d.wrap_scorer(rule_scorer)(exs, texts)
+    assert out.per_reward["gail"].tolist() == [1.5, 0.0, 0.0, 1.5]  # clipped 2 -> 1.5; unparsable -> 0
+    assert out.total.tolist() == [1.75, 1.0, 1.0, 1.75]
+    assert out.per_reward["rule"].tolist() == [1.0] * 4 and out.errors["gail"] == 0
+    d_kind = make(train_examples, reward="d", weight=1.0)
+    assert d_kind.wrap_scorer(rule_scorer)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
+    with pytest.raises(ValueError, match="twice"):
+        d.wrap_scorer(d.wrap_scorer(rule_scorer))(exs, texts)
+
+
+def test_observe_refuses_examples_it_was_not_built_with(train_examples):
+    d = make(train_examples)
+    evaluation = lean_examples(2, seed=9, prefix="eval")
+    with pytest.raises(ValueError, match="never train on evaluation data"):
+        d.observe(rollouts(d, [train_examples[0], evaluation[0]], [1, 1]))
+    same_id = train_examples[1].replace(state_text="another viewer")
+    with pytest.raises(ValueError, match="not one of the training examples"):
+        d.observe(rollouts(d, [same_id], [1]))
+    d.observe(rollouts(d, train_examples[:2], [1, 2]))  # training examples pass
+
+
+def test_build_rejects_non_viewer_data_and_bad_settings(train_examples):
+    math_ex = Example(example_id="m", task="math", messages=({"role": "user", "content": "1+1"},), answer="2")
+    with pytest.raises(ConfigError, match="viewer examples"):
+        make([math_ex])
+    with pytest.raises(ConfigError, match="gail.reward_clip"):
+        make(train_examples, reward_clip=0.0)
+
+
+# ---- state ---------------------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_restores_outputs_optimizer_and_replay(train_examples, tmp_path):
+    rng = random.Random(1)
+    d = make(train_examples, replay_size=12, replay_ratio=0.5, disc_steps=2)
+    for _ in range(3):
+        d.observe(random_policy_rollouts(d, train_examples, rng, prompts=4))
+    assert len(d.replay) == 12 and d.metrics()["gail/replayed"] > 0
+    torch.save(d.state_dict(), tmp_path / "d.pt")
+    state = torch.load(tmp_path / "d.pt", weights_only=True)  # plain tensors/lists only
+    restored = make(train_examples, replay_size=12, replay_ratio=0.5, disc_steps=2)
+    assert not torch.equal(restored.logits(train_examples, [1] * 16), d.logits(train_examples, [1] * 16))
+    restored.load_state_dict(state)
+    probe = [ex.gold_index for ex in train_examples]
+    assert torch.equal(restored.logits(train_examples, probe), d.logits(train_examples, probe))
+    assert restored.replay == d.replay and restored.updates == d.updates == 6
+    for a, b in zip(d.optimizer.state.values(), restored.optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    # The same next step from both ends bit-identical: weights, moments, step count and
+    # replay draw were all restored (dropout RNG reset to the same seed for both).
+    batch = random_policy_rollouts(d, train_examples, rng, prompts=4)
+    for model in (d, restored):
+        torch.manual_seed(7)
+        model.observe(batch)
+    assert all(torch.equal(a, b) for a, b in zip(weights(d).values(), weights(restored).values()))
+
+
+def test_frozen_discriminator_never_changes(train_examples, tmp_path):
+    rng = random.Random(2)
+    trained = make(train_examples)
+    trained.observe(random_policy_rollouts(trained, train_examples, rng, prompts=4))
+    trained.save(tmp_path / "d.pt")
+    frozen = make(train_examples, seed=3, frozen_path=str(tmp_path / "d.pt"))
+    before = weights(frozen)
+    assert all(torch.equal(before[k], v) for k, v in weights(trained).items())
+    for _ in range(3):
+        frozen.observe(random_policy_rollouts(frozen, train_examples, rng, prompts=4))
+        trained.observe(random_policy_rollouts(trained, train_examples, rng, prompts=4))
+    assert all(torch.equal(before[k], v) for k, v in weights(frozen).items())
+    assert not all(torch.equal(before[k], v) for k, v in weights(trained).items())  # same calls do train
+    m = frozen.metrics()
+    assert m["gail/frozen_skips"] == 3 and math.isnan(m["gail/d_loss"]) and frozen.optimizer is None
+    with pytest.raises(ValueError, match="not a file written by Discriminator.save"):
+        torch.save({"x": 1}, tmp_path / "bad.pt")
+        make(train_examples, frozen_path=str(tmp_path / "bad.pt"))
+
+
+# ---- distributed ---------------------------------------------------------------------------
+
+
+def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)
+    train = lean_examples(16, seed=3)
+    cfg = Config(seed=rank, gail=GailConfig(enabled=True, model="tiny-bert", max_tokens=64, lr=1e-3,
+                                            replay_size=8))  # seed differs per rank: the broadcast must fix it
+    d = build_discriminator(cfg, train)
+    initial = weights(d)
+    rng = random.Random(100 + rank)  # each rank trains on its own rollouts
+    for _ in range(3):
+        d.observe(random_policy_rollouts(d, train, rng, prompts=4))
+    torch.save({"initial": initial, "final": weights(d), "replay": d.replay, "metrics": d.metrics()},
+               f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_two_ranks_hold_bit_identical_weights(tmp_path):
+    mp.spawn(_rank_main, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert all(torch.equal(r0["initial"][k], r1["initial"][k]) for k in r0["initial"])
+    assert all(torch.equal(r0["final"][k], r1["final"][k]) for k in r0["final"])
+    assert not all(torch.equal(r0["initial"][k], r0["final"][k]) for k in r0["final"])
+    assert r0["replay"] == r1["replay"] and len(r0["replay"]) == 8
+    assert r0["metrics"]["gail/negatives"] == r1["metrics"]["gail/negatives"] > 0  # summed over ranks
