@@ -5,22 +5,21 @@ policy's rollouts of training examples against the humans' choices, it pays the 
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Sequence
 
 import torch
 import torch.distributed as tdist
-import torch.nn.functional as F
 from torch import nn
 
 from grailcore.config import Config, ConfigError, GailConfig
 from grailcore.data.schema import Example
 from grailcore.dist import DistInfo
 from grailcore.model import resolve_model_path
-from grailcore.rewards.gail.encoding import ActionTooLongError, encode_pairs
-from grailcore.rewards.gail.objective import (REWARD_KINDS, TrainingRows, gail_reward,
-                                              training_rows, weighted_bce)
+from grailcore.rewards.gail import stats
+from grailcore.rewards.gail.encoding import ActionTooLongError, check_actions_fit, encode_pairs
+from grailcore.rewards.gail.objective import (REWARD_KINDS, TrainingRows, gail_reward, training_rows,
+                                              weighted_bce)
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rollout.collect import Rollouts, Scorer
 from grailcore.types import RewardOutput
@@ -30,9 +29,10 @@ log = logging.getLogger(__name__)
 SAVE_FORMAT = "grailcore-discriminator-v1"
 _MICRO_ROWS = 64
 """Rows per encoder forward: bounds activation memory whatever the rollout batch size."""
-_STAT_KEYS = ("observes", "frozen_skips", "loss_sum", "loss_n", "expert_n", "expert_hit", "expert_p",
-              "policy_n", "policy_hit", "policy_p", "correct_n", "correct_p", "reward_gail_abs",
-              "reward_rule_abs", "inputs", "truncated", "negatives", "replayed", "unparsed")
+_WEIGHT_DECAY = 0.01
+"""AdamW's own default, written out so the optimizer has no hidden settings."""
+_TRUNCATION_SAMPLE = 512
+"""Training examples whose state truncation is measured and logged at build."""
 
 __all__ = ["ActionTooLongError", "Discriminator", "REWARD_KINDS", "SAVE_FORMAT", "build_discriminator",
            "gail_reward"]
@@ -45,9 +45,9 @@ def _world_size() -> int:
 class Discriminator(nn.Module):
     """HF encoder (mean-pooled) + MLP head -> logit of P(human) for (action, state) text.
 
-    Owns its training state (AdamW, replay buffer of past policy negatives, step
-    counters), so `state_dict()` is the FULL training state, not only the weights.
-    Collectives: `observe` and `metrics` must be called on every rank together.
+    Owns its training state (AdamW, replay buffer of past policy negatives, counters), so
+    `state_dict()` is the FULL training state, not only the weights. Identical on every
+    rank. Collectives: construction, `observe` and `metrics` run on every rank together.
     """
 
     def __init__(self, gail: GailConfig, train_examples: Sequence[Example], *,
@@ -56,38 +56,40 @@ class Discriminator(nn.Module):
         from transformers import AutoModel, AutoTokenizer
 
         _check_config(gail)
-        self.gail, self.seed, self.rank = gail, seed, tdist.get_rank() if _world_size() > 1 else 0
+        self.gail, self.seed, self.device = gail, seed, torch.device(device)
+        self.rank = tdist.get_rank() if _world_size() > 1 else 0
         self._train = _index_training_examples(train_examples)
         path = resolve_model_path(gail.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.encoder = AutoModel.from_pretrained(path)
+        if getattr(self.encoder, "pooler", None) is not None:
+            self.encoder.pooler.requires_grad_(False)  # mean pooling never uses it
         hidden = self.encoder.config.hidden_size
         self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         with torch.no_grad():
-            generator = torch.Generator().manual_seed(seed)
-            self.head[0].weight.normal_(0.0, hidden ** -0.5, generator=generator)
+            self.head[0].weight.normal_(0.0, hidden ** -0.5, generator=torch.Generator().manual_seed(seed))
             self.head[0].bias.zero_()
             # Zero output layer: D = 0.5 everywhere at the start, so the first steps add
             # the same GAIL reward to every completion instead of random-init noise.
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
-        self.to(device)
-        self.device = torch.device(device)
+        self.to(self.device)
         self._broadcast_from_rank0()
         self.frozen = gail.frozen_path is not None
         if self.frozen:
             self._load_weights_file(gail.frozen_path)
             self.requires_grad_(False)
+        self._trainable = [p for p in self.parameters() if p.requires_grad]
         self.optimizer = None if self.frozen else torch.optim.AdamW(
-            [p for p in self.parameters() if p.requires_grad], lr=gail.lr)
+            self._trainable, lr=gail.lr, weight_decay=_WEIGHT_DECAY)
         self.replay: list[tuple[str, int]] = []
         """Past policy negatives as (example_id, option), the same on every rank, oldest first."""
         self.updates = 0
         """D optimizer steps taken."""
         self.observed = 0
-        """observe() calls (seeds the replay draw, so a resumed run draws the same)."""
-        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
-        self._log_state_truncation()
+        """Training observe() calls (seeds the replay draw: a resumed run draws the same)."""
+        self.stats = stats.StepStats()
+        self._check_training_inputs()
 
     # ---- model ---------------------------------------------------------------------------
 
@@ -104,17 +106,12 @@ class Discriminator(nn.Module):
         """Token tensors of (chosen option text, state text) pairs, ACTION FIRST, so
         truncation at gail.max_tokens can only cut the state's tail; counts truncations."""
         actions = [ex.option_texts[a - 1] for ex, a in zip(examples, answers)]
+        where = [f"example {ex.example_id!r} option {a}" for ex, a in zip(examples, answers)]
         batch, truncated = encode_pairs(self.tokenizer, actions, [ex.state_text for ex in examples],
-                                        self.gail.max_tokens, [ex.example_id for ex in examples])
-        self._stats["inputs"] += len(truncated)
-        self._stats["truncated"] += sum(truncated)
+                                        self.gail.max_tokens, where)
+        self.stats.add("inputs", len(truncated))
+        self.stats.add("truncated", sum(truncated))
         return {k: v.to(self.device) for k, v in batch.items()}
-
-    def _logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """[R] logits, `_MICRO_ROWS` rows per forward (grad mode is the caller's)."""
-        rows = batch["input_ids"].shape[0]
-        return torch.cat([self(**{k: v[i:i + _MICRO_ROWS] for k, v in batch.items()})
-                          for i in range(0, rows, _MICRO_ROWS)])
 
     @torch.no_grad()
     def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
@@ -122,17 +119,21 @@ class Discriminator(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            return self._logits(self.encode(examples, answers)).float().cpu()
+            batch = self.encode(examples, answers)
+            rows = batch["input_ids"].shape[0]
+            return torch.cat([self(**{k: v[i:i + _MICRO_ROWS] for k, v in batch.items()}).float().cpu()
+                              for i in range(0, rows, _MICRO_ROWS)])
         finally:
             self.train(was_training)
 
     # ---- reward ----------------------------------------------------------------------------
 
     def rewards(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer."""
+        """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer
+        (and for non-viewer examples)."""
         keys: dict[tuple[str, int], int] = {}
         pairs: list[tuple[Example, int]] = []
-        slots: list[tuple[int, int]] = []  # (completion index, unique pair index)
+        slots: list[tuple[int, int]] = []  # (completion index, distinct pair index)
         for i, (ex, text) in enumerate(zip(examples, completions, strict=True)):
             answer = _parsed_answer(ex, text)
             if answer is None:
@@ -172,65 +173,70 @@ class Discriminator(nn.Module):
         choices (positives) vs the policy's parsed choices (negatives, plus replay).
         Collective: every rank calls it once per step with its own rollouts."""
         self._check_training(rollouts.examples)
-        self._record_reward_share(rollouts.rewards)
-        self._stats["observes"] += 1
+        if "gail" not in rollouts.rewards.per_reward:
+            raise ValueError("observe: rollouts.rewards has no 'gail' reward; build the scorer "
+                             "with discriminator.wrap_scorer(scorer)")
+        rewards = rollouts.rewards
+        self.stats.record_reward_share(self.gail.weight * rewards.per_reward["gail"], rewards.total)
         if self.frozen:
-            self._stats["frozen_skips"] += 1
+            self.stats.add("frozen_skips", 1)
             return
-        answers = [_parsed_answer(ex, c.text) for ex, c in zip(rollouts.examples, rollouts.completions)]
-        replayed = self._draw_replay(rollouts.examples, answers)
-        rows = training_rows(rollouts.examples, answers, replayed, self._train, self.gail.negatives)
-        self._stats["unparsed"] += answers.count(None)
-        self._stats["negatives"] += rows.negatives
-        self._stats["replayed"] += len(replayed)
-        batch = self.encode(rows.examples, rows.answers)
+        slots = [(ex, _parsed_answer(ex, c.text)) for ex, c in zip(rollouts.examples, rollouts.completions)
+                 if ex.task == "viewer"]
+        examples, answers = [ex for ex, _ in slots], [a for _, a in slots]
+        replayed = self._draw_replay(examples, answers)
+        rows = training_rows(examples, answers, replayed, self._train, self.gail.negatives) if slots else None
+        batch = self.encode(rows.examples, rows.answers) if rows else None
         for step in range(self.gail.disc_steps):
             loss, logits = self._update(batch, rows)
-            self._stats["loss_sum"] += loss
-            self._stats["loss_n"] += 1
-            if step == 0:  # scores before D has trained on this batch: an honest accuracy
-                self._record_scores(logits, rows)
-        self._extend_replay(rows.fresh_negatives)
+            self.stats.add("loss_sum", loss)
+            self.stats.add("loss_n", 1)
+            if step == 0 and rows:  # scores before D has trained on this batch: an honest accuracy
+                self.stats.record_scores(logits, rows)
+        self.stats.add("unparsed", answers.count(None))
+        self.stats.add("negatives", rows.negatives if rows else 0)
+        self.stats.add("replayed", len(replayed))
+        self._extend_replay(rows.fresh_negatives if rows else [])
         self.observed += 1
 
-    def _update(self, batch: dict[str, torch.Tensor], rows: TrainingRows) -> tuple[float, torch.Tensor]:
-        """One AdamW step on gradients averaged over ranks; (this rank's loss, logits [R])."""
+    def _update(self, batch: dict[str, torch.Tensor] | None,
+                rows: TrainingRows | None) -> tuple[float, torch.Tensor]:
+        """One AdamW step on gradients averaged over ranks; (this rank's loss, logits [R]).
+        A rank with nothing to learn from (no viewer slots) still joins the gradient average."""
         self.train()
         self.optimizer.zero_grad(set_to_none=True)
-        target, weight = rows.targets(self.gail.label_smoothing), rows.weights()
         logits, loss_value = [], 0.0
-        rows_n = batch["input_ids"].shape[0]
-        for i in range(0, rows_n, _MICRO_ROWS):  # losses are weighted sums: chunks add up exactly
-            chunk = slice(i, i + _MICRO_ROWS)
-            part = self(**{k: v[chunk] for k, v in batch.items()}).float()
-            loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
-            loss.backward()
-            loss_value += float(loss.detach())
-            logits.append(part.detach().cpu())
+        if rows is not None:
+            target, weight = rows.targets(self.gail.label_smoothing), rows.weights()
+            for i in range(0, len(rows.answers), _MICRO_ROWS):  # weighted sums: chunks add up exactly
+                chunk = slice(i, i + _MICRO_ROWS)
+                part = self(**{k: v[chunk] for k, v in batch.items()}).float()
+                loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
+                loss.backward()
+                loss_value += float(loss.detach())
+                logits.append(part.detach().cpu())
         self._average_gradients()
         self.optimizer.step()
         self.updates += 1
-        return loss_value, torch.cat(logits)
+        return loss_value, torch.cat(logits) if logits else torch.zeros(0)
 
     def _average_gradients(self) -> None:
         """Mean gradient over ranks, so every rank takes the same step and D stays identical."""
         world = _world_size()
         if world == 1:
             return
-        # Every rank runs the same graph, so the same parameters have gradients everywhere.
-        params = [p for p in self.parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
+        flat = torch.cat([g.reshape(-1) for g in grads])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
         flat /= world
         offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
+        for p in self._trainable:
+            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
 
     def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
-        """round(replay_ratio * fresh negatives) past negatives, uniformly without replacement.
-
-        Seeded by (seed, rank, observe count): a resumed run draws what the original would have."""
+        """round(replay_ratio * fresh negatives) past negatives, uniformly without
+        replacement, seeded by (seed, rank, observe count) so a resumed run draws the same."""
         if self.gail.replay_size == 0 or not self.replay:
             return []
         fresh = sum(a is not None and (self.gail.negatives == "all" or a != ex.gold_index)
@@ -252,69 +258,24 @@ class Discriminator(nn.Module):
 
     def _check_training(self, examples: Sequence[Example]) -> None:
         """Raise unless every example is one of the training examples D was built with."""
-        seen: set[str] = set()
-        for ex in examples:
-            if ex.example_id in seen:
-                continue
-            seen.add(ex.example_id)
+        for ex in {id(ex): ex for ex in examples}.values():
             known = self._train.get(ex.example_id)
             if known is None or (known is not ex and known != ex):
                 raise ValueError(
                     f"discriminator.observe got example {ex.example_id!r} (source {ex.source!r}), which is "
                     "not one of the training examples it was built with: D must never train on "
-                    "evaluation data. Call observe only with the training step's rollouts."
-                )
+                    "evaluation data. Call observe only with the training step's rollouts.")
 
-    # ---- metrics ---------------------------------------------------------------------------
-
-    def _record_reward_share(self, rewards: RewardOutput) -> None:
-        if "gail" not in rewards.per_reward:
-            raise ValueError("observe: rollouts.rewards has no 'gail' reward; build the scorer "
-                             "with discriminator.wrap_scorer(scorer)")
-        gail = self.gail.weight * rewards.per_reward["gail"]  # [N]
-        self._stats["reward_gail_abs"] += float(gail.abs().sum())
-        self._stats["reward_rule_abs"] += float((rewards.total - gail).abs().sum())
-
-    def _record_scores(self, logits: torch.Tensor, rows: TrainingRows) -> None:
-        """Accuracy and mean P(human) per kind of input, weighted by how often each occurred."""
-        p, human = torch.sigmoid(logits), (logits > 0).double()
-        for name, counts, hit in (("expert", rows.expert_count, human), ("policy", rows.differing_count, 1 - human),
-                                  ("correct", rows.correct_count, None)):
-            self._stats[f"{name}_n"] += float(counts.sum())
-            self._stats[f"{name}_p"] += float((counts * p.double()).sum())
-            if hit is not None:
-                self._stats[f"{name}_hit"] += float((counts * hit).sum())
+    # ---- metrics and state ----------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        """The step's gail/* metrics summed over ranks (collective), then reset.
-        NaN where nothing was measured (e.g. d_loss of a frozen D)."""
-        values = torch.tensor([self._stats[k] for k in _STAT_KEYS], dtype=torch.float64, device=self.device)
+        """The gail/* metrics since the last call, summed over ranks (collective: every rank
+        calls it, each step), then reset. See `stats.summary` for their meaning."""
+        summed = self.stats.vector().to(self.device)
         if _world_size() > 1:
-            tdist.all_reduce(values, op=tdist.ReduceOp.SUM)
-        s = dict(zip(_STAT_KEYS, values.tolist()))
-        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
-
-        def ratio(num: float, den: float) -> float:
-            return num / den if den else math.nan
-
-        return {
-            "gail/d_loss": ratio(s["loss_sum"], s["loss_n"]),
-            "gail/d_acc_expert": ratio(s["expert_hit"], s["expert_n"]),
-            "gail/d_acc_policy": ratio(s["policy_hit"], s["policy_n"]),
-            "gail/p_human_expert": ratio(s["expert_p"], s["expert_n"]),
-            "gail/p_human_policy": ratio(s["policy_p"], s["policy_n"]),
-            "gail/p_human_correct": ratio(s["correct_p"], s["correct_n"]),
-            # Share of the absolute reward mass, in [0, 1]: |gail part| / (|gail part| + |rule part|).
-            "gail/reward_share": ratio(s["reward_gail_abs"], s["reward_gail_abs"] + s["reward_rule_abs"]),
-            "gail/truncation_rate": ratio(s["truncated"], s["inputs"]),
-            "gail/negatives": s["negatives"],
-            "gail/replayed": s["replayed"],
-            "gail/unparsed": s["unparsed"],
-            "gail/frozen_skips": s["frozen_skips"],
-            "gail/replay_buffer": float(len(self.replay)),
-        }
-
-    # ---- state ----------------------------------------------------------------------------
+            tdist.all_reduce(summed, op=tdist.ReduceOp.SUM)
+        self.stats.reset()
+        return stats.summary(summed.cpu(), len(self.replay))
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """Full training state as plain tensors/lists (CPU copies): weights, optimizer,
@@ -330,12 +291,17 @@ class Discriminator(nn.Module):
         }
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
-        """Restore what `state_dict()` returned."""
+        """Restore what `state_dict()` returned (on every rank)."""
         if state.get("format") != SAVE_FORMAT:
-            raise ValueError(f"not a discriminator state (format {state.get('format')!r}, expected {SAVE_FORMAT!r})")
+            raise ValueError(f"not a discriminator state (format {state.get('format')!r}, "
+                             f"expected {SAVE_FORMAT!r})")
         if state["frozen"] != self.frozen:
             raise ValueError(f"discriminator state was saved with frozen={state['frozen']} but gail.frozen_path "
                              f"is {self.gail.frozen_path!r}; resume with the same gail settings")
+        unknown = sorted({example_id for example_id, _ in state["replay"]} - set(self._train))
+        if unknown:
+            raise ValueError(f"discriminator state: {len(unknown)} replayed examples (e.g. {unknown[:3]}) are not "
+                             "in this run's training data; resume with the same data settings")
         super().load_state_dict(state["weights"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
@@ -345,7 +311,8 @@ class Discriminator(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write D's weights to `path` (atomic) for `gail.frozen_path`; call on one rank."""
         tmp = f"{path}.tmp"
-        torch.save({"format": SAVE_FORMAT, "model": self.gail.model, "weights": _cpu_copy(super().state_dict())}, tmp)
+        weights = _cpu_copy(super().state_dict())
+        torch.save({"format": SAVE_FORMAT, "model": self.gail.model, "weights": weights}, tmp)
         os.replace(tmp, path)
 
     def _load_weights_file(self, path: str) -> None:
@@ -363,15 +330,18 @@ class Discriminator(nn.Module):
             for tensor in [*self.parameters(), *self.buffers()]:
                 tdist.broadcast(tensor.data, src=0)
 
-    def _log_state_truncation(self) -> None:
-        """Log once how often a training state is cut at gail.max_tokens (with its gold action)."""
-        examples = list(self._train.values())
-        self.encode(examples, [ex.gold_index for ex in examples])  # also fails fast on too-long actions
-        rate = self._stats["truncated"] / max(self._stats["inputs"], 1)
-        self._stats = dict.fromkeys(_STAT_KEYS, 0.0)
+    def _check_training_inputs(self) -> None:
+        """Fail fast on an option text too long for gail.max_tokens; log how often a state is cut."""
+        viewer = [ex for ex in self._train.values() if ex.task == "viewer"]
+        options = sorted({text for ex in viewer for text in ex.option_texts})
+        check_actions_fit(self.tokenizer, options, self.gail.max_tokens, ["a training option"] * len(options))
+        sample = viewer[::max(1, len(viewer) // _TRUNCATION_SAMPLE)][:_TRUNCATION_SAMPLE]
+        self.encode(sample, [ex.gold_index for ex in sample])
+        rate = self.stats.values["truncated"] / len(sample)
+        self.stats.reset()
         if self.rank == 0:
-            log.info("gail: %.1f%% of %d training (gold action, state) inputs exceed gail.max_tokens=%d; "
-                     "their state tails are cut", 100 * rate, len(examples), self.gail.max_tokens)
+            log.info("gail: the state is cut at gail.max_tokens=%d in %.1f%% of %d sampled training inputs",
+                     self.gail.max_tokens, 100 * rate, len(sample))
 
 
 def _parsed_answer(example: Example, completion: str) -> int | None:
@@ -400,7 +370,8 @@ def _check_config(gail: GailConfig) -> None:
         (gail.disc_steps >= 1, f"gail.disc_steps must be >= 1, got {gail.disc_steps}"),
         (gail.max_tokens >= 8, f"gail.max_tokens must be >= 8, got {gail.max_tokens}"),
         (0 <= gail.label_smoothing < 1, f"gail.label_smoothing must be in [0, 1), got {gail.label_smoothing}"),
-        (gail.negatives in ("differing", "all"), f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
+        (gail.negatives in ("differing", "all"),
+         f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
         (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),
         (0 <= gail.replay_ratio <= 1, f"gail.replay_ratio must be in [0, 1], got {gail.replay_ratio}"),
     ]
@@ -410,24 +381,26 @@ def _check_config(gail: GailConfig) -> None:
 
 
 def _index_training_examples(examples: Sequence[Example]) -> dict[str, Example]:
-    """example_id -> example; the discriminator needs viewer examples with option texts."""
+    """example_id -> example, checking viewer examples carry one option text per option."""
     index: dict[str, Example] = {}
     for ex in examples:
-        if ex.task != "viewer" or ex.gold_index is None or len(ex.option_texts) != ex.n_options:
+        if ex.task == "viewer" and (ex.gold_index is None or len(ex.option_texts) != ex.n_options):
             raise ConfigError(
-                f"gail.enabled needs viewer examples with one option text per option; example "
-                f"{ex.example_id!r} (source {ex.source!r}) has task={ex.task!r}, gold_index={ex.gold_index}, "
-                f"{len(ex.option_texts)} option texts for n_options={ex.n_options}")
+                f"gail.enabled: viewer example {ex.example_id!r} (source {ex.source!r}) has gold_index="
+                f"{ex.gold_index} and {len(ex.option_texts)} option texts for n_options={ex.n_options}; "
+                "the discriminator needs the gold and every option's rendered text")
         if ex.example_id in index and index[ex.example_id] != ex:
             raise ConfigError(f"two different training examples share example_id {ex.example_id!r}; "
                               "the discriminator's guard and replay buffer need unique ids")
         index[ex.example_id] = ex
-    if not index:
-        raise ConfigError("gail.enabled with no training examples")
+    if not any(ex.task == "viewer" for ex in index.values()):
+        raise ConfigError("gail.enabled needs viewer examples in the training data (it judges option "
+                          "choices); disable gail for math-only runs")
     return index
 
 
-def build_discriminator(cfg: Config, train_examples: Sequence[Example], dist: DistInfo | None = None) -> Discriminator:
+def build_discriminator(cfg: Config, train_examples: Sequence[Example],
+                        dist: DistInfo | None = None) -> Discriminator:
     """The trainer's discriminator: on `dist.device`, identical on every rank (rank 0's
     initial weights are broadcast), frozen when gail.frozen_path is set."""
     device = dist.device if dist is not None else torch.device("cpu")

@@ -12,21 +12,31 @@ class ActionTooLongError(ValueError):
     """An option's text alone does not fit the discriminator's token budget."""
 
 
-def encode_pairs(tokenizer, actions: Sequence[str], states: Sequence[str], max_tokens: int,
-                 example_ids: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
-    """Padded [B, T] tensors of `[CLS] action [SEP] state [SEP]` (T <= max_tokens) and, per
-    row, whether the state's tail was cut. Raises ActionTooLongError when an action leaves
-    no room for the state: silently cutting the action is the flaw this layout prevents."""
+def _lengths(tokenizer, texts: Sequence[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def check_actions_fit(tokenizer, actions: Sequence[str], max_tokens: int, where: Sequence[str]) -> list[int]:
+    """Token length of each action; raises ActionTooLongError naming `where[i]` when an
+    action leaves no room for the state (cutting the action is the flaw this layout prevents)."""
     specials = tokenizer.num_special_tokens_to_add(pair=True)
-    action_lengths = [len(ids) for ids in tokenizer(list(actions), add_special_tokens=False)["input_ids"]]
-    state_lengths = [len(ids) for ids in tokenizer(list(states), add_special_tokens=False)["input_ids"]]
-    for example_id, action, length in zip(example_ids, actions, action_lengths):
+    lengths = _lengths(tokenizer, actions)
+    for place, action, length in zip(where, actions, lengths):
         if length + specials >= max_tokens:
             raise ActionTooLongError(
-                f"example {example_id!r}: the option text {action[:80]!r}... is {length} tokens, which "
-                f"with {specials} special tokens leaves no room for the state within "
-                f"gail.max_tokens={max_tokens}; raise gail.max_tokens")
-    truncated = [a + s + specials > max_tokens for a, s in zip(action_lengths, state_lengths)]
+                f"{place}: the option text {action[:80]!r}... is {length} tokens, which with {specials} "
+                f"special tokens leaves no room for the state within gail.max_tokens={max_tokens}; "
+                "raise gail.max_tokens")
+    return lengths
+
+
+def encode_pairs(tokenizer, actions: Sequence[str], states: Sequence[str], max_tokens: int,
+                 where: Sequence[str]) -> tuple[dict[str, torch.Tensor], list[bool]]:
+    """Padded [B, T] tensors of `[CLS] action [SEP] state [SEP]` (T <= max_tokens) and, per
+    row, whether the state's tail was cut. `where[i]` names row i in errors."""
+    specials = tokenizer.num_special_tokens_to_add(pair=True)
+    action_lengths = check_actions_fit(tokenizer, actions, max_tokens, where)
+    truncated = [a + s + specials > max_tokens for a, s in zip(action_lengths, _lengths(tokenizer, states))]
     batch = tokenizer(list(actions), list(states), truncation="only_second", max_length=max_tokens,
                       padding=True, return_tensors="pt")
     return dict(batch), truncated
