@@ -62,6 +62,10 @@ class Discriminator(nn.Module):
         path = resolve_model_path(gail.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.encoder = AutoModel.from_pretrained(path)
+        positions = getattr(self.encoder.config, "max_position_embeddings", None)
+        if positions is not None and gail.max_tokens > positions:
+            raise ConfigError(f"gail.max_tokens={gail.max_tokens} exceeds the {positions} positions of "
+                              f"encoder {gail.model!r}; lower gail.max_tokens")
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler.requires_grad_(False)  # mean pooling never uses it
         hidden = self.encoder.config.hidden_size

@@ -207,6 +207,8 @@ def test_build_rejects_non_viewer_data_and_bad_settings(train_examples):
         make([math_ex])
     with pytest.raises(ConfigError, match="gail.reward_clip"):
         make(train_examples, reward_clip=0.0)
+    with pytest.raises(ConfigError, match="positions"):
+        make(train_examples, max_tokens=4096)
 
 
 # ---- state ---------------------------------------------------------------------------------
