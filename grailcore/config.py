@@ -152,6 +152,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    batch_size: int = 8
+    """Examples per optimizer step (split into optim.micro_batch_size chunks)."""
+    rationale: str = "The viewer's profile and recent viewing point to option {answer}."
+    """Viewer task: the <think> text of each target; {answer} is the gold option number."""
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int = 0
     """Save every N steps (0 = only at the end)."""
@@ -184,6 +192,7 @@ class Config:
     rewards: RewardsConfig = field(default_factory=RewardsConfig)
     gail: GailConfig = field(default_factory=GailConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 

@@ -112,7 +112,7 @@ def _evaluate(step: int, parts: Parts, cfg: Config, metrics_log: MetricsLogger) 
 def _save(step: int, parts: Parts, cfg: Config, state: dict) -> None:
     trainer_state = {**state, "step": step, "sampler": parts.sampler.state_dict()}
     ckpt.save_checkpoint(Path(cfg.run_dir), step, parts.policy, parts.optimizer, parts.scheduler,
-                         trainer_state, extra={"rng": ckpt.capture_rng_state(), **parts.extra_state()},
+                         trainer_state, extra=parts.extra_state(),
                          keep=cfg.checkpoint.keep)
 
 
@@ -168,7 +168,7 @@ def train(parts: Parts, cfg: Config) -> dict:
         state.update(best_metric=best)
         _save(step, parts, cfg, state)
         if cfg.checkpoint.export_final:
-            ckpt.export_hf(parts.policy, parts.tokenizer, run_dir / "final")
+            ckpt.export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
     metrics_log.close()
     return _summary(step, first_eval, last_eval, best, time.time() - t_start, total_tokens, cfg, rank0)
 
@@ -179,7 +179,7 @@ def _track_best(best, result: dict[str, float], step: int, parts: Parts, cfg: Co
         return best
     if best is None or value > best["value"]:
         best = {"value": value, "step": step, "metric": cfg.eval.best_metric}
-        ckpt.export_hf(parts.policy, parts.tokenizer, Path(cfg.run_dir) / "best")
+        ckpt.export_hf(parts.policy.lm, parts.tokenizer, Path(cfg.run_dir) / "best")
     return best
 
 

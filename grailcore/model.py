@@ -94,6 +94,62 @@ def _tiny_causal_lm(family: str) -> Callable[[Path], None]:
     return build
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _micro_corpus() -> list[str]:
+    """Prompt-like text of both workloads, so the tiny BPE covers what tests feed it."""
+    from grailcore.data.math import generate_math
+    from grailcore.data.prompt import build_example
+    from grailcore.data.synth import generate_study
+
+    texts = []
+    for issue in ("gun_control", "minimum_wage"):
+        for d in generate_study(issue, 300, seed=0):
+            ex = build_example(d)
+            texts.extend(m["content"] for m in ex.messages)
+    texts.extend(f"{r['problem']} {r['answer']}" for r in generate_math(300, seed=0))
+    texts.append("<think> reasoning </think><answer>3</answer><opinion>no_change</opinion> "
+                 "increase decrease")
+    return texts
+
+
+def _build_micro_tokenizer(vocab_size: int = 512):
+    """A real byte-level BPE tokenizer with a small vocabulary and a chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_micro_corpus(), trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                        unk_token="<|endoftext|>", pad_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def _build_micro_llama(out: Path) -> None:
+    import transformers
+
+    tokenizer = _build_micro_tokenizer()
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, head_dim=64, max_position_embeddings=4096,
+        tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
 def _build_tiny_bert(out: Path) -> None:
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -123,6 +179,8 @@ REGISTRY: dict[str, RegisteredModel] = {
                         _tiny_causal_lm("llama")),
         RegisteredModel("tiny-qwen2", "random 2-layer Qwen2 (hidden 128, head_dim 64), SmolLM2 tokenizer",
                         _tiny_causal_lm("qwen2")),
+        RegisteredModel("micro-llama", "random 2-layer Llama with a 512-token byte-level BPE: fast RL tests",
+                        _build_micro_llama),
         RegisteredModel("tiny-bert", "random 2-layer BERT encoder, MiniLM tokenizer", _build_tiny_bert),
     ]
 }

@@ -9,8 +9,8 @@ import torch
 
 from grailcore.batch import Batch
 from grailcore.config import Config
-from grailcore.logprobs import token_logprobs
 from grailcore.loss import grpo_loss, step_normalizers
+from grailcore.policy import PolicyModel
 
 
 class BadStepsError(RuntimeError):
@@ -32,12 +32,9 @@ class UpdateStats:
 
 def _logprobs(model, batch: Batch, cfg: Config, entropy: bool = False):
     """[b, T] log-probs (and entropy) of the batch's completion tokens under `model`."""
-    out = token_logprobs(
-        model, batch.input_ids, batch.attention_mask, batch.num_completion_tokens,
-        temperature=cfg.rollout.temperature, impl=cfg.model.logprob_impl,
-        chunk_size=cfg.model.logprob_chunk_size, completion_mask=batch.completion_mask,
-        return_entropy=entropy,
-    )
+    out = model(batch.input_ids, batch.attention_mask, batch.num_completion_tokens,
+                temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
+                return_entropy=entropy)
     return (out.logprobs, out.entropy) if entropy else out.logprobs
 
 
@@ -56,11 +53,12 @@ def _global_items(local_items: float, world_size: int) -> float:
     return float(t) / world_size
 
 
-def policy_update(model, ref_model, optimizer, scheduler, batches: list[Batch], cfg: Config,
+def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, scheduler, batches: list[Batch], cfg: Config,
                   world_size: int = 1) -> list[UpdateStats]:
     """`num_iterations` optimizer steps on the same rollouts; one UpdateStats each."""
     norm = step_normalizers([b.completion_mask for b in batches])
-    num_items = _global_items(norm.num_items, world_size)
+    # bnpo normalises by this rank's tokens; dapo by the whole step's (see grailcore.loss).
+    num_items = _global_items(norm.num_items, world_size) if cfg.grpo.loss_type == "dapo" else norm.num_items
     old = _frozen_logprobs(model, batches, cfg) if cfg.grpo.num_iterations > 1 else [None] * len(batches)
     ref = _frozen_logprobs(ref_model, batches, cfg) if cfg.grpo.beta > 0 else [None] * len(batches)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -80,7 +78,7 @@ def policy_update(model, ref_model, optimizer, scheduler, batches: list[Batch], 
             out.loss.backward()
             n = float(out.num_tokens)
             mask = b.completion_mask
-            stats.loss += float(out.loss)
+            stats.loss += float(out.loss.detach())
             stats.kl += float(out.kl_mean) * n
             stats.clip_fraction += float(out.clip_fraction) * n
             stats.entropy += float((entropy.detach() * mask).sum())

