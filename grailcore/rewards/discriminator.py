@@ -177,10 +177,10 @@ class Discriminator(nn.Module):
         choices (positives) vs the policy's parsed choices (negatives, plus replay).
         Collective: every rank calls it once per step with its own rollouts."""
         self._check_training(rollouts.examples)
-        if "gail" not in rollouts.rewards.per_reward:
+        rewards = rollouts.rewards
+        if "gail" not in rewards.per_reward:
             raise ValueError("observe: rollouts.rewards has no 'gail' reward; build the scorer "
                              "with discriminator.wrap_scorer(scorer)")
-        rewards = rollouts.rewards
         self.stats.record_reward_share(self.gail.weight * rewards.per_reward["gail"], rewards.total)
         if self.frozen:
             self.stats.add("frozen_skips", 1)
@@ -189,54 +189,70 @@ class Discriminator(nn.Module):
                  if ex.task == "viewer"]
         examples, answers = [ex for ex, _ in slots], [a for _, a in slots]
         replayed = self._draw_replay(examples, answers)
-        rows = training_rows(examples, answers, replayed, self._train, self.gail.negatives) if slots else None
-        batch = self.encode(rows.examples, rows.answers) if rows else None
-        for step in range(self.gail.disc_steps):
-            loss, logits = self._update(batch, rows)
-            self.stats.add("loss_sum", loss)
-            self.stats.add("loss_n", 1)
-            if step == 0 and rows:  # scores before D has trained on this batch: an honest accuracy
-                self.stats.record_scores(logits, rows)
+        rows = training_rows(examples, answers, replayed, self._train, self.gail.negatives)
         self.stats.add("unparsed", answers.count(None))
-        self.stats.add("negatives", rows.negatives if rows else 0)
+        self.stats.add("negatives", rows.negatives)
         self.stats.add("replayed", len(replayed))
-        self._extend_replay(rows.fresh_negatives if rows else [])
+        slots_total, negatives_total = self._sum_over_ranks([rows.slots, rows.negatives])
+        if negatives_total == 0:
+            # Positives alone would only teach D "everything is human"; wait for policy choices.
+            self.stats.add("skipped_updates", 1)
+        else:
+            self._train_steps(rows, slots_total, negatives_total)
+        self._extend_replay(rows.fresh_negatives)
         self.observed += 1
 
-    def _update(self, batch: dict[str, torch.Tensor] | None,
-                rows: TrainingRows | None) -> tuple[float, torch.Tensor]:
-        """One AdamW step on gradients averaged over ranks; (this rank's loss, logits [R]).
-        A rank with nothing to learn from (no viewer slots) still joins the gradient average."""
+    def _train_steps(self, rows: TrainingRows, slots: int, negatives: int) -> None:
+        """gail.disc_steps AdamW steps on this step's rows; every rank takes each step."""
+        weight, target = rows.loss_terms(slots, negatives, self.gail.label_smoothing)
+        batch = self.encode(rows.examples, rows.answers) if rows.answers else None
+        for step in range(self.gail.disc_steps):
+            loss, logits = self._update(batch, weight, target)
+            self.stats.add("loss_sum", loss)
+            # The step's loss is the sum of the ranks' parts: count each step once.
+            self.stats.add("loss_n", 1 if self.rank == 0 else 0)
+            if step == 0:  # scores before D has trained on this batch: an honest accuracy
+                self.stats.record_scores(logits, rows)
+
+    def _update(self, batch: dict[str, torch.Tensor] | None, weight: torch.Tensor,
+                target: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One AdamW step on the gradient of the whole step's loss (summed over ranks);
+        returns (this rank's part of the loss, its logits [R]). A rank with no rows still
+        joins the gradient sum."""
         self.train()
         self.optimizer.zero_grad(set_to_none=True)
         logits, loss_value = [], 0.0
-        if rows is not None:
-            target, weight = rows.targets(self.gail.label_smoothing), rows.weights()
-            for i in range(0, len(rows.answers), _MICRO_ROWS):  # weighted sums: chunks add up exactly
-                chunk = slice(i, i + _MICRO_ROWS)
-                part = self(**{k: v[chunk] for k, v in batch.items()}).float()
-                loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
-                loss.backward()
-                loss_value += float(loss.detach())
-                logits.append(part.detach().cpu())
-        self._average_gradients()
+        for i in range(0, len(weight) if batch else 0, _MICRO_ROWS):  # weighted sums: chunks add up
+            chunk = slice(i, i + _MICRO_ROWS)
+            part = self(**{k: v[chunk] for k, v in batch.items()}).float()
+            loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
+            loss.backward()
+            loss_value += float(loss.detach())
+            logits.append(part.detach().cpu())
+        self._sum_gradients()
         self.optimizer.step()
         self.updates += 1
         return loss_value, torch.cat(logits) if logits else torch.zeros(0)
 
-    def _average_gradients(self) -> None:
-        """Mean gradient over ranks, so every rank takes the same step and D stays identical."""
-        world = _world_size()
-        if world == 1:
+    def _sum_gradients(self) -> None:
+        """Sum the ranks' gradients: each rank's loss is its part of the step's loss (the
+        weights hold the global 1/N), so every rank takes the same step and D stays identical."""
+        if _world_size() == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
         tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
-        flat /= world
         offset = 0
         for p in self._trainable:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
             offset += p.numel()
+
+    def _sum_over_ranks(self, values: list[int]) -> list[int]:
+        if _world_size() == 1:
+            return values
+        summed = torch.tensor(values, dtype=torch.int64, device=self.device)
+        tdist.all_reduce(summed, op=tdist.ReduceOp.SUM)
+        return summed.tolist()
 
     def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
         """round(replay_ratio * fresh negatives) past negatives, uniformly without

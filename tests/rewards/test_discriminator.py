@@ -121,20 +121,25 @@ def test_training_rows_weighting_for_both_negative_modes():
     slots, answers = [ex] * 4, [gold, other, None, other]
     rows = training_rows(slots, answers, [], index, "differing")
     by = dict(zip(rows.answers, range(len(rows.answers))))
-    assert set(by) == {gold, other} and rows.negatives == 2
-    assert rows.expert_weight[by[gold]] == 0.5 and rows.policy_weight[by[gold]] == 0  # correct != negative
-    assert rows.policy_weight[by[other]] == 0.5 and rows.targets(0.0)[by[other]] == 0.0
+    assert set(by) == {gold, other} and rows.slots == 4 and rows.negatives == 2
+    weight, target = rows.loss_terms(rows.slots, rows.negatives, 0.0)
+    assert weight[by[gold]] == 0.5 and target[by[gold]] == 1.0  # a correct sample is no negative
+    assert weight[by[other]] == 0.5 and target[by[other]] == 0.0
     assert rows.correct_count[by[gold]] == 1 and rows.differing_count[by[other]] == 2
     assert rows.fresh_negatives == [(ex.example_id, other)] * 2
+    # Normalised by the whole step's counts (here: another rank with as many of each).
+    assert rows.loss_terms(8, 4, 0.0)[0].tolist() == [0.25, 0.25]
     everything = training_rows(slots, answers, [(ex.example_id, other)], index, "all")
     by = dict(zip(everything.answers, range(len(everything.answers))))
     assert everything.negatives == 4  # 3 parsed fresh + 1 replayed
-    assert everything.policy_weight[by[gold]] == pytest.approx(0.5 / 4)
-    assert everything.policy_weight[by[other]] == pytest.approx(0.5 * 3 / 4)
+    weight, target = everything.loss_terms(everything.slots, everything.negatives, 0.0)
+    assert weight[by[other]] == pytest.approx(0.5 * 3 / 4) and target[by[other]] == 0.0
     # The correct sample is one row: weight w_e + w_p, target w_e / (w_e + w_p).
-    assert everything.weights()[by[gold]] == pytest.approx(0.5 + 0.125)
-    assert everything.targets(0.0)[by[gold]] == pytest.approx(0.5 / 0.625)
-    assert everything.targets(0.2)[by[other]] == pytest.approx(0.1)
+    assert weight[by[gold]] == pytest.approx(0.5 + 0.5 / 4)
+    assert target[by[gold]] == pytest.approx(0.5 / 0.625)
+    smoothed = everything.loss_terms(everything.slots, everything.negatives, 0.2)[1]
+    assert smoothed[by[other]] == pytest.approx(0.1)
+    assert smoothed[by[gold]] == pytest.approx((0.5 * 0.9 + 0.125 * 0.1) / 0.625)
 
 
 # ---- learning ------------------------------------------------------------------------------
@@ -199,6 +204,17 @@ def test_observe_refuses_examples_it_was_not_built_with(train_examples):
     with pytest.raises(ValueError, match="not one of the training examples"):
         d.observe(rollouts(d, [same_id], [1]))
     d.observe(rollouts(d, train_examples[:2], [1, 2]))  # training examples pass
+
+
+def test_no_update_without_any_policy_choice(train_examples):
+    d = make(train_examples)
+    before = weights(d)
+    d.observe(rollouts(d, train_examples[:4], [None] * 4))  # positives alone teach nothing
+    assert all(torch.equal(before[k], v) for k, v in weights(d).items())
+    m = d.metrics()
+    assert m["gail/skipped_updates"] == 1 and m["gail/unparsed"] == 4 and d.updates == 0
+    d.observe(rollouts(d, train_examples[:4], [None, 1, 2, 3]))
+    assert d.updates == 1 and d.metrics()["gail/skipped_updates"] == 0
 
 
 def test_build_rejects_non_viewer_data_and_bad_settings(train_examples):

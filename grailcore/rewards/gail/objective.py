@@ -35,38 +35,41 @@ def gail_reward(logits: torch.Tensor, kind: str, clip: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class TrainingRows:
-    """The distinct (example, option) inputs of one D update; tensors are [R] float64.
+    """The distinct (example, option) inputs of one D update and how often each occurred;
+    count tensors are [R] float64.
 
     Loss = 0.5 * E_human[BCE(D, 1)] + 0.5 * E_policy[BCE(D, 0)], each expectation a mean
-    over its own samples. A row can be in both (a policy sample equal to the human's
-    choice under negatives="all"); BCE is linear in the target, so such a row is one
-    forward with weight w_e + w_p and target w_e / (w_e + w_p).
+    over its own samples of the WHOLE step (all ranks: `loss_terms` takes the global
+    counts). A row can be in both (a policy sample equal to the human's choice under
+    negatives="all"); BCE is linear in the target, so such a row is one forward with
+    weight w_e + w_p and target w_e / (w_e + w_p).
     """
 
     examples: list[Example]
     answers: list[int]
     """1-based options."""
-    expert_weight: torch.Tensor
-    policy_weight: torch.Tensor
     expert_count: torch.Tensor
-    """How many rollout slots had this row as the human's choice (metrics)."""
+    """Rollout slots whose state had this row as the human's choice."""
+    policy_count: torch.Tensor
+    """Policy negatives of this row, fresh + replayed."""
     differing_count: torch.Tensor
     """Fresh policy samples of this row that differ from the human's choice (metrics)."""
     correct_count: torch.Tensor
     """Fresh policy samples of this row equal to the human's choice (metrics)."""
+    slots: int
+    """Rollout slots (completions) behind these rows."""
     negatives: int
     """Policy samples in E_policy: fresh + replayed."""
     fresh_negatives: list[tuple[str, int]]
     """This step's policy negatives as (example_id, option), for the replay buffer."""
 
-    def weights(self) -> torch.Tensor:
-        return (self.expert_weight + self.policy_weight).float()
-
-    def targets(self, label_smoothing: float) -> torch.Tensor:
-        """Soft targets: human 1 - eps/2, policy eps/2, mixed by the row's weights."""
+    def loss_terms(self, slots: int, negatives: int, label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """([R] weights, [R] soft targets) given the step's total slots and negatives.
+        Targets: human 1 - eps/2, policy eps/2, mixed by the row's two weights."""
+        expert = 0.5 * self.expert_count / max(slots, 1)
+        policy = 0.5 * self.policy_count / max(negatives, 1)
         high, low = 1 - label_smoothing / 2, label_smoothing / 2
-        return ((self.expert_weight * high + self.policy_weight * low)
-                / (self.expert_weight + self.policy_weight)).float()
+        return (expert + policy).float(), ((expert * high + policy * low) / (expert + policy)).float()
 
 
 def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
@@ -81,7 +84,7 @@ def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
     each (state, option). Unparsable samples (None) are skipped. `replayed` adds past
     negatives, looked up in `index` (the training examples).
     """
-    rows: dict[tuple[str, int], list] = {}  # key -> [example, expert, negatives, differing, correct]
+    rows: dict[tuple[str, int], list] = {}  # key -> [example, expert, policy, differing, correct]
 
     def row(example: Example, answer: int) -> list:
         return rows.setdefault((example.example_id, answer), [example, 0, 0, 0, 0])
@@ -97,15 +100,13 @@ def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
             fresh.append((example.example_id, answer))
     for example_id, answer in [*fresh, *replayed]:
         row(index[example_id], answer)[2] += 1
-    n_policy = len(fresh) + len(replayed)
     values = list(rows.values())
-    counts = torch.tensor([v[1:] for v in values], dtype=torch.float64)  # [R, 4]
+    counts = torch.tensor([v[1:] for v in values], dtype=torch.float64).reshape(-1, 4)  # [R, 4]
     return TrainingRows(
         examples=[v[0] for v in values], answers=[key[1] for key in rows],
-        expert_weight=0.5 * counts[:, 0] / len(examples),
-        policy_weight=0.5 * counts[:, 1] / max(n_policy, 1),
-        expert_count=counts[:, 0], differing_count=counts[:, 2], correct_count=counts[:, 3],
-        negatives=n_policy, fresh_negatives=fresh,
+        expert_count=counts[:, 0], policy_count=counts[:, 1], differing_count=counts[:, 2],
+        correct_count=counts[:, 3], slots=len(examples), negatives=len(fresh) + len(replayed),
+        fresh_negatives=fresh,
     )
 
 

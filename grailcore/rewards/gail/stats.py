@@ -12,7 +12,7 @@ from grailcore.rewards.gail.objective import TrainingRows
 KEYS: tuple[str, ...] = (
     "frozen_skips", "loss_sum", "loss_n", "expert_n", "expert_hit", "expert_p", "policy_n", "policy_hit",
     "policy_p", "correct_n", "correct_p", "reward_gail_abs", "reward_rule_abs", "inputs", "truncated",
-    "negatives", "replayed", "unparsed",
+    "negatives", "replayed", "unparsed", "skipped_updates",
 )
 
 
@@ -72,5 +72,6 @@ def summary(summed: torch.Tensor, replay_buffer: int) -> dict[str, float]:
         "gail/replayed": s["replayed"],
         "gail/unparsed": s["unparsed"],
         "gail/frozen_skips": s["frozen_skips"],
+        "gail/skipped_updates": s["skipped_updates"],
         "gail/replay_buffer": float(replay_buffer),
     }
