@@ -58,25 +58,30 @@ class Parts:
         push_weights(self.policy.lm, self.engine)
 
     def evaluate(self) -> dict[str, float]:
+        """Eval metrics on `eval_examples`; each rank samples a strided share, all ranks
+        gather every completion and compute the same numbers."""
         from grailcore.evaluation import evaluate_examples, generate_completions
 
-        cfg = self.cfg
+        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
+        mine = list(range(rank, len(self.eval_examples), world))
         completions = generate_completions(
-            self.engine, self.tokenizer, self.eval_examples, cfg.eval.samples_per_row,
+            self.engine, self.tokenizer, [self.eval_examples[i] for i in mine], cfg.eval.samples_per_row,
             cfg.eval.temperature, cfg.rollout.max_completion_tokens,
         )
+        by_index = dict(zip(mine, completions))
+        if world > 1:
+            for part in gdist.all_gather_object(by_index):
+                by_index.update(part)
+        completions = [by_index[i] for i in range(len(self.eval_examples))]
+        firsts = [row[0] for row in completions]
+        rewards = self.scorer(list(self.eval_examples), firsts)
         if self.eval_examples and self.eval_examples[0].task == "math":
-            flat = [c for row in completions for c in row]
-            ex = [e for e, row in zip(self.eval_examples, completions) for _ in row]
-            rewards = self.scorer(ex, flat)
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
-            result["eval/reward/total"] = float(rewards.total.mean())
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
         else:
             result = evaluate_examples(self.eval_examples, completions, self.train)
-            rewards = self.scorer([e for e in self.eval_examples], [row[0] for row in completions])
-            result["eval/reward/total"] = float(rewards.total.mean())
-        return self.reduce(result)
+        result["eval/reward/total"] = float(rewards.total.mean())
+        return result
 
     def extra_state(self) -> dict:
         return {"discriminator": self.discriminator.state_dict()} if self.discriminator else {}
