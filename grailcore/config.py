@@ -27,6 +27,24 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One dataset of a training mixture (`data.mixture`)."""
+
+    path: str
+    """A dataset dir/file or `synthetic:<issue>`, as `data.train_path`."""
+    weight: float = 1.0
+    """Relative share of the prompts drawn from this source (normalised over the mixture)."""
+    name: str | None = None
+    """Label in per-source metrics (`reward/total/<name>`); None derives it from `path`."""
+    system_prompt: str | None = None
+    """This source's system prompt; None uses `data.system_prompt` (then the task's default)."""
+    task: Literal["viewer", "math"] | None = None
+    """This source's task; None uses `data.task`."""
+    eval_path: str | None = None
+    """Held-out data of this source; None uses the validation split of `path`."""
+
+
+@dataclass(frozen=True)
 class DataConfig:
     train_path: str = "synthetic:gun_control"
     """A dataset dir/file (synthetic dir, JSONL, parquet, HF on-disk, pre-rendered
@@ -49,6 +67,9 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Count and report malformed rows instead of stopping at the first one."""
     max_train_samples: int | None = None
+    mixture: tuple[MixtureSource, ...] = ()
+    """Train on several datasets at once, drawn by weight (see grailcore.mixture); when set it
+    replaces train_path/eval_path, and max_train_samples caps each source."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +187,9 @@ class CheckpointConfig:
     keep: int = 2
     export_final: bool = True
     """Export the final policy as a safetensors HF dir."""
+    push_to_hub: str | None = None
+    """Upload the final export to this Hugging Face Hub repo (`owner/name`; needs network and a
+    token); None uploads nothing."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +198,10 @@ class LoggingConfig:
     progress: bool = True
     log_samples: int = 1
     """Completions printed per step (rank 0)."""
+    wandb_project: str | None = None
+    """Also log metrics to this Weights & Biases project (needs `wandb`); None = local only."""
+    wandb_entity: str | None = None
+    """W&B team or user owning the project; None = the account's default."""
 
 
 @dataclass(frozen=True)
