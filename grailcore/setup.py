@@ -21,7 +21,7 @@ from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.policy import PolicyModel
 from grailcore.rollout.collect import Rollouts
-from grailcore.sampler import PromptSampler
+from grailcore.sampler import MixtureSampler, PromptSampler
 from grailcore.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     engine: Any
-    sampler: PromptSampler
+    sampler: PromptSampler | MixtureSampler
     train: list[Example]
     train_ids: list[list[int]]
     """Chat-templated prompt token ids of each training example."""
@@ -81,6 +81,10 @@ class Parts:
         else:
             result = evaluate_examples(self.eval_examples, completions, self.train)
         result["eval/reward/total"] = float(rewards.total.mean())
+        if cfg.data.mixture:
+            from grailcore.mixture import source_eval_metrics
+
+            result.update(source_eval_metrics(self.eval_examples, completions, rewards, self.train))
         return result
 
     def extra_state(self) -> dict:
@@ -102,12 +106,17 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
     from grailcore.data import load_examples
     from grailcore.data.prompt import encode_prompt
 
-    train = load_examples(cfg.data.train_path, cfg.data, split="train")
-    if train.split == "all" and cfg.data.eval_path is None:
-        raise ConfigError(f"data.train_path={cfg.data.train_path} has no splits; set data.eval_path to a "
-                          "held-out file (evaluating on training rows would be meaningless)")
-    evals = load_examples(cfg.data.eval_path or cfg.data.train_path, cfg.data,
-                          split="validation" if cfg.data.eval_path is None else "train")
+    if cfg.data.mixture:
+        from grailcore.mixture import load_mixture
+
+        train, evals = load_mixture(cfg.data)
+    else:
+        train = load_examples(cfg.data.train_path, cfg.data, split="train")
+        if train.split == "all" and cfg.data.eval_path is None:
+            raise ConfigError(f"data.train_path={cfg.data.train_path} has no splits; set data.eval_path to a "
+                              "held-out file (evaluating on training rows would be meaningless)")
+        evals = load_examples(cfg.data.eval_path or cfg.data.train_path, cfg.data,
+                              split="validation" if cfg.data.eval_path is None else "train")
     for res in (train, evals):
         if res.skipped and rank0:
             log.warning("%s: skipped %d bad rows (skip_bad_rows=True): %s", res.source, res.skipped,
@@ -193,11 +202,12 @@ def build(cfg: Config) -> Parts:
     train, train_ids, eval_examples = _load_data(cfg, tokenizer, rank0)
     total_updates = cfg.optim.max_steps * cfg.grpo.num_iterations
     optimizer, scheduler = build_optimizer(policy, cfg, total_updates)
+    from grailcore.mixture import make_sampler
     from grailcore.rewards import score_completions
 
     parts = Parts(dist=dist, tokenizer=tokenizer, policy=policy, reference=reference,
                   optimizer=optimizer, scheduler=scheduler, engine=None,
-                  sampler=PromptSampler(len(train), cfg.data.seed), train=train, train_ids=train_ids,
+                  sampler=make_sampler(train, cfg.data), train=train, train_ids=train_ids,
                   eval_examples=eval_examples, scorer=functools.partial(score_completions, cfg=cfg.rewards),
                   cfg=cfg)
     if cfg.gail.enabled:
