@@ -52,6 +52,10 @@ def _step_metrics(rollouts: Rollouts, adv, updates: list[UpdateStats], parts: Pa
         m[f"reward/{name}"] = float(values.mean())
         m[f"reward/{name}/std"] = float(values.std())
         m[f"reward/{name}/errors"] = float(rewards.errors.get(name, 0))
+    if parts.cfg.data.mixture:  # reward/total/<source>, over the whole step (a collective: all ranks)
+        from grailcore.mixture import source_reward_metrics
+
+        m.update(source_reward_metrics(rollouts.examples, rewards.total))
     lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)
     m["completion/length"] = float(lengths.mean())
     m["completion/truncated"] = float(sum(c.finish_reason == "length" for c in rollouts.completions)
