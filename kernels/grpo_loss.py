@@ -66,6 +66,7 @@ class _FusedGRPOLoss(torch.autograd.Function):
         return totals["loss"], means
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_means):
         scale = lambda grad: None if grad is None else grad * grad_loss.to(grad.dtype)  # noqa: E731
         grad_hidden, grad_weight = ctx.saved_tensors

@@ -108,9 +108,6 @@ def _grad_logits_triton(logits, targets, lse, entropy, grad_logprobs, grad_entro
 class _TritonRowOps:
     """Row math by the Triton kernels; they need no scratch beyond the logits."""
 
-    def __init__(self, chunk_size, vocab_size, dtype, device):
-        pass
-
     stats = staticmethod(_row_stats_triton)
     grad_logits = staticmethod(_grad_logits_triton)
 
@@ -151,8 +148,7 @@ class _TorchRowOps:
 def row_ops(impl, chunk_size, vocab_size, dtype, device):
     """Per-chunk row math for `impl`: `.stats(logits, targets, want_entropy)` and
     `.grad_logits(logits, targets, lse, entropy, grad_logprobs, grad_entropy)`."""
-    ops = _TritonRowOps if impl == "triton" else _TorchRowOps
-    return ops(chunk_size, vocab_size, dtype, device)
+    return _TritonRowOps() if impl == "triton" else _TorchRowOps(chunk_size, vocab_size, dtype, device)
 
 
 class Chunks:
@@ -223,6 +219,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         return logprobs, entropy
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_logprobs, grad_entropy):
         hidden, weight, targets, rows, lse, entropy = ctx.saved_tensors
         if grad_logprobs is None:  # only the entropy was used
