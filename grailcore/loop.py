@@ -24,6 +24,7 @@ from grailcore.metrics import MetricsLogger, Progress, StepTimer
 from grailcore.optimize import BadStepsError, UpdateStats, policy_update
 from grailcore.rollout.collect import Rollouts, collect_rollouts
 from grailcore.setup import Parts
+from grailcore.tracking import build_logger, push_export
 from grailcore.types import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -123,8 +124,7 @@ def _save(step: int, parts: Parts, cfg: Config, state: dict) -> None:
 def train(parts: Parts, cfg: Config) -> dict:
     """Run GRPO from parts.start_step to cfg.optim.max_steps; returns the run summary."""
     run_dir, rank0 = Path(cfg.run_dir), parts.dist.rank == 0
-    metrics_log = MetricsLogger(run_dir, cfg.logging.tensorboard, enabled=rank0,
-                                resume_step=parts.start_step if cfg.resume else None)
+    metrics_log = build_logger(cfg, enabled=rank0, resume_step=parts.start_step if cfg.resume else None)
     progress = Progress(cfg.optim.max_steps, parts.start_step, enabled=rank0 and cfg.logging.progress)
     stop = _StopFlag()
     stop.install()
@@ -173,6 +173,8 @@ def train(parts: Parts, cfg: Config) -> dict:
         _save(step, parts, cfg, state)
         if cfg.checkpoint.export_final:
             ckpt.export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
+            if rank0 and cfg.checkpoint.push_to_hub:
+                log.info("pushed the final export: %s", push_export(run_dir / "final", cfg.checkpoint.push_to_hub))
     metrics_log.close()
     return _summary(step, first_eval, last_eval, best, time.time() - t_start, total_tokens, cfg, rank0)
 
