@@ -20,6 +20,9 @@ class ModelConfig:
     """Parameter dtype of the trained policy (optimizer states follow it)."""
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = True
+    trainable_layers: int = 0
+    """Train only the top N decoder layers and the final norm (0 = every parameter). The
+    frozen bottom runs without autograd, so a step costs far less on small machines."""
     logprob_impl: Literal["fused", "naive"] = "fused"
     """Token log-probs through kernels/ (never builds [N, V] logits) or plain log_softmax."""
     logprob_chunk_size: int = 1024
@@ -238,6 +241,7 @@ def validate(cfg: Config) -> None:
         (cfg.grpo.beta >= 0, "grpo.beta must be >= 0"),
         (cfg.grpo.epsilon_low >= 0 and cfg.grpo.epsilon_high >= 0, "grpo.epsilon_low/high must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
+        (cfg.model.trainable_layers >= 0, "model.trainable_layers must be >= 0 (0 = all)"),
         (cfg.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (groups need sampling)"),

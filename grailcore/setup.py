@@ -173,6 +173,19 @@ def _build_engine(cfg: Config, policy: PolicyModel, tokenizer, model_dir: Path, 
         return _hf_engine(policy, tokenizer, model_dir, cfg, dist)
 
 
+def _freeze_below(lm: torch.nn.Module, trainable_layers: int) -> None:
+    """Only the top `trainable_layers` decoder layers and the final norm keep gradients."""
+    decoder = lm.get_decoder()
+    if trainable_layers > len(decoder.layers):
+        raise ConfigError(f"model.trainable_layers={trainable_layers} but the model has "
+                          f"{len(decoder.layers)} decoder layers")
+    lm.requires_grad_(False)
+    for layer in decoder.layers[-trainable_layers:]:
+        layer.requires_grad_(True)
+    if getattr(decoder, "norm", None) is not None:
+        decoder.norm.requires_grad_(True)
+
+
 def _policy_model(model_dir: Path, cfg: Config, dist: gdist.DistInfo, trainable: bool) -> PolicyModel:
     lm = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
     lm.config.use_cache = False
@@ -180,6 +193,8 @@ def _policy_model(model_dir: Path, cfg: Config, dist: gdist.DistInfo, trainable:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         lm.eval().requires_grad_(False)
+    elif cfg.model.trainable_layers:
+        _freeze_below(lm, cfg.model.trainable_layers)
     model = PolicyModel(lm, cfg.model.logprob_impl, cfg.model.logprob_chunk_size)
     if dist.world_size > 1:
         from grailcore.parallel import parallelize

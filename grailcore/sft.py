@@ -56,7 +56,7 @@ def sft_step(parts: Parts, cfg: Config, indices: list[int]) -> dict[str, float]:
                            temperature=1.0, completion_mask=b.completion_mask)
         loss = -(out.logprobs * b.completion_mask).sum() / total_tokens  # [] mean over the step
         loss.backward()
-        nll += float(loss)
+        nll += float(loss.detach())
     grad_norm = torch.nn.utils.clip_grad_norm_(parts.policy.parameters(), cfg.optim.grad_clip)
     parts.optimizer.step()
     parts.scheduler.step()
