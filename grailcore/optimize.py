@@ -34,7 +34,7 @@ def _logprobs(model, batch: Batch, cfg: Config, entropy: bool = False):
     """[b, T] log-probs (and entropy) of the batch's completion tokens under `model`."""
     out = model(batch.input_ids, batch.attention_mask, batch.num_completion_tokens,
                 temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
-                return_entropy=entropy)
+                return_entropy=entropy, prefix_sharing=cfg.grpo.prefix_sharing)
     return (out.logprobs, out.entropy) if entropy else out.logprobs
 
 

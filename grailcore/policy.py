@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from grailcore.logprobs import TokenLogprobs, token_logprobs
+from grailcore.prefix import shared_prefix_logprobs
 
 
 class PolicyModel(torch.nn.Module):
@@ -21,8 +22,10 @@ class PolicyModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int, *,
                 temperature: float, completion_mask: torch.Tensor | None = None,
-                return_entropy: bool = False) -> TokenLogprobs:
-        """input_ids/attention_mask [B, L]; returns [B, T = logits_to_keep] log-probs."""
-        return token_logprobs(self.lm, input_ids, attention_mask, logits_to_keep, temperature=temperature,
-                              impl=self.impl, chunk_size=self.chunk_size, completion_mask=completion_mask,
-                              return_entropy=return_entropy)
+                return_entropy: bool = False, prefix_sharing: bool = False) -> TokenLogprobs:
+        """input_ids/attention_mask [B, L]; returns [B, T = logits_to_keep] log-probs.
+        prefix_sharing: one decoder pass per distinct prompt (`grailcore.prefix`)."""
+        forward = shared_prefix_logprobs if prefix_sharing else token_logprobs
+        return forward(self.lm, input_ids, attention_mask, logits_to_keep, temperature=temperature,
+                       impl=self.impl, chunk_size=self.chunk_size, completion_mask=completion_mask,
+                       return_entropy=return_entropy)
