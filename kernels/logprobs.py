@@ -171,31 +171,37 @@ class Chunks:
 
 class GradAccumulator:
     """d(loss)/d(hidden) [N, H] and d(loss)/d(weight) [V, H], filled chunk by chunk;
-    the weight grad sums in fp32 whatever the input dtype."""
+    weight grads of several low-precision chunks are summed in fp32."""
 
     def __init__(self, hidden, weight, need_hidden, need_weight, temperature):
-        self.weight, self.temperature = weight, temperature
+        self.weight, self.need_weight, self.temperature = weight, need_weight, temperature
         self.grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        self.grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_weight else None
-        self.scratch = None  # [V, H] in the input dtype, for non-fp32 weight grads
+        self.grad_weight = None  # [V, H], created by the first chunk
+        self.scratch = None  # [V, H] in the input dtype, for low-precision chunks after the first
 
     def add(self, rows, hidden_rows, grad_logits):
         """Add one chunk from `Chunks`: rows [n], hidden_rows [n, H], grad_logits [n, V]."""
         if self.grad_hidden is not None:
             grad_rows = (grad_logits @ self.weight).div_(self.temperature)  # [n, H]
             self.grad_hidden.index_copy_(0, rows, grad_rows)
-        if self.grad_weight is None:
+        if not self.need_weight:
             return
-        if grad_logits.dtype == torch.float32:
+        if self.grad_weight is None:  # the first chunk writes: no zero-fill, no fp32 copy if it is the only one
+            self.grad_weight = grad_logits.T @ hidden_rows
+        elif grad_logits.dtype == torch.float32:
             self.grad_weight.addmm_(grad_logits.T, hidden_rows)  # in place: no [V, H] temporary
-            return
-        if self.scratch is None:
-            self.scratch = torch.empty_like(self.weight)
-        self.grad_weight += torch.mm(grad_logits.T, hidden_rows, out=self.scratch)
+        else:
+            if self.grad_weight.dtype != torch.float32:
+                self.scratch, self.grad_weight = self.grad_weight, self.grad_weight.float()
+            self.grad_weight += torch.mm(grad_logits.T, hidden_rows, out=self.scratch)
 
     def result(self):
-        grad_weight = None if self.grad_weight is None else self.grad_weight.to(self.weight.dtype)
-        return self.grad_hidden, grad_weight
+        """(grad_hidden or None, grad_weight or None), in the input dtype."""
+        if not self.need_weight:
+            return self.grad_hidden, None
+        if self.grad_weight is None:  # every row was masked
+            return self.grad_hidden, torch.zeros_like(self.weight)
+        return self.grad_hidden, self.grad_weight.to(self.weight.dtype)
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):

@@ -49,6 +49,15 @@ def test_masked_rows_give_zero_and_no_gradient(logprob_problem):
     assert (out["logprobs"][~masked] < 0).all()
 
 
+def test_all_rows_masked_gives_zeros():
+    hidden = torch.randn(5, 8, requires_grad=True)
+    weight = torch.randn(10, 8, requires_grad=True)
+    logprobs = fused_linear_logprobs(hidden, weight, torch.full((5,), -100))
+    (logprobs * 2).sum().backward()
+    assert (logprobs == 0).all()
+    assert (hidden.grad == 0).all() and (weight.grad == 0).all()
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
 def test_any_chunk_size_matches_reference(logprob_problem, chunk_size):
     problem = logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
