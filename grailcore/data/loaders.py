@@ -48,14 +48,7 @@ def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> Load
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if data_cfg.task == "math":
-        from grailcore.data.math import load_math  # late import: math data is optional for viewer runs
-
-        examples = load_math(path)
-        if data_cfg.system_prompt:
-            examples = [ex.replace(messages=({"role": "system", "content": data_cfg.system_prompt},
-                                             *[m for m in ex.messages if m["role"] != "system"]))
-                        for ex in examples]
-        result = LoadResult(examples=examples, source=_source_name(path), split="all")
+        result = _load_math(path, data_cfg, split)
     elif path.startswith(SYNTHETIC_PREFIX):
         result = _load_synthetic(path, data_cfg, split)
     else:
@@ -69,6 +62,19 @@ def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> Load
         result = LoadResult(result.examples[: data_cfg.max_train_samples], result.skipped,
                             result.skip_reasons, result.source, result.split)
     return result
+
+
+def _load_math(path: str, data_cfg: DataConfig, split: str) -> LoadResult:
+    """`synthetic:math` (generated problems, split 8:1:1 by index) or a user file (no splits)."""
+    from grailcore.data import math  # late import: math data is optional for viewer runs
+
+    if path == f"{SYNTHETIC_PREFIX}math":
+        rows = math.generate_math(data_cfg.synthetic_n, data_cfg.seed)
+        bucket = {"train": range(0, 8), "validation": (8,), "test": (9,)}[split]
+        rows = [r for i, r in enumerate(rows) if i % 10 in bucket]
+        return LoadResult(math.math_examples(rows, data_cfg.system_prompt, source=path), source=path, split=split)
+    examples = math.load_math(path, system_prompt=data_cfg.system_prompt)
+    return LoadResult(examples=examples, source=_source_name(path), split="all")
 
 
 def _render_options(data_cfg: DataConfig, source: str) -> dict[str, Any]:
