@@ -74,7 +74,8 @@ def test_wandb_gets_what_metrics_jsonl_gets(tmp_path, fake_wandb):
     first_id = run.init_kwargs["id"]
     build_logger(cfg, enabled=True, resume_step=2).close()
     assert fake_wandb.runs[1].init_kwargs["id"] == first_id
-    build_logger(cfg, enabled=True).close()
+    with pytest.warns(UserWarning, match="replacing 2 records of an earlier run"):
+        build_logger(cfg, enabled=True).close()
     assert fake_wandb.runs[2].init_kwargs["id"] != first_id
     assert (tmp_path / "run" / WANDB_ID_FILE).read_text() == fake_wandb.runs[2].init_kwargs["id"]
 
