@@ -53,7 +53,8 @@ class MemoryEstimate:
 
 def activation_bytes(tokens: int, hidden: int, intermediate: int, layers: int, vocab: int, dtype_bytes: int,
                      checkpointing: bool, fused_logprobs: bool, logprob_chunk: int) -> int:
-    """Saved activations of one forward over `tokens` (= micro-batch rows x padded length).
+    """Saved activations of one forward over `tokens` through `layers` decoder layers that
+    keep them for backward (frozen layers run without autograd and keep none).
 
     Per token and layer a Llama-style block keeps about 8*hidden + 4*intermediate
     elements for backward (norm inputs/outputs, q/k/v/o, gate/up/act/product; sdpa keeps
@@ -62,9 +63,18 @@ def activation_bytes(tokens: int, hidden: int, intermediate: int, layers: int, v
     cover all tokens on the naive path and `logprob_chunk` rows on the fused one.
     """
     per_layer = 8 * hidden + 4 * intermediate
-    decoder = tokens * (hidden * layers + per_layer) if checkpointing else tokens * per_layer * layers
+    if checkpointing and layers:
+        decoder = tokens * (hidden * layers + per_layer)
+    else:
+        decoder = tokens * per_layer * layers
     logit_rows = min(tokens, logprob_chunk) if fused_logprobs else tokens
     return decoder * dtype_bytes + 3 * logit_rows * vocab * 4
+
+
+def _layers_with_grad(lm: torch.nn.Module) -> int:
+    """Decoder layers with a trainable parameter (model.trainable_layers freezes the rest)."""
+    layers = getattr(lm.get_decoder(), "layers", [])
+    return sum(any(p.requires_grad for p in layer.parameters()) for layer in layers)
 
 
 def estimate_memory(parts: Parts, cfg: Config, max_prompt_tokens: int) -> MemoryEstimate:
@@ -76,10 +86,13 @@ def estimate_memory(parts: Parts, cfg: Config, max_prompt_tokens: int) -> Memory
     shards = parts.dist.world_size
     model_cfg = parts.policy.lm.config
     hidden = getattr(model_cfg, "hidden_size", 0)
-    tokens = cfg.optim.micro_batch_size * (max_prompt_tokens + cfg.rollout.max_completion_tokens)
+    rows = cfg.optim.micro_batch_size
+    # Prefix sharing runs each prompt once per group in the training forward.
+    prompt_rows = -(-rows // cfg.grpo.group_size) if cfg.grpo.prefix_sharing else rows
+    tokens = prompt_rows * max_prompt_tokens + rows * cfg.rollout.max_completion_tokens
     activations = activation_bytes(
-        tokens, hidden, getattr(model_cfg, "intermediate_size", 4 * hidden),
-        getattr(model_cfg, "num_hidden_layers", 0), getattr(model_cfg, "vocab_size", 0), dtype_bytes,
+        tokens, hidden, getattr(model_cfg, "intermediate_size", 4 * hidden), _layers_with_grad(parts.policy.lm),
+        getattr(model_cfg, "vocab_size", 0), dtype_bytes,
         cfg.model.gradient_checkpointing, cfg.model.logprob_impl == "fused", cfg.model.logprob_chunk_size)
     full_weights = numel * dtype_bytes
     if cfg.rollout.engine == "vllm":
@@ -181,6 +194,7 @@ def dry_run(parts: Parts, cfg: Config) -> dict:
         },
         "reward": parts.reduce({"total": float(rollouts.rewards.total.mean()),
                                 **{name: float(v.mean()) for name, v in rollouts.rewards.per_reward.items()}}),
+        "sample_completion": rollouts.completions[0].text[:SHOWN_PROMPT_CHARS // 2],
         "zero_variance_groups": int(adv.zero_variance_groups),
         "loss": update.loss,
         "grad_norm": update.grad_norm,
@@ -211,6 +225,7 @@ def _print_summary(s: dict, first_prompt: str) -> None:
         f"(limit {s['completion_tokens']['limit']})",
         f"tokens per step    {s['tokens_per_step']['measured']:,} measured, "
         f"<= {s['tokens_per_step']['upper_bound']:,} at the limits",
+        f"sample completion  {s['sample_completion']!r}",
         f"reward             {', '.join(f'{k}={v:.3f}' for k, v in s['reward'].items())}",
         f"groups w/o signal  {s['zero_variance_groups']} (all completions scored alike: zero advantage)",
         f"loss / grad norm   {s['loss']:.4f} / {s['grad_norm']:.4f}  "

@@ -65,3 +65,11 @@ def test_activation_estimate_shrinks_with_checkpointing_and_fused_logprobs():
     fused = activation_bytes(checkpointing=True, fused_logprobs=True, **kw)
     assert full > ckpt > fused
     assert full - ckpt > 4096 * 30 * 576 * 2  # checkpointing saves far more than one tensor per layer
+
+
+def test_frozen_layers_keep_no_activations():
+    kw = dict(tokens=1000, hidden=64, intermediate=128, vocab=512, dtype_bytes=4, checkpointing=False,
+              fused_logprobs=True, logprob_chunk=1000)
+    head_only = activation_bytes(layers=0, **kw)
+    assert head_only == 3 * 1000 * 512 * 4  # only the log-prob head's logits
+    assert activation_bytes(layers=2, **kw) - head_only == 2 * (activation_bytes(layers=1, **kw) - head_only)
