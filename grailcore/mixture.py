@@ -30,7 +30,7 @@ def source_name(source: MixtureSource) -> str:
 
 def sources(data: DataConfig) -> list[MixtureSource]:
     """data.mixture as MixtureSource objects (YAML configs give dicts), checked: weights > 0,
-    distinct names, and no data.eval_path beside a mixture (each source names its own)."""
+    distinct names, one task, and no data.eval_path beside a mixture (each source names its own)."""
     out = []
     for i, entry in enumerate(data.mixture):
         if isinstance(entry, MixtureSource):
@@ -47,6 +47,10 @@ def sources(data: DataConfig) -> list[MixtureSource]:
     names = [source_name(s) for s in out]
     if len(set(names)) != len(names):
         raise ConfigError(f"data.mixture: source names {names} repeat; give each source a distinct `name`")
+    tasks = sorted({src.task or data.task for src in out})
+    if len(tasks) > 1:
+        # Training would cope (rewards score only their own task); evaluation scores one task per run.
+        raise ConfigError(f"data.mixture mixes tasks {tasks}; the sources of one mixture must share a task")
     if out and data.eval_path is not None:
         raise ConfigError("data.eval_path is set beside data.mixture; give each source its own "
                           "data.mixture[i].eval_path instead")

@@ -253,6 +253,7 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> Path:
     per_reward = [k for k in reward_keys if k not in source_keys and k != "reward/total"]
     eval_keys = [k for k in ("eval/accuracy", "eval/opinion_accuracy", "eval/reward/total")
                  if any(k in r for run in runs for r in run.evals)]
+    eval_keys += sorted({k for run in runs for k in run.keys("eval/accuracy/")})  # per mixture source
     sections = [
         ("Reward", plot_curves(runs, ["reward/total"], out / "reward_total.png", "reward/total"),
          "no run logged reward/total"),

@@ -66,6 +66,8 @@ def test_bad_mixtures_are_refused():
         sources(DataConfig(mixture=(MixtureSource(GUN), MixtureSource("other/gun_control.jsonl"))))
     with pytest.raises(ConfigError, match=r"mixture\[1\].*weight must be > 0"):
         sources(DataConfig(mixture=(MixtureSource(GUN), MixtureSource(WAGE, weight=-1))))
+    with pytest.raises(ConfigError, match=r"mixes tasks \['math', 'viewer'\]"):
+        sources(DataConfig(mixture=(MixtureSource(GUN), MixtureSource("m.jsonl", task="math"))))
     with pytest.raises(ConfigError, match="eval_path is set beside"):
         sources(DataConfig(eval_path="x.jsonl", mixture=(MixtureSource(GUN),)))
     with pytest.raises(ConfigError, match=r"mixture\[0\]: expected a mapping"):

@@ -28,7 +28,8 @@ def _write_run(run_dir: Path, gail: bool, reward_slope: float, steps: int = 30, 
         if with_eval and step % 10 == 0:
             lines.append(json.dumps({"step": step, "wall_time": 1000.5 + step, "eval/accuracy": 0.2 + 0.01 * step,
                                      "eval/opinion_accuracy": 0.4, "eval/baseline/random": 0.2,
-                                     "eval/baseline/always_first": 0.25, "eval/baseline/always_no_change": 0.5}))
+                                     "eval/baseline/always_first": 0.25, "eval/baseline/always_no_change": 0.5,
+                                     "eval/accuracy/gun": 0.3}))
     (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run_dir
 
