@@ -20,7 +20,7 @@ import torch
 from grailcore.advantages import group_advantages
 from grailcore.batch import micro_batches
 from grailcore.config import Config
-from grailcore.optimize import policy_update
+from grailcore.optimize import UpdateStats, policy_update
 from grailcore.rollout.collect import collect_rollouts
 from grailcore.setup import Parts
 from grailcore.types import SamplingParams
@@ -146,15 +146,9 @@ def _show_prompt(text: str) -> str:
     return f"{text[:half]}\n  [... {len(text) - SHOWN_PROMPT_CHARS} chars ...]\n{text[-half:]}"
 
 
-def dry_run(parts: Parts, cfg: Config) -> dict:
-    """One rollout, reward pass and loss backward with no optimizer step; returns the summary
-    (also printed and written to run_dir/dry_run.json on rank 0). Raises if weights changed."""
-    rank0 = parts.dist.rank == 0
-    prompt_lengths = [len(ids) for ids in parts.train_ids]
-    rendered = [parts.tokenizer.decode(ids) for ids in parts.train_ids[:PROMPTS_RENDERED]]
-    if any(not text.strip() for text in rendered):
-        raise RuntimeError("a rendered prompt decodes to empty text; check the tokenizer's chat template")
-
+def _rollout(parts: Parts, cfg: Config):
+    """One step's rollouts on this rank (its share of the prompts, as the loop draws them),
+    their group advantages and the training micro-batches."""
     indices = parts.sampler.next(cfg.grpo.prompts_per_step)
     per_rank = len(indices) // parts.dist.world_size
     mine = indices[parts.dist.rank * per_rank:(parts.dist.rank + 1) * per_rank]
@@ -165,7 +159,12 @@ def dry_run(parts: Parts, cfg: Config) -> dict:
     adv = group_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
     batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages, parts.tokenizer.pad_token_id,
                             cfg.optim.micro_batch_size, cfg.grpo.mask_truncated)
+    return rollouts, adv, batches
 
+
+def _loss_without_step(parts: Parts, cfg: Config, batches) -> tuple[UpdateStats, int]:
+    """policy_update's forward/backward/clip with the optimizer and scheduler steps withheld;
+    (its stats, steps withheld). Raises if the weights changed anyway."""
     before = _fingerprint(parts.policy)
     optimizer, scheduler = _Withheld(parts.optimizer), _Withheld(parts.scheduler)
     one_pass = dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=1))
@@ -173,7 +172,28 @@ def dry_run(parts: Parts, cfg: Config) -> dict:
                            parts.dist.world_size)[0]
     if _fingerprint(parts.policy) != before:
         raise RuntimeError("dry run changed the policy weights; the optimizer step must be withheld")
+    return update, optimizer.steps_withheld
 
+
+def dry_run(parts: Parts, cfg: Config) -> dict:
+    """One rollout, reward pass and loss backward with no optimizer step; returns the summary
+    (also printed and written to run_dir/dry_run.json on rank 0). Raises if weights changed."""
+    rendered = [parts.tokenizer.decode(ids) for ids in parts.train_ids[:PROMPTS_RENDERED]]
+    if any(not text.strip() for text in rendered):
+        raise RuntimeError("a rendered prompt decodes to empty text; check the tokenizer's chat template")
+    rollouts, adv, batches = _rollout(parts, cfg)
+    update, withheld = _loss_without_step(parts, cfg, batches)
+    summary = _summary(parts, cfg, rollouts, adv.zero_variance_groups, update, withheld)
+    if parts.dist.rank == 0:
+        _print_summary(summary, rendered[0])
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _summary(parts: Parts, cfg: Config, rollouts, zero_variance_groups: int, update: UpdateStats,
+             withheld: int) -> dict:
+    prompt_lengths = [len(ids) for ids in parts.train_ids]
     completion_lengths = [len(c.token_ids) for c in rollouts.completions]
     step_tokens = sum(len(p) for p in rollouts.prompt_ids) + sum(completion_lengths)  # this rank
     memory = estimate_memory(parts, cfg, max(prompt_lengths))
@@ -195,20 +215,16 @@ def dry_run(parts: Parts, cfg: Config) -> dict:
         "reward": parts.reduce({"total": float(rollouts.rewards.total.mean()),
                                 **{name: float(v.mean()) for name, v in rollouts.rewards.per_reward.items()}}),
         "sample_completion": rollouts.completions[0].text[:SHOWN_PROMPT_CHARS // 2],
-        "zero_variance_groups": int(adv.zero_variance_groups),
+        "zero_variance_groups": int(zero_variance_groups),
         "loss": update.loss,
         "grad_norm": update.grad_norm,
-        "optimizer_steps_withheld": optimizer.steps_withheld,
+        "optimizer_steps_withheld": withheld,
         "weights_unchanged": True,
         "memory_estimate_bytes": {**dataclasses.asdict(memory), "total": memory.total},
         "peak_rss_bytes": _peak_rss_bytes(),
     }
     if torch.cuda.is_available():
         summary["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    if rank0:
-        _print_summary(summary, rendered[0])
-        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-        (Path(cfg.run_dir) / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     return summary
 
 
