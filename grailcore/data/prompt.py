@@ -123,7 +123,8 @@ def build_example(decision: Decision, *, max_history: int = 12, show_ids: bool =
         true_opinion_probs=decision.true_opinion_probs, issue=decision.issue, study=decision.study,
         viewer_id=decision.viewer.viewer_id, source=source,
         meta={"session_id": decision.session_id, "step": decision.step, "slate_design": decision.slate_design,
-              "shown_order": tuple(order)},
+              "shown_order": tuple(order), "option_stances": tuple(decision.slate[i].stance for i in order),
+              "viewer_ideology": decision.viewer.ideology, "initial_viewpoint": decision.initial_viewpoint},
     )
 
 
