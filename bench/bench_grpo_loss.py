@@ -94,8 +94,10 @@ def bench_shape(batch, seq, hidden_size, vocab, dtype, device, methods, args):
             "method": name, "batch": batch, "seq": seq, "hidden": hidden_size, "vocab": vocab,
             "dtype": str(dtype).removeprefix("torch."), "device": device.type,
             "valid_fraction": args.valid_fraction, "median_s": round(result.median_s, 4),
-            "min_s": round(min(result.seconds), 4), "peak_mib": round(result.peak_mib, 1),
+            "min_s": round(min(result.seconds), 4),
+            "median_cpu_s": round(result.median_cpu_s, 4), "peak_mib": round(result.peak_mib, 1),
             "time_vs_naive": round(result.median_s / baseline.median_s, 3) if baseline else "",
+            "cpu_time_vs_naive": round(result.median_cpu_s / baseline.median_cpu_s, 3) if baseline else "",
             "mem_vs_naive": round(result.peak_mib / baseline.peak_mib, 3) if baseline else "",
             "repeats": len(result.seconds),
         }
@@ -103,7 +105,10 @@ def bench_shape(batch, seq, hidden_size, vocab, dtype, device, methods, args):
     ]
 
 
-COLUMNS = ["method", "batch", "seq", "hidden", "vocab", "dtype", "median_s", "min_s", "peak_mib", "time_vs_naive", "mem_vs_naive"]
+COLUMNS = [
+    "method", "batch", "seq", "hidden", "vocab", "dtype", "median_s", "median_cpu_s", "peak_mib", "time_vs_naive",
+    "cpu_time_vs_naive", "mem_vs_naive",
+]
 
 
 def parse_args(argv=None):

@@ -16,14 +16,21 @@ import torch
 
 @dataclasses.dataclass
 class Measurement:
-    """Every timed call's seconds, and the largest extra memory any call needed."""
+    """Every timed call's wall and process-CPU seconds, and the largest extra memory any
+    call needed. CPU seconds (all threads) barely move when other processes compete for
+    the cores, where wall seconds do; on an idle machine wall ~ CPU / threads."""
 
     seconds: list = dataclasses.field(default_factory=list)
+    cpu_seconds: list = dataclasses.field(default_factory=list)
     peak_mib: float = 0.0
 
     @property
     def median_s(self):
         return statistics.median(self.seconds)
+
+    @property
+    def median_cpu_s(self):
+        return statistics.median(self.cpu_seconds)
 
 
 def _proc_status_mib(field):
@@ -72,16 +79,17 @@ def measure_round_robin(calls, *, device, warmup=1, repeats=3, after_each=None):
     for step in range(warmup + repeats):
         for name, fn in calls.items():
             peak.start()
-            began = time.perf_counter()
+            began, began_cpu = time.perf_counter(), time.process_time()
             fn()
             if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
-            elapsed = time.perf_counter() - began
+            elapsed, elapsed_cpu = time.perf_counter() - began, time.process_time() - began_cpu
             peak_mib = peak.stop()
             if after_each is not None:
                 after_each(name)
             if step >= warmup:
                 results[name].seconds.append(elapsed)
+                results[name].cpu_seconds.append(elapsed_cpu)
                 results[name].peak_mib = max(results[name].peak_mib, peak_mib)
     return results
 
