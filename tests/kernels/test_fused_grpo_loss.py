@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import assert_matches
+from kernel_cases import assert_matches
 from kernels.grpo_loss import aggregation_weights, fused_grpo_loss
 from kernels.reference import LOSS_TYPES, aggregate_token_loss, grpo_loss_ref, grpo_token_loss, logprobs_ref
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import assert_matches
+from kernel_cases import assert_matches, make_logprob_problem
 from kernels.logprobs import fused_linear_logprobs
 from kernels.reference import logprobs_entropy_ref, logprobs_ref
 
@@ -28,19 +28,19 @@ def _check(problem, dtype, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("n, hidden_size, vocab, chunk_size", SHAPES)
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_matches_fp64_reference(logprob_problem, n, hidden_size, vocab, chunk_size, dtype, temperature):
-    problem = logprob_problem(n, hidden_size, vocab, dtype, temperature)
+def test_matches_fp64_reference(n, hidden_size, vocab, chunk_size, dtype, temperature):
+    problem = make_logprob_problem(n, hidden_size, vocab, dtype, temperature)
     _check(problem, dtype, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_matches_reference_at_a_real_vocab_size(logprob_problem, dtype):
-    problem = logprob_problem(257, 128, 49152, dtype, temperature=0.7)
+def test_matches_reference_at_a_real_vocab_size(dtype):
+    problem = make_logprob_problem(257, 128, 49152, dtype, temperature=0.7)
     _check(problem, dtype)
 
 
-def test_masked_rows_give_zero_and_no_gradient(logprob_problem):
-    problem = logprob_problem(37, 32, 1003, torch.float32, ignore_index=-1)
+def test_masked_rows_give_zero_and_no_gradient():
+    problem = make_logprob_problem(37, 32, 1003, torch.float32, ignore_index=-1)
     out = _check(problem, torch.float32, chunk_size=8)
     masked = problem.targets == -1
     assert masked.sum() >= 5
@@ -59,14 +59,14 @@ def test_all_rows_masked_gives_zeros():
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 1000])
-def test_any_chunk_size_matches_reference(logprob_problem, chunk_size):
-    problem = logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
+def test_any_chunk_size_matches_reference(chunk_size):
+    problem = make_logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
     _check(problem, torch.float32, chunk_size=chunk_size)
 
 
 @pytest.mark.parametrize("used", ["logprobs", "entropy"])
-def test_backward_through_one_output_only(logprob_problem, used):
-    problem = logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
+def test_backward_through_one_output_only(used):
+    problem = make_logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
     hidden = problem.hidden.clone().requires_grad_()
     weight = problem.weight.clone().requires_grad_()
     outputs = fused_linear_logprobs(hidden, weight, problem.targets, 0.7, return_entropy=True)
@@ -80,8 +80,8 @@ def test_backward_through_one_output_only(logprob_problem, used):
     assert_matches(weight.grad, weight64.grad, torch.float32, "grads", f"{used}-only grad_weight")
 
 
-def test_frozen_weight_gets_no_grad_and_hidden_grad_is_right(logprob_problem):
-    problem = logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
+def test_frozen_weight_gets_no_grad_and_hidden_grad_is_right():
+    problem = make_logprob_problem(37, 32, 1003, torch.float32, temperature=0.7)
     hidden = problem.hidden.clone().requires_grad_()
     logprobs = fused_linear_logprobs(hidden, problem.weight, problem.targets, 0.7)
     (logprobs * problem.up_logprobs).sum().backward()
@@ -92,8 +92,8 @@ def test_frozen_weight_gets_no_grad_and_hidden_grad_is_right(logprob_problem):
     assert problem.weight.grad is None
 
 
-def test_matches_torch_linear_cross_entropy(logprob_problem):
-    problem = logprob_problem(64, 64, 5000, torch.float32)
+def test_matches_torch_linear_cross_entropy():
+    problem = make_logprob_problem(64, 64, 5000, torch.float32)
     runs = {}
     for name in ("ours", "builtin"):
         hidden = problem.hidden.clone().requires_grad_()

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import assert_matches
+from kernel_cases import assert_matches, make_logprob_problem
 from kernels.grpo_loss import fused_grpo_loss
 from kernels.logprobs import fused_linear_logprobs, resolve_impl
 from kernels.reference import grpo_loss_ref
@@ -21,9 +21,9 @@ def _to_cuda_problem(problem):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_auto_picks_triton_and_matches_fp64_reference(logprob_problem, dtype):
+def test_auto_picks_triton_and_matches_fp64_reference(dtype):
     assert resolve_impl("auto", torch.device("cuda")) == "triton"
-    problem = _to_cuda_problem(logprob_problem(1001, 256, 49157, dtype, temperature=0.7))
+    problem = _to_cuda_problem(make_logprob_problem(1001, 256, 49157, dtype, temperature=0.7))
     out = problem.run(fused_linear_logprobs, chunk_size=300)
     for name in ("logprobs", "entropy"):
         assert_matches(out[name].cpu(), problem.expected[name], dtype, "values", name)

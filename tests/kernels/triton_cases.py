@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from conftest import assert_matches
+from kernel_cases import assert_matches, make_logprob_problem
 from kernels.grpo_loss import fused_grpo_loss
 from kernels.logprobs import fused_linear_logprobs
 from kernels.reference import grpo_loss_ref
@@ -17,8 +17,8 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("n, vocab, chunk_size", [(13, 5000, 5), (3, 257, None)])  # V > and < the 4096 block
-def test_triton_matches_fp64_reference(logprob_problem, n, vocab, chunk_size, dtype):
-    problem = logprob_problem(n, 16, vocab, dtype, temperature=0.7)
+def test_triton_matches_fp64_reference(n, vocab, chunk_size, dtype):
+    problem = make_logprob_problem(n, 16, vocab, dtype, temperature=0.7)
     out = problem.run(fused_linear_logprobs, impl="triton", chunk_size=chunk_size)
     for name in ("logprobs", "entropy"):
         assert_matches(out[name], problem.expected[name], dtype, "values", name)
@@ -28,8 +28,8 @@ def test_triton_matches_fp64_reference(logprob_problem, n, vocab, chunk_size, dt
     assert (out["logprobs"][masked] == 0).all() and (out["grad_hidden"][masked] == 0).all()
 
 
-def test_triton_logprobs_only_backward_matches_torch_path(logprob_problem):
-    problem = logprob_problem(13, 16, 5000, torch.float32)
+def test_triton_logprobs_only_backward_matches_torch_path():
+    problem = make_logprob_problem(13, 16, 5000, torch.float32)
     grads = {}
     for impl in ("torch", "triton"):
         hidden = problem.hidden.clone().requires_grad_()

@@ -1,8 +1,8 @@
-"""Shared test problems for the kernels: random inputs and their fp64 references."""
+"""Shared test problems for the kernel tests: random inputs, their fp64 references, and
+per-dtype tolerances."""
 
 import dataclasses
 
-import pytest
 import torch
 
 from kernels.reference import logprobs_entropy_ref
@@ -55,6 +55,7 @@ class LogprobProblem:
 
 
 def make_logprob_problem(n, hidden_size, vocab, dtype, temperature=1.0, ignore_index=-100, seed=0):
+    """A LogprobProblem with about a quarter of the targets set to ignore_index."""
     generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(n, hidden_size, generator=generator).to(dtype)
     # logits with std ~3: peaked but not one-hot distributions
@@ -72,9 +73,3 @@ def make_logprob_problem(n, hidden_size, vocab, dtype, temperature=1.0, ignore_i
         "grad_hidden": hidden64.grad, "grad_weight": weight64.grad,
     }
     return LogprobProblem(hidden, weight, targets, up_logprobs, up_entropy, temperature, ignore_index, expected)
-
-
-@pytest.fixture
-def logprob_problem():
-    """Factory: make_logprob_problem(n, hidden_size, vocab, dtype, temperature, ...)."""
-    return make_logprob_problem
