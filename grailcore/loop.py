@@ -35,13 +35,24 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.requested = False
+        self._previous: dict = {}
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self) -> None:
+        """Give the caller (a test runner, a notebook) its own handlers back."""
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum, frame) -> None:
-        log.warning("signal %s: checkpointing after this step, then exiting", signum)
+        if self.requested:  # a second signal: the user does not want to wait for the step
+            self.uninstall()
+            signal.raise_signal(signum)
+            return
+        log.warning("signal %s: checkpointing after this step, then exiting (send it again to stop now)", signum)
         self.requested = True
 
 
@@ -122,12 +133,20 @@ def _save(step: int, parts: Parts, cfg: Config, state: dict) -> None:
 
 
 def train(parts: Parts, cfg: Config) -> dict:
-    """Run GRPO from parts.start_step to cfg.optim.max_steps; returns the run summary."""
+    """Run GRPO from parts.start_step to cfg.optim.max_steps; returns the run summary.
+    SIGTERM/SIGINT finish the current step, checkpoint it and return early."""
+    stop = _StopFlag()
+    stop.install()
+    try:
+        return _train(parts, cfg, stop)
+    finally:
+        stop.uninstall()
+
+
+def _train(parts: Parts, cfg: Config, stop: _StopFlag) -> dict:
     run_dir, rank0 = Path(cfg.run_dir), parts.dist.rank == 0
     metrics_log = build_logger(cfg, enabled=rank0, resume_step=parts.start_step if cfg.resume else None)
     progress = Progress(cfg.optim.max_steps, parts.start_step, enabled=rank0 and cfg.logging.progress)
-    stop = _StopFlag()
-    stop.install()
     state = dict(parts.trainer_state)
     best = state.get("best_metric")
     bad_in_a_row, t_start, total_tokens = state.get("bad_in_a_row", 0), time.time(), 0
