@@ -10,7 +10,7 @@ import numpy as np
 
 from grailcore.data.schema import Example
 from grailcore.evaluation import baselines as bl
-from grailcore.evaluation import fidelity, metrics
+from grailcore.evaluation import fidelity, metrics, order, population
 from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
 from grailcore.evaluation.rows import ScoredRows, score_completions
 
@@ -40,8 +40,10 @@ def _baseline_table(model_scores: np.ndarray, baselines: dict[str, bl.Baseline],
 
 
 def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples: Sequence[Example] | None = None,
-                  options: EvalOptions = EvalOptions()) -> dict[str, Any]:
-    """All metrics for parsed rows; values are `Estimate`s, floats, lists and strings."""
+                  options: EvalOptions = EvalOptions(),
+                  permuted_runs: Sequence[order.OrderRun] = ()) -> dict[str, Any]:
+    """All metrics for parsed rows; values are `Estimate`s, floats, lists and strings.
+    `permuted_runs` are the same rows scored under other option orders (order robustness)."""
     if rows.n_rows == 0:
         raise ValueError("nothing to evaluate: 0 rows")
     plan = make_plan(rows.viewer_id, options.n_boot, options.seed, options.confidence)
@@ -56,9 +58,13 @@ def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples:
         "baselines": _baseline_table(metrics.correct_first(rows), bl.choice_baselines(rows, examples, prior), plan),
         "breakdowns": metrics.breakdowns(rows, plan),
         "opinion": metrics.opinion_summary(rows, plan),
-        "opinion_baselines": _baseline_table(opinion_correct, bl.opinion_baselines(rows, train_examples), plan),
+        "opinion_baselines": _baseline_table(
+            opinion_correct, {**bl.opinion_baselines(rows, train_examples),
+                              **population.pre_attitude_baseline(rows, examples, train_examples)}, plan),
         "fidelity": fidelity.choice_fidelity(rows, prior, options.smoothing_alpha, plan, options.n_bins, options.seed),
         "opinion_fidelity": fidelity.opinion_fidelity(rows, options.smoothing_alpha, plan),
+        "order_robustness": order.order_robustness([order.identity_run(rows), *permuted_runs], plan),
+        "population": population.population_fidelity(rows, examples, train_examples, plan),
         "confusion": {
             "position": metrics.position_confusion(rows).tolist(),
             "opinion": metrics.opinion_confusion(rows).tolist() if rows.has_gold_opinion.any() else None,
@@ -66,10 +72,25 @@ def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples:
     }
 
 
+def score_permuted(examples: Sequence[Example],
+                   permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]]) -> list[order.OrderRun]:
+    """Parse each (permuted copy of `examples`, its completions) pair into an `OrderRun`."""
+    runs = []
+    for copy, texts in permuted:
+        if len(copy) != len(examples):
+            raise ValueError(f"a permuted copy has {len(copy)} rows for {len(examples)} examples")
+        runs.append(order.OrderRun(score_completions(copy, texts),
+                                   [order.recover_permutation(a, b) for a, b in zip(examples, copy)]))
+    return runs
+
+
 def evaluate(examples: Sequence[Example], completions: Sequence[Sequence[str]],
-             train_examples: Sequence[Example] | None = None, options: EvalOptions = EvalOptions()) -> dict[str, Any]:
-    """Parse `completions[i]` (samples of `examples[i]`) and compute every metric."""
-    return evaluate_rows(score_completions(examples, completions), examples, train_examples, options)
+             train_examples: Sequence[Example] | None = None, options: EvalOptions = EvalOptions(),
+             permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]] = ()) -> dict[str, Any]:
+    """Parse `completions[i]` (samples of `examples[i]`) and compute every metric; `permuted`
+    holds (copy of `examples` with reordered options, its completions) pairs (`order.permuted_copies`)."""
+    return evaluate_rows(score_completions(examples, completions), examples, train_examples, options,
+                         score_permuted(examples, permuted))
 
 
 def _value(x: Any) -> float | None:
@@ -99,10 +120,15 @@ def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
     if results["opinion_fidelity"]:
         put("opinion_tv", results["opinion_fidelity"]["tv_model"])
         put("opinion_tv_always_no_change", results["opinion_fidelity"]["tv_always_no_change"])
+    for name, value in order.flat_order(results["order_robustness"]).items():
+        put(f"order/{name}", value)
+    for name, value in population.flat_population(results["population"]).items():
+        put(f"population/{name}", value)
     return flat
 
 
 def evaluate_examples(examples: Sequence[Example], completions: Sequence[Sequence[str]],
-                      train_examples: Sequence[Example] | None = None) -> dict[str, float]:
+                      train_examples: Sequence[Example] | None = None,
+                      permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]] = ()) -> dict[str, float]:
     """Trainer hook: flat `eval/...` metrics, no bootstrap (it runs every few steps)."""
-    return flatten(evaluate(examples, completions, train_examples, EvalOptions(n_boot=0)))
+    return flatten(evaluate(examples, completions, train_examples, EvalOptions(n_boot=0), permuted))

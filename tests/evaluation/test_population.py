@@ -1,0 +1,112 @@
+"""Population fidelity: TV / W1 of aggregate choice and opinion shares on hand values,
+groups, and the pre-attitude-only opinion predictor."""
+
+import numpy as np
+import pytest
+
+from grailcore.evaluation import evaluate, flatten
+from grailcore.evaluation import population as pop
+from grailcore.evaluation.evaluate import EvalOptions
+from grailcore.evaluation.rows import build_rows, opinion_code
+
+from .helpers import completion
+from .order_helpers import viewer_example
+
+
+def test_tv_and_w1_by_hand():
+    assert pop.tv_distance([1, 0, 0], [0, 0, 1]) == 1.0
+    assert pop.w1_distance([1, 0, 0], [0, 0, 1]) == 2.0  # two category steps
+    assert pop.tv_distance([0.5, 0.5, 0], [0, 0.5, 0.5]) == 0.5
+    assert pop.w1_distance([0.5, 0.5, 0], [0, 0.5, 0.5]) == pytest.approx(1.0)
+    assert pop.w1_distance([0.2, 0.3, 0.5], [0.2, 0.3, 0.5]) == 0.0
+    assert pop.w1_distance([2, 0], [0, 1]) == 1.0  # renormalised first
+    assert np.isnan(pop.w1_distance([0, 0], [1, 0]))
+
+
+def test_stance_side():
+    assert [pop.stance_side(s) for s in (-0.3, 0.0, 0.9, None)] == ["against", "neutral", "pro", None]
+
+
+STANCES = (-0.8, 0.0, 0.6)
+
+
+def test_choice_shares_use_stance_sides_by_hand():
+    # gold sides: pro, pro, against, neutral; the model always answers 1 -> against x4
+    examples = [viewer_example(i, gold=g, n=3, stances=STANCES, meta={"viewer_ideology": ideo})
+                for i, (g, ideo) in enumerate([(3, "liberal"), (3, "liberal"), (1, "conservative"), (2, None)])]
+    block = pop.choice_population(build_rows(examples, [[1]] * 4), examples, plan=None)
+    assert block["category"] == "stance_side" and block["labels"] == ["against", "neutral", "pro", "unparsed"]
+    overall = block["overall"]
+    assert overall["model_shares"] == [1.0, 0.0, 0.0, 0.0]
+    assert overall["human_shares"] == [0.25, 0.25, 0.5, 0.0]
+    assert overall["tv"].value == pytest.approx(0.75)
+    assert overall["w1"].value == pytest.approx(0.25 * 1 + 0.5 * 2)  # mass moved 1 and 2 steps
+    groups = block["groups"]
+    assert groups["viewer_ideology"]["liberal"]["tv"].value == pytest.approx(1.0)
+    assert groups["viewer_ideology"]["liberal"]["w1"].value == pytest.approx(2.0)
+    assert groups["viewer_ideology"]["conservative"]["tv"].value == 0.0
+    assert groups["viewer_ideology"]["unknown"]["n_rows"] == 1
+    assert "unavailable" in groups["slate_design"]
+    assert set(groups["issue"]) == {"gun_control"}
+
+
+def test_unparsed_counts_in_tv_and_positions_are_the_fallback():
+    examples = [viewer_example(i, gold=1, n=2) for i in range(2)]  # no stances
+    rows = build_rows(examples, [[1, -1], [1, 1]])  # row 0: half its samples unparsed
+    block = pop.choice_population(rows, examples, plan=None)
+    assert block["category"] == "position" and "shown position" in block["category_note"]
+    assert block["overall"]["model_shares"] == [0.75, 0.0, 0.25]
+    assert block["overall"]["tv"].value == pytest.approx(0.25)
+    assert block["overall"]["w1"].value == 0.0  # parsed mass matches exactly
+
+
+TRAIN = [("A", "increase"), ("A", "increase"), ("A", "decrease"),
+         ("B", "no_change"), ("B", "decrease"), ("B", "decrease")]
+
+
+def train_rows():
+    return [viewer_example(100 + i, gold=1, viewpoint=v, opinion=d) for i, (v, d) in enumerate(TRAIN)]
+
+
+def test_pre_attitude_predictor_by_hand():
+    table, overall = pop.fit_pre_attitude(train_rows())
+    assert table == {"A": opinion_code("increase"), "B": opinion_code("decrease")}
+    assert overall == opinion_code("decrease")  # 3 of 6
+    evaluated = [viewer_example(i, gold=1, viewpoint=v, opinion=d)
+                 for i, (v, d) in enumerate([("A", "increase"), ("B", "no_change"), ("C", "decrease")])]
+    preds, source = pop.pre_attitude_predictions(evaluated, train_rows())
+    assert preds.tolist() == [opinion_code(d) for d in ("increase", "decrease", "decrease")]  # C unseen -> overall
+    assert source.startswith("train")
+    assert pop.initial_viewpoint(evaluated[0].replace(meta={"initial_viewpoint": "Z "})) == "Z"
+    rows = build_rows(evaluated, [[1]] * 3)
+    base = pop.pre_attitude_baseline(rows, evaluated, train_rows())["pre_attitude"]
+    assert base.scores.tolist() == [1.0, 0.0, 1.0]
+    # no train rows: fitted on the evaluated rows, and labelled so
+    assert "optimistic" in pop.pre_attitude_predictions(evaluated, None)[1]
+
+
+def test_opinion_population_and_evaluate_wiring():
+    directions = ["increase", "decrease", "no_change", "no_change"] * 3
+    examples = [viewer_example(i, gold=1, n=3, stances=STANCES, opinion=d, viewpoint="A" if i % 2 else "B",
+                               meta={"slate_design": "balanced"}) for i, d in enumerate(directions)]
+    completions = [[completion(1, "no_change")] for _ in examples]
+    results = evaluate(examples, completions, train_rows(), EvalOptions(n_boot=100))
+    block = results["population"]["opinion"]
+    assert block["labels"] == ["decrease", "no_change", "increase", "none"]
+    overall = block["overall"]
+    # human: decrease .25, no_change .5, increase .25; model == always 'no_change'
+    assert overall["model"]["human_shares"] == [0.25, 0.5, 0.25, 0.0]
+    assert overall["model"]["tv"].value == overall["always_no_change"]["tv"].value == pytest.approx(0.5)
+    assert overall["model"]["w1"].value == pytest.approx(0.5)
+    # pre-attitude: A (odd rows) -> increase, B (even rows) -> decrease
+    assert overall["pre_attitude"]["model_shares"] == [0.5, 0.0, 0.5, 0.0]
+    assert overall["pre_attitude"]["tv"].value == pytest.approx(0.5)
+    assert np.isfinite(overall["model"]["tv"].lo)  # viewer-clustered interval
+    assert "balanced" in block["groups"]["slate_design"]
+    assert "pre_attitude" in results["opinion_baselines"]
+    flat = flatten(results, prefix="")
+    for name in ("population/choice_tv", "population/choice_w1", "population/choice_tv/issue=gun_control",
+                 "population/choice_w1/slate_design=balanced", "population/opinion_tv/model",
+                 "population/opinion_w1/always_no_change", "population/opinion_tv/pre_attitude",
+                 "population/opinion_tv/model/study=study1", "baseline/pre_attitude"):
+        assert name in flat, name
