@@ -38,6 +38,9 @@ class EvalArgs:
     """Sampling temperature when k > 1 (default: the preset's eval.temperature)."""
     max_tokens: int | None = None
     """Completion length cap (default: the preset's rollout.max_completion_tokens)."""
+    permutations: int | None = None
+    """Order robustness: also sample/score every row under R seeded option permutations (default: the
+    preset's eval.permutations). With --completions, reads <stem>_perm1..R.jsonl beside the file."""
     cfg: str | None = None
     """Preset (configs/x.py or YAML) whose model, data, rollout and eval sections supply defaults."""
     out: str = "runs/eval"
@@ -67,7 +70,10 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
         samples_per_row=args.samples_per_row or cfg.eval.samples_per_row,
         temperature=args.temperature if args.temperature is not None else cfg.eval.temperature,
         max_tokens=args.max_tokens or cfg.rollout.max_completion_tokens,
+        permutations=args.permutations if args.permutations is not None else cfg.eval.permutations,
     )
+    if job.permutations < 0:
+        raise SystemExit(f"--permutations must be >= 0, got {job.permutations}")
     return job, cfg
 
 

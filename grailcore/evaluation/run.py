@@ -32,6 +32,8 @@ class EvalJob:
     samples_per_row: int = 1
     temperature: float = 1.0
     max_tokens: int = 128
+    permutations: int = 0
+    """Order robustness: also score every row under this many seeded option permutations."""
 
 
 def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
@@ -87,9 +89,29 @@ def build_engine(cfg: Config, model_dir: Path, tokenizer):
     return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
 
 
-def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path) -> tuple[list[list[str]], dict]:
-    """Completions of `job.model` for `examples`, saved to out/completions.jsonl for rescoring."""
-    from grailcore.evaluation.generate import eval_sampling_params, generate_raw
+def permuted_path(completions: Path, r: int) -> Path:
+    """Where the r-th (1-based) permuted copy's completions sit beside `completions`."""
+    return completions.with_name(f"{completions.stem}_perm{r}{completions.suffix}")
+
+
+def read_permuted(job: EvalJob, n_rows: int) -> list[tuple[list[Example], list[list[str]]]]:
+    """The permuted copies written beside `job.completions` by an earlier model run."""
+    out = []
+    for r in range(1, job.permutations + 1):
+        path = permuted_path(Path(job.completions), r)
+        if not path.is_file():
+            raise FileNotFoundError(f"--permutations {job.permutations} with --completions needs {path} "
+                                    "(written by a model run with --permutations)")
+        copy, texts = read_completions(path)
+        out.append((copy[:n_rows], texts[:n_rows]))
+    return out
+
+
+def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path
+                 ) -> tuple[list[list[str]], dict, list[tuple[list[Example], list[list[str]]]]]:
+    """Completions of `job.model` for `examples` (and for `job.permutations` reordered copies),
+    saved to out/completions.jsonl (and completions_perm{r}.jsonl) for rescoring."""
+    from grailcore.evaluation.generate import eval_sampling_params, generate_permuted, generate_raw
     from grailcore.model import load_tokenizer, resolve_model_path
 
     model_dir = resolve_model_path(job.model)
@@ -99,16 +121,24 @@ def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path) 
                                   seed=job.options.seed)
     try:
         raw = generate_raw(engine, tokenizer, examples, params)
+        permuted_raw = generate_permuted(engine, tokenizer, examples, job.permutations, params, job.options.seed)
     finally:
         engine.close()
     completions = [[c.text for c in row] for row in raw]
     reasons = [[c.finish_reason for c in row] for row in raw]
     write_completions(out / "completions.jsonl", examples, completions, reasons)
+    permuted = []
+    for r, (copy, rows) in enumerate(permuted_raw, 1):
+        texts = [[c.text for c in row] for row in rows]
+        write_completions(permuted_path(out / "completions.jsonl", r), copy, texts,
+                          [[c.finish_reason for c in row] for row in rows])
+        permuted.append((copy, texts))
     truncated = sum(r == "length" for row in reasons for r in row) / max(1, sum(map(len, reasons)))
     meta = {"model": job.model, "engine": type(engine).__name__, "greedy": params.greedy,
             "temperature": None if params.greedy else params.temperature, "top_p": params.top_p,
-            "max_tokens": params.max_tokens, "truncated_share": round(truncated, 4)}
-    return completions, meta
+            "max_tokens": params.max_tokens, "truncated_share": round(truncated, 4),
+            "permutations": job.permutations}
+    return completions, meta, permuted
 
 
 def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
@@ -120,14 +150,15 @@ def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
         if job.max_samples:
             examples, completions = examples[: job.max_samples], completions[: job.max_samples]
         train = load_train(job, cfg, eval_has_splits=False)
-        meta: dict[str, Any] = {"completions": job.completions}
+        meta: dict[str, Any] = {"completions": job.completions, "permutations": job.permutations}
+        permuted = read_permuted(job, len(examples))
     else:
         examples, train, meta = load_rows(job, cfg)
-        completions, sample_meta = sample_model(job, cfg, examples, out)
+        completions, sample_meta, permuted = sample_model(job, cfg, examples, out)
         meta.update(sample_meta)
     check_disjoint(examples, train)
     meta["priors_fitted_on"] = f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"
-    results = evaluate(examples, completions, train, job.options)
+    results = evaluate(examples, completions, train, job.options, permuted)
     paths = write_report(results, out, meta)
     print(summary_table(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
