@@ -121,6 +121,72 @@ def _fidelity_section(r: dict) -> list[str]:
     return out
 
 
+def _order_section(r: dict) -> list[str]:
+    block = r.get("order_robustness")
+    if not block:
+        return []
+    out = ["", "## Order robustness", "",
+           f"Every row scored in the shown order plus {block['n_permutations']} seeded permutations of its "
+           "options (first sample). A model that reads the videos keeps its accuracy in every order and "
+           "recalls the gold option equally at every position; a position-biased one does not."]
+    if "note" in block:
+        out += ["", block["note"] + "."]
+    rows = [[f"accuracy across orders: {k.split('_')[1]}", fmt(block[k])]
+            for k in ("accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max") if k in block]
+    if "choice_consistency" in block:
+        rows.append(["same video chosen in every order (share of rows)", fmt(block["choice_consistency"])])
+    rows += [[f"recall at shown position {p} (gold there, answered right)", fmt(e)]
+             for p, e in block["position_recall"].items()]
+    rows += [["per-position recall spread: std", fmt(block["position_recall_std"])],
+             ["per-position recall spread: max - min", fmt(block["position_recall_range"])],
+             ["TV, chosen vs gold position distribution (all orders)", fmt(block["tv_chosen_vs_gold_position"])]]
+    out += [""] + _table(["measure", "value [95% CI]"], rows)
+    width = len(block["gold_position_distribution"])
+    out += [""] + _table(["", *[str(p) for p in range(1, width)], "unparsed"],
+                         [["chosen", *[f"{x:.3f}" for x in block["chosen_position_distribution"]]],
+                          ["gold", *[f"{x:.3f}" for x in block["gold_position_distribution"]]]])
+    return out
+
+
+def _distance_rows(name: str, groups: dict, key=lambda v: v) -> list[list[str]]:
+    rows = []
+    for group, table in groups.items():
+        if "unavailable" in table:
+            rows.append([f"{name}: {group}", "-", table["unavailable"], ""])
+            continue
+        for label, value in table.items():
+            v = key(value)
+            rows.append([f"{name}: {group} = {label}", str(v["n_rows"]), fmt(v["tv"]), fmt(v["w1"])])
+    return rows
+
+
+def _population_section(r: dict) -> list[str]:
+    block = r.get("population")
+    if not block:
+        return []
+    choice = block["choice"]
+    out = ["", "## Population fidelity", "",
+           f"Aggregate choice shares over the {choice['category_note']}; categories "
+           f"{', '.join(choice['labels'])}. TV counts the unparsed bin; W1 treats the categories as ordered, "
+           "one unit apart, on the parsed mass.", ""]
+    out += _table(["", *choice["labels"]], [["model", *[f"{x:.3f}" for x in choice["overall"]["model_shares"]]],
+                                            ["human", *[f"{x:.3f}" for x in choice["overall"]["human_shares"]]]])
+    rows = [["choice: all rows", str(choice["overall"]["n_rows"]), fmt(choice["overall"]["tv"]),
+             fmt(choice["overall"]["w1"])]]
+    rows += _distance_rows("choice", choice["groups"])
+    out += [""] + _table(["group", "rows", "TV [95% CI]", "W1 [95% CI]"], rows)
+    opinion = block["opinion"]
+    if not opinion:
+        return out + ["", "No gold opinion directions: opinion-change population fidelity not computed."]
+    out += ["", f"Opinion-change shares ({', '.join(opinion['labels'])}); the pre-attitude predictor is the "
+                f"majority direction per initial viewpoint, fitted on {opinion['pre_attitude_fitted_on']}.", ""]
+    rows = [[f"opinion ({name}): all rows", str(v["n_rows"]), fmt(v["tv"]), fmt(v["w1"])]
+            for name, v in opinion["overall"].items()]
+    for name in opinion["overall"]:
+        rows += _distance_rows(f"opinion ({name})", opinion["groups"], key=lambda v, name=name: v[name])
+    return out + _table(["group", "rows", "TV [95% CI]", "W1 [95% CI]"], rows)
+
+
 def describe_intervals(boot: dict | None) -> str:
     if boot is None:
         return "none (n_boot = 0)"
@@ -134,6 +200,7 @@ def render_markdown(r: dict, meta: dict[str, Any], images: list[Path]) -> str:
     lines += [f"- rows: {r['n_rows']}, samples per row: {r['samples_per_row']}, synthetic: {r['synthetic']}",
               f"- intervals: {describe_intervals(r['bootstrap'])}", ""]
     lines += _choice_sections(r) + _opinion_sections(r) + _fidelity_section(r)
+    lines += _order_section(r) + _population_section(r)
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in images]
     return "\n".join(lines) + "\n"
 
@@ -141,6 +208,11 @@ def render_markdown(r: dict, meta: dict[str, Any], images: list[Path]) -> str:
 def summary_table(r: dict) -> str:
     """The short console table: headline choice metrics, then every baseline."""
     rows = [(CHOICE_LABELS.get(k, k), fmt(v)) for k, v in r["choice"].items()]
+    order = r.get("order_robustness") or {}
+    rows += [(f"order robustness: accuracy {k.split('_')[1]}", fmt(order[k]))
+             for k in ("accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max") if k in order]
+    if "position_recall_range" in order:
+        rows.append(("per-position recall spread (max - min)", fmt(order["position_recall_range"])))
     rows += [(f"baseline: {name}", fmt(row["accuracy"])) for name, row in r["baselines"].items()]
     rows += [(f"opinion {k}", fmt(v)) for k, v in r["opinion"].items()]
     width = max(len(a) for a, _ in rows)

@@ -110,3 +110,23 @@ def test_opinion_population_and_evaluate_wiring():
                  "population/opinion_w1/always_no_change", "population/opinion_tv/pre_attitude",
                  "population/opinion_tv/model/study=study1", "baseline/pre_attitude"):
         assert name in flat, name
+
+
+def test_report_shows_order_and_population_sections(tmp_path):
+    from grailcore.evaluation.order import permuted_copies
+    from grailcore.evaluation.report import summary_table, write_report
+
+    from .order_helpers import always_first
+
+    examples = [viewer_example(i, gold=i % 3 + 1, n=3, stances=STANCES, opinion="no_change") for i in range(12)]
+    permuted = [(copy, [always_first(ex) for ex in copy]) for copy in permuted_copies(examples, 2)]
+    results = evaluate(examples, [always_first(ex) for ex in examples], None, EvalOptions(n_boot=20), permuted)
+    paths = write_report(results, tmp_path, {"model": "fake"})
+    text = paths["report"].read_text()
+    assert "## Order robustness" in text and "recall at shown position 1" in text
+    assert "## Population fidelity" in text and "option stance side" in text
+    assert "slate_design" in text and "unavailable" in text and "pre-attitude" in text
+    import json
+    metrics = json.loads(paths["metrics"].read_text())
+    assert metrics["order_robustness"]["position_recall"]["1"]["value"] == 1.0
+    assert "order robustness: accuracy std" in summary_table(results)
