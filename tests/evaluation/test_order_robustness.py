@@ -94,3 +94,22 @@ def test_flatten_names():
                  "order/tv_chosen_vs_gold_position", "order/choice_consistency", "order/n_orders"):
         assert name in flat, name
     assert flat["order/n_orders"] == 3.0
+
+
+def test_cli_rescores_permuted_completion_files(tmp_path):
+    from grailcore.eval import main
+    from grailcore.evaluation.completions_io import write_completions
+    from grailcore.evaluation.run import permuted_path
+
+    examples = [viewer_example(i, gold=i % 3 + 1, n=3) for i in range(6)]
+    path = write_completions(tmp_path / "completions.jsonl", examples, [always_first(ex) for ex in examples])
+    for r, copy in enumerate(permuted_copies(examples, 2), 1):
+        write_completions(permuted_path(path, r), copy, [always_first(ex) for ex in copy])
+    out = str(tmp_path / "out")
+    results = main(["--completions", str(path), "--out", out, "--n-boot", "0", "--permutations", "2"])
+    block = results["order_robustness"]
+    assert block["n_orders"] == 3 and block["position_recall"]["1"].value == 1.0
+    assert block["position_recall"]["2"].value == 0.0
+    assert "choice_consistency" in block  # permutations recovered from the option texts in the files
+    with pytest.raises(FileNotFoundError, match="_perm3"):
+        main(["--completions", str(path), "--out", out, "--n-boot", "0", "--permutations", "3"])
