@@ -160,11 +160,6 @@ def _train(parts: Parts, cfg: Config, stop: _StopFlag) -> dict:
         with timer("step"):
             metrics, updates = _one_step(step, parts, cfg, timer)
         bad_in_a_row = bad_in_a_row + 1 if all(u.skipped for u in updates) else 0
-        if bad_in_a_row >= cfg.optim.max_consecutive_bad_steps:
-            raise BadStepsError(
-                f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
-                f"the last good checkpoint in {run_dir / 'checkpoints'} is kept. Lower optim.lr or check rewards."
-            )
         metrics.update(timer.as_metrics())
         metrics = parts.reduce(metrics)
         metrics["tokens/per_s"] = metrics["tokens/completion"] * parts.dist.world_size / max(metrics["time/step"], 1e-9)
@@ -172,6 +167,13 @@ def _train(parts: Parts, cfg: Config, stop: _StopFlag) -> dict:
         step += 1
         metrics_log.log(step, metrics)
         progress.update(step, reward=metrics["reward/total"], loss=metrics["loss"])
+        if bad_in_a_row >= cfg.optim.max_consecutive_bad_steps:  # logged above, never checkpointed
+            progress.close()
+            metrics_log.close()
+            raise BadStepsError(
+                f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (last at step {step}); "
+                f"the last good checkpoint in {run_dir / 'checkpoints'} is kept. Lower optim.lr or check rewards."
+            )
         if rank0 and cfg.logging.log_samples:
             ex, text = parts.last_samples[0]
             log.info("step %d sample (gold %s): %s", step, ex.gold_index or ex.answer, text[:300])
