@@ -19,9 +19,11 @@ def main(argv: list[str] | None = None) -> dict:
     from grailcore.loop import train
     from grailcore.setup import build
 
-    parts = build(cfg)
-    logging.basicConfig(level=logging.INFO if parts.dist.rank == 0 else logging.WARNING,
+    # Logging before build(), or what it reports (resumed from, skipped rows) is lost.
+    rank = dist.init_distributed().rank  # idempotent: build() joins the same group
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parts = build(cfg)
     if parts.dist.rank == 0:
         save_config(cfg, Path(cfg.run_dir))
     try:
