@@ -72,10 +72,11 @@ def test_unknown_reward_name_lists_the_available_ones(preset):
         main(["--cfg", preset, "--rewards.names", "no_such_reward", "--rewards.weights", "1.0"])
 
 
-def test_unknown_config_field_is_named(preset):
-    with pytest.raises((ConfigError, SystemExit)) as err:
+def test_unknown_config_field_is_named(preset, capsys):
+    with pytest.raises(SystemExit) as err:  # tyro's usage error: exit 2, the option named
         main(["--cfg", preset, "--optim.no-such-field", "1"])
-    assert isinstance(err.value, SystemExit) or "no_such_field" in str(err.value).replace("-", "_")
+    assert err.value.code == 2
+    assert "--optim.no-such-field" in capsys.readouterr().err
 
 
 def test_missing_model_dir_says_nothing_is_downloaded(preset, tmp_path):
