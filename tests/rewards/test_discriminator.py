@@ -155,9 +155,10 @@ def heldout_accuracy(d: Discriminator, examples: list[Example]) -> float:
 def test_discriminator_learns_to_separate_human_from_random_choices():
     torch.manual_seed(0)
     train, heldout = lean_examples(64, seed=1), lean_examples(64, seed=2, prefix="held")
-    d, rng = make(train, lr=3e-3, disc_steps=3), random.Random(0)
+    # Smoothing bounds the logits: this data is separable, and unbounded logits make Adam wander.
+    d, rng = make(train, lr=2e-3, disc_steps=3, label_smoothing=0.1), random.Random(0)
     assert heldout_accuracy(d, heldout) == 0.0  # logits all 0 at the start: no pair ranked right
-    for _ in range(10):
+    for _ in range(12):
         d.metrics()
         d.observe(random_policy_rollouts(d, train, rng))
     last = d.metrics()
