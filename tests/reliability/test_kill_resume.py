@@ -89,3 +89,27 @@ def test_sigterm_during_generation_finishes_the_step_and_checkpoints(tmp_path):
     assert summary["steps"] == 1
     assert latest_step(tmp_path / "run") == 1
     assert signal.getsignal(signal.SIGTERM) is before, "train() left its signal handler installed"
+
+
+def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
+    from grailcore.loop import train
+    from grailcore.setup import build
+
+    cfg = tiny_config(tmp_path / "run", max_steps=5)
+    parts = build(cfg)
+    generate = parts.engine.generate
+
+    def generate_then_two_sigints(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)  # "finish the step"
+        os.kill(os.getpid(), signal.SIGINT)  # "no, now"
+        return generate(*args, **kwargs)
+
+    parts.engine.generate = generate_then_two_sigints
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(parts, cfg)
+    finally:
+        parts.engine.close()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGINT) is before
