@@ -44,7 +44,7 @@ class _StopFlag:
     def uninstall(self) -> None:
         """Give the caller (a test runner, a notebook) its own handlers back."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
         self._previous = {}
 
     def _handle(self, signum, frame) -> None:
