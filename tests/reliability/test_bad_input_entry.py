@@ -64,7 +64,7 @@ def test_prompts_longer_than_the_limit_stop_or_are_skipped_when_asked(preset):
         main(["--cfg", preset, "--rollout.max-prompt-tokens", "16"])
     # Skipping every prompt leaves nothing to train on: still an error, not an empty run.
     with pytest.raises(ConfigError, match="no usable training examples"):
-        main(["--cfg", preset, "--rollout.max-prompt-tokens", "16", "--data.skip-bad-rows", "true"])
+        main(["--cfg", preset, "--rollout.max-prompt-tokens", "16", "--data.skip-bad-rows"])
 
 
 def test_unknown_reward_name_lists_the_available_ones(preset):
