@@ -106,6 +106,7 @@ def _one_step(step: int, parts: Parts, cfg: Config, timer: StepTimer) -> tuple[d
                                 cfg.grpo.mask_truncated)
         updates = policy_update(parts.policy, parts.reference, parts.optimizer, parts.scheduler,
                                 batches, cfg, dist.world_size)
+        parts.engine_stale = True
     if (step + 1) % cfg.rollout.sync_every == 0:
         with timer("weight_sync"):
             parts.sync_weights()

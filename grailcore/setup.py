@@ -47,6 +47,8 @@ class Parts:
     trainer_state: dict = field(default_factory=dict)
     discriminator: Any = None
     last_samples: list = field(default_factory=list)
+    engine_stale: bool = False
+    """The policy changed since the engine last received its weights."""
 
     def after_rollouts(self, rollouts: Rollouts) -> None:
         if self.discriminator is not None:
@@ -56,11 +58,15 @@ class Parts:
         from grailcore.rollout.sync import push_weights
 
         push_weights(self.policy.lm, self.engine)
+        self.engine_stale = False
 
     def evaluate(self) -> dict[str, float]:
         """Eval metrics on `eval_examples`; each rank samples a strided share, all ranks
         gather every completion and compute the same numbers."""
         from grailcore.evaluation import evaluate_examples, generate_completions
+
+        if self.engine_stale:  # evaluate the current policy, whatever rollout.sync_every says
+            self.sync_weights()
 
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         mine = list(range(rank, len(self.eval_examples), world))

@@ -81,6 +81,7 @@ def run_sft(parts: Parts, cfg: Config) -> dict:
         share = len(indices) // parts.dist.world_size
         with timer("step"):
             metrics = sft_step(parts, cfg, indices[parts.dist.rank * share:(parts.dist.rank + 1) * share])
+        parts.engine_stale = True
         metrics = parts.reduce({**metrics, **timer.as_metrics()})
         step += 1
         metrics_log.log(step, metrics)
