@@ -13,10 +13,10 @@ config = Config(
     model=ModelConfig(name_or_path="smollm2-135m-instruct", dtype="float32", gradient_checkpointing=False,
                       trainable_layers=8),
     data=DataConfig(train_path="synthetic:gun_control", synthetic_n=2000, max_history=2),
-    rollout=RolloutConfig(engine="hf", max_prompt_tokens=768, max_completion_tokens=48),
-    optim=OptimConfig(lr=5e-5, max_steps=12, micro_batch_size=4, warmup_steps=2, schedule="cosine"),
+    rollout=RolloutConfig(engine="vllm", max_prompt_tokens=768, max_completion_tokens=48, fallback_to_hf=True),
+    optim=OptimConfig(lr=2e-4, max_steps=12, micro_batch_size=4, warmup_steps=1, schedule="cosine"),
     sft=SFTConfig(batch_size=8),
-    eval=EvalConfig(on_start=True, max_samples=48),
+    eval=EvalConfig(on_start=True, max_samples=32),
     checkpoint=CheckpointConfig(every=0, keep=1),
     logging=LoggingConfig(log_samples=0),
 )

