@@ -7,19 +7,18 @@ downloaded). Data defaults to the synthetic study; for the real one pass
 Launch: `torchrun --nproc_per_node 8 -m grailcore.train --cfg configs/grail_gun.py`.
 """
 
-from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GailConfig, GRPOConfig,
-                              ModelConfig, OptimConfig, RewardsConfig, RolloutConfig)
+import dataclasses
+from pathlib import Path
 
-config = Config(
+from grailcore.cli import load_preset
+from grailcore.config import GailConfig
+
+# The GRPO arm with the discriminator added: the two arms differ in nothing else.
+_grpo = load_preset(str(Path(__file__).with_name("grpo_gun.py")))
+
+config = dataclasses.replace(
+    _grpo,
     run_dir="runs/grail_gun",
-    seed=0,
-    model=ModelConfig(name_or_path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16", gradient_checkpointing=True),
-    data=DataConfig(train_path="synthetic:gun_control", synthetic_n=20000, max_history=12),
-    rollout=RolloutConfig(engine="vllm", temperature=1.0, max_prompt_tokens=2048, max_completion_tokens=512,
-                          vllm_gpu_memory_utilization=0.3),
-    grpo=GRPOConfig(prompts_per_step=64, group_size=8, beta=0.0, loss_type="dr_grpo", scale_rewards="group"),
-    optim=OptimConfig(lr=1e-6, max_steps=500, micro_batch_size=4, warmup_steps=10, schedule="cosine"),
-    rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.5)),
     gail=GailConfig(
         enabled=True, model="minilm-l6", max_tokens=512,
         lr=2e-5, disc_steps=1,
@@ -31,6 +30,4 @@ config = Config(
         # than the policy, i.e. it pushes toward human choice distributions.
         negatives="all", replay_size=2048, replay_ratio=0.5, label_smoothing=0.1,
     ),
-    eval=EvalConfig(every=50, on_start=True, max_samples=512),
-    checkpoint=CheckpointConfig(every=50, keep=3),
 )

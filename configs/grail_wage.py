@@ -7,30 +7,16 @@ downloaded). Data defaults to the synthetic study; for the real one pass
 Launch: `torchrun --nproc_per_node 8 -m grailcore.train --cfg configs/grail_wage.py`.
 """
 
-from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GailConfig, GRPOConfig,
-                              ModelConfig, OptimConfig, RewardsConfig, RolloutConfig)
+import dataclasses
+from pathlib import Path
 
-config = Config(
+from grailcore.cli import load_preset
+
+# The gun-control recipe on the other issue: only the run dir and the data change.
+_gun = load_preset(str(Path(__file__).with_name("grail_gun.py")))
+
+config = dataclasses.replace(
+    _gun,
     run_dir="runs/grail_wage",
-    seed=0,
-    model=ModelConfig(name_or_path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16", gradient_checkpointing=True),
-    data=DataConfig(train_path="synthetic:minimum_wage", synthetic_n=20000, max_history=12),
-    rollout=RolloutConfig(engine="vllm", temperature=1.0, max_prompt_tokens=2048, max_completion_tokens=512,
-                          vllm_gpu_memory_utilization=0.3),
-    grpo=GRPOConfig(prompts_per_step=64, group_size=8, beta=0.0, loss_type="dr_grpo", scale_rewards="group"),
-    optim=OptimConfig(lr=1e-6, max_steps=500, micro_batch_size=4, warmup_steps=10, schedule="cosine"),
-    rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.5)),
-    gail=GailConfig(
-        enabled=True, model="minilm-l6", max_tokens=512,
-        lr=2e-5, disc_steps=1,
-        # logit = log D - log(1 - D): GAIL's density-ratio reward; clipped so a confident D
-        # cannot swamp the accuracy reward (weight * clip = 1 = slate_accuracy's range).
-        reward="logit", weight=0.5, reward_clip=2.0,
-        # "all": every parsed policy choice is a negative (the unbiased GAIL estimate), so D
-        # learns p_human / (p_human + p_policy) and pays choices humans make more often
-        # than the policy, i.e. it pushes toward human choice distributions.
-        negatives="all", replay_size=2048, replay_ratio=0.5, label_smoothing=0.1,
-    ),
-    eval=EvalConfig(every=50, on_start=True, max_samples=512),
-    checkpoint=CheckpointConfig(every=50, keep=3),
+    data=dataclasses.replace(_gun.data, train_path="synthetic:minimum_wage"),
 )

@@ -8,19 +8,16 @@ downloaded). Data defaults to the synthetic study; for real data pass
 Launch: `torchrun --nproc_per_node 8 -m grailcore.train --cfg configs/grpo_wage.py`.
 """
 
-from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GRPOConfig, ModelConfig,
-                              OptimConfig, RewardsConfig, RolloutConfig)
+import dataclasses
+from pathlib import Path
 
-config = Config(
+from grailcore.cli import load_preset
+
+# The gun-control recipe on the other issue: only the run dir and the data change.
+_gun = load_preset(str(Path(__file__).with_name("grpo_gun.py")))
+
+config = dataclasses.replace(
+    _gun,
     run_dir="runs/grpo_wage",
-    seed=0,
-    model=ModelConfig(name_or_path="models/Qwen2.5-1.5B-Instruct", dtype="bfloat16", gradient_checkpointing=True),
-    data=DataConfig(train_path="synthetic:minimum_wage", synthetic_n=20000, max_history=12),
-    rollout=RolloutConfig(engine="vllm", temperature=1.0, max_prompt_tokens=2048, max_completion_tokens=512,
-                          vllm_gpu_memory_utilization=0.3),
-    grpo=GRPOConfig(prompts_per_step=64, group_size=8, beta=0.0, loss_type="dr_grpo", scale_rewards="group"),
-    optim=OptimConfig(lr=1e-6, max_steps=500, micro_batch_size=4, warmup_steps=10, schedule="cosine"),
-    rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.5)),
-    eval=EvalConfig(every=50, on_start=True, max_samples=512),
-    checkpoint=CheckpointConfig(every=50, keep=3),
+    data=dataclasses.replace(_gun.data, train_path="synthetic:minimum_wage"),
 )
