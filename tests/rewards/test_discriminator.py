@@ -3,6 +3,7 @@ frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (Mi
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 
@@ -10,12 +11,13 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from grailcore.config import Config, ConfigError, GailConfig
+from grailcore.config import Config, ConfigError, GailConfig, RewardsConfig
 from grailcore.data.schema import Example
 from grailcore.rewards.discriminator import ActionTooLongError, Discriminator, build_discriminator, gail_reward
 from grailcore.rewards.gail.objective import training_rows
-from grailcore.rollout.collect import Rollouts
-from grailcore.types import Completion, RewardOutput
+from grailcore.rewards import score_completions
+from grailcore.rollout.collect import Rollouts, collect_rollouts
+from grailcore.types import Completion, RewardOutput, SamplingParams
 
 LEFT = ("Why gun control saves lives", "The case for gun control now", "Gun control explained by a doctor")
 RIGHT = ("Why gun rights protect everyone", "The case for gun rights now", "Gun rights explained by a sheriff")
@@ -194,6 +196,31 @@ def test_wrapped_scorer_adds_weighted_reward_and_unparsable_get_zero(train_examp
     assert d_kind.wrap_scorer(rule_scorer)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="twice"):
         d.wrap_scorer(d.wrap_scorer(rule_scorer))(exs, texts)
+
+
+class FixedEngine:
+    """A rollout engine whose group g answers option g % 4 + 1 (no model needed)."""
+
+    def generate(self, prompt_ids, params):
+        return [[Completion(text=answer(g % 4 + 1), token_ids=(1,), logprobs=None, finish_reason="stop")
+                 for g in range(params.n)] for _ in prompt_ids]
+
+
+def test_trainer_seam_collect_rollouts_then_observe(train_examples):
+    """The trainer's path: rule scorer wrapped by D -> collect_rollouts -> observe -> metrics."""
+    d = make(train_examples, reward="d", weight=2.0)
+    scorer = d.wrap_scorer(functools.partial(score_completions, cfg=RewardsConfig(names=("option_accuracy",),
+                                                                                  weights=(1.0,))))
+    prompts = train_examples[:2]
+    out = collect_rollouts(FixedEngine(), prompts, [[1]] * 2, SamplingParams(n=4), scorer)
+    right = torch.tensor([float(g % 4 + 1 == ex.gold_index) for ex in prompts for g in range(4)])
+    assert out.rewards.per_reward["option_accuracy"].tolist() == right.tolist()
+    assert out.rewards.total.tolist() == (right + 2.0 * 0.5).tolist()  # D = 0.5 before any update
+    d.observe(out)
+    m = d.metrics()
+    assert d.updates == 1 and m["gail/negatives"] == 6 and m["gail/unparsed"] == 0  # 2 of 8 right
+    assert m["gail/reward_share"] == pytest.approx(8.0 / (8.0 + 2.0))  # |gail| 8 x 1.0, |rule| 2
+    assert m["gail/p_human_correct"] == 0.5 and m["gail/d_acc_expert"] == 0.0  # scored before the step
 
 
 def test_observe_refuses_examples_it_was_not_built_with(train_examples):
