@@ -5,21 +5,16 @@ D costs a few seconds a step on 2 cores (MiniLM, 256 tokens); watch gail/* in th
 p_human_expert should rise above p_human_policy within the 20 steps."""
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
+from grailcore.cli import load_preset
 from grailcore.config import GailConfig
 
-
-def _demo_gun():
-    spec = importlib.util.spec_from_file_location("demo_gun", Path(__file__).with_name("demo_gun.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.config
-
+# The GRPO demo with the discriminator added: the two differ in nothing else.
+_demo_gun = load_preset(str(Path(__file__).with_name("demo_gun.py")))
 
 config = dataclasses.replace(
-    _demo_gun(),
+    _demo_gun,
     run_dir="runs/demo_grail_gun",
     gail=GailConfig(
         enabled=True, model="minilm-l6", max_tokens=256,
