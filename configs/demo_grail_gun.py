@@ -1,8 +1,8 @@
-"""CPU demo of GRAIL: configs/demo_gun.py plus the MiniLM discriminator, whose reward for
-looking human is added to the rule rewards. `python -m grailcore.train --cfg configs/demo_grail_gun.py`.
+"""CPU demo of GRAIL: configs/demo_gun.py (GRPO from the SFT warm start of
+configs/demo_sft_gun.py: run that first) plus the MiniLM discriminator, whose reward for
+looking human is added to the rule rewards. `python -m grailcore.train --cfg configs/demo_grail_gun.py`
 
-D costs a few seconds a step on 2 cores (MiniLM, 256 tokens); watch gail/* in the logs:
-p_human_expert should rise above p_human_policy within the 20 steps."""
+Watch gail/* in the logs: p_human_expert should rise above p_human_policy."""
 
 import dataclasses
 from pathlib import Path
