@@ -113,8 +113,13 @@ class GRPOConfig:
     reject_threshold: float | None = None
     """Resample a group whose best reward is below this (reject sampling)."""
     max_resample_attempts: int = 0
-    prefix_sharing: bool = False
-    """Run each prompt once per group in the training forward (shared KV)."""
+    prefix_sharing: bool = True
+    """Training forward runs each distinct prompt once, its completions packed behind it
+    under a tree attention mask (grailcore/prefix.py): same loss and gradients, no repeated
+    prompt, no padding computed. Helps when prompts are long next to completions (viewer
+    prompts: ~3x fewer training tokens); attention grows with (prompt + all completions)^2,
+    so time long-completion jobs before relying on it. Needs sdpa/eager attention and a
+    Llama/Qwen2 model; set False for flash_attention_2 or other families."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ class GailConfig:
     """Discriminator encoder: registry name or local HF encoder dir."""
     weight: float = 1.0
     reward: Literal["d", "log_d", "neg_log_1m_d", "logit"] = "logit"
+    """r(D): D, log D, -log(1 - D) or log D - log(1 - D). log_d and logit can be negative and
+    unparsable completions get 0, so keep a format reward on or use d / neg_log_1m_d."""
     reward_clip: float = 5.0
     lr: float = 2e-5
     disc_steps: int = 1
@@ -156,6 +163,7 @@ class GailConfig:
     negatives: Literal["differing", "all"] = "differing"
     replay_size: int = 0
     replay_ratio: float = 0.5
+    """Replayed past policy negatives per fresh negative in each D update."""
     frozen_path: str | None = None
     """Load D from this file and never update it."""
 

@@ -111,6 +111,8 @@ def _one_step(step: int, parts: Parts, cfg: Config, timer: StepTimer) -> tuple[d
         with timer("weight_sync"):
             parts.sync_weights()
     metrics = _step_metrics(rollouts, adv, updates, parts)
+    if parts.discriminator is not None:  # a collective: every rank calls it every step
+        metrics.update(parts.discriminator.metrics())
     tokens = sum(len(c.token_ids) for c in rollouts.completions)
     metrics["tokens/completion"] = float(tokens)
     parts.last_samples = [(rollouts.examples[0], rollouts.completions[0].text)]

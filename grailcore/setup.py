@@ -43,6 +43,9 @@ class Parts:
     """Chat-templated prompt token ids of each training example."""
     eval_examples: list[Example]
     scorer: Callable[[list[Example], list[str]], RewardOutput]
+    """Training rewards (rule rewards, plus the discriminator's under GRAIL)."""
+    rule_scorer: Callable[[list[Example], list[str]], RewardOutput] | None = None
+    """Rule rewards only: evaluation never runs the discriminator on held-out rows."""
     cfg: Config
     start_step: int = 0
     trainer_state: dict = field(default_factory=dict)
@@ -81,7 +84,7 @@ class Parts:
                 by_index.update(part)
         completions = [by_index[i] for i in range(len(self.eval_examples))]
         firsts = [row[0] for row in completions]
-        rewards = self.scorer(list(self.eval_examples), firsts)
+        rewards = (self.rule_scorer or self.scorer)(list(self.eval_examples), firsts)
         if self.eval_examples and self.eval_examples[0].task == "math":
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
@@ -221,6 +224,7 @@ def build(cfg: Config) -> Parts:
         from grailcore.rewards.discriminator import build_discriminator
 
         parts.discriminator = build_discriminator(cfg, train, dist)
+        parts.rule_scorer = parts.scorer
         parts.scorer = parts.discriminator.wrap_scorer(parts.scorer)
     if cfg.resume:
         _resume(parts, cfg)
