@@ -44,9 +44,9 @@ class Parts:
     eval_examples: list[Example]
     scorer: Callable[[list[Example], list[str]], RewardOutput]
     """Training rewards (rule rewards, plus the discriminator's under GRAIL)."""
+    cfg: Config
     rule_scorer: Callable[[list[Example], list[str]], RewardOutput] | None = None
     """Rule rewards only: evaluation never runs the discriminator on held-out rows."""
-    cfg: Config
     start_step: int = 0
     trainer_state: dict = field(default_factory=dict)
     discriminator: Any = None
