@@ -96,3 +96,18 @@ def test_resume_continues_exactly(tmp_path):
     for name in w_straight:
         assert torch.equal(w_straight[name], w_resumed[name]), name
     assert _rewards(tmp_path / "straight") == pytest.approx(_rewards(tmp_path / "split"))
+
+
+def test_grail_run_logs_discriminator_metrics_and_checkpoints_it(tmp_path):
+    from grailcore.config import GailConfig
+
+    cfg = tiny_config(tmp_path / "grail", optim=OptimConfig(lr=1e-3, max_steps=2, micro_batch_size=16),
+                      gail=GailConfig(enabled=True, model="tiny-bert", max_tokens=256, weight=0.5),
+                      checkpoint=CheckpointConfig(every=1, export_final=False))
+    _run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "grail" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 2 and all("gail/truncation_rate" in r for r in steps)
+    latest = (tmp_path / "grail" / "checkpoints" / "latest").read_text().strip()
+    extra = torch.load(tmp_path / "grail" / "checkpoints" / latest / "extra.pt", weights_only=True)
+    assert "discriminator" in extra
