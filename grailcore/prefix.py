@@ -2,7 +2,8 @@
 completions packed behind it under a tree attention mask, so no prompt is repeated and
 no padding is computed. Same contract and results as `grailcore.logprobs.token_logprobs`.
 
-One packed row per prompt (N = prompt + the completions' inputs):
+One packed row per prompt (N = prompt + the completions' inputs; a prompt whose
+completions are long gets a few rows, see `pack_by_prompt`):
 
     [prompt p_0 .. p_{P-1} | c1_0 .. c1_{n1-2} | c2_0 .. c2_{n2-2} | ...]
 
@@ -46,11 +47,17 @@ class PackedPrompt:
 
 
 def pack_by_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits_to_keep: int,
-                   completion_mask: torch.Tensor | None = None) -> list[PackedPrompt]:
+                   completion_mask: torch.Tensor | None = None, pair_cost: float = 0.0) -> list[PackedPrompt]:
     """Rows of a `grailcore.batch.Batch` layout (input_ids/attention_mask [B, P+T], the
-    completion in the last T = logits_to_keep columns, completion_mask [B, T]) grouped
-    by identical prompt. Rows without trained tokens cost nothing; a completion stops at
-    its last trained token (its later tokens predict nothing wanted)."""
+    completion in the last T = logits_to_keep columns, completion_mask [B, T]) packed by
+    identical prompt. Rows without trained tokens cost nothing; a completion stops at its
+    last trained token (its later tokens predict nothing wanted).
+
+    The attention over a packed row is dense, N^2 (query, key) pairs, so a long row can
+    cost more than repeating the prompt: `pair_cost` is one pair's cost in units of one
+    token's projections + MLP (`attention_pair_cost`); a completion goes into the open
+    pack of its prompt unless a new pack (the prompt again) is cheaper. 0 = one pack per
+    prompt."""
     input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()  # planning is host-side
     rows, width = input_ids.shape
     prompt_width = width - logits_to_keep
@@ -62,13 +69,33 @@ def pack_by_prompt(input_ids: torch.Tensor, attention_mask: torch.Tensor, logits
     if (wanted & ~real[:, prompt_width:]).any():
         raise ValueError("completion_mask marks tokens that attention_mask calls padding")
     positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # [B, L], as the padded forward numbers them
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    packs: dict[tuple[int, ...], list[list[int]]] = {}  # prompt -> rows of each of its packs
+    open_length: dict[tuple[int, ...], int] = {}  # prompt -> tokens in its last pack
     for row in range(rows):
-        if wanted[row].any():
-            prompt = input_ids[row, :prompt_width][real[row, :prompt_width]]
-            by_prompt.setdefault(tuple(prompt.tolist()), []).append(row)
+        if not wanted[row].any():
+            continue
+        prompt = tuple(input_ids[row, :prompt_width][real[row, :prompt_width]].tolist())
+        inputs = int(wanted[row].nonzero()[-1])  # completion tokens this row feeds
+        n = open_length.get(prompt)
+        grow = inputs + pair_cost * ((n + inputs) ** 2 - n**2) if n is not None else None
+        fresh = len(prompt) + inputs + pair_cost * (len(prompt) + inputs) ** 2
+        if grow is not None and grow <= fresh:
+            packs[prompt][-1].append(row)
+            open_length[prompt] = n + inputs
+        else:
+            packs.setdefault(prompt, []).append([row])
+            open_length[prompt] = len(prompt) + inputs
     return [_pack_one(list(prompt), members, input_ids, positions, wanted, prompt_width)
-            for prompt, members in by_prompt.items()]
+            for prompt, prompt_packs in packs.items() for members in prompt_packs]
+
+
+def attention_pair_cost(config) -> float:
+    """FLOPs of one (query, key) pair (QK^T and AV) over those of one token's
+    projections and MLP, per layer, for a Llama/Qwen2-style decoder config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q_out, kv_out = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_token = 2 * config.hidden_size * (2 * q_out + 2 * kv_out + 3 * config.intermediate_size)
+    return 4 * q_out / per_token
 
 
 def _pack_one(prompt: list[int], members: list[int], input_ids, positions, wanted, prompt_width) -> PackedPrompt:
@@ -98,17 +125,15 @@ def _pack_one(prompt: list[int], members: list[int], input_ids, positions, wante
     )
 
 
-def tree_attention_mask(segment_ids: torch.Tensor, attn_implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """[1, 1, N, N] mask of one packed row: query q sees key k <= q when k is in the
-    prompt (segment 0) or in q's own segment. Bool for SDPA (True = attend); additive
-    (0 / dtype min) for eager attention."""
+def tree_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[1, 1, N, N] additive mask (0 = attend, dtype min = not) of one packed row: query q
+    sees key k <= q when k is in the prompt (segment 0) or in q's own segment. Additive
+    works for SDPA and eager alike and spares SDPA a bool-to-float conversion per layer."""
     n = segment_ids.shape[0]
     causal = torch.ones(n, n, dtype=torch.bool, device=segment_ids.device).tril()
     allowed = causal & ((segment_ids[None, :] == 0) | (segment_ids[None, :] == segment_ids[:, None]))  # [N, N]
-    if attn_implementation == "eager":
-        allowed = torch.zeros(n, n, dtype=dtype, device=segment_ids.device).masked_fill(
-            ~allowed, torch.finfo(dtype).min)
-    return allowed[None, None]
+    mask = torch.zeros(n, n, dtype=dtype, device=segment_ids.device).masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[None, None]
 
 
 def check_supported(model) -> None:
@@ -139,18 +164,22 @@ def shared_prefix_logprobs(
     chunk_size: int | None = None,
     completion_mask: torch.Tensor | None = None,
     return_entropy: bool = False,
+    pair_cost: float | None = None,
 ) -> TokenLogprobs:
-    """`token_logprobs` with one decoder pass per distinct prompt. Same arguments and
+    """`token_logprobs` with one decoder pass per distinct prompt (or a few, see
+    `pack_by_prompt`; pair_cost None = from the model's config). Same arguments and
     [B, T] outputs; 0 (and no gradient) wherever completion_mask (default: the
     completion's attention_mask) is 0, including tokens that are padding."""
     if impl not in ("fused", "naive"):
         raise ValueError(f"impl must be 'fused' or 'naive', got {impl!r}")
     check_supported(model)
     rows = input_ids.shape[0]
-    packs = pack_by_prompt(input_ids, attention_mask, logits_to_keep, completion_mask)
+    if pair_cost is None:
+        pair_cost = attention_pair_cost(model.config)
+    packs = pack_by_prompt(input_ids, attention_mask, logits_to_keep, completion_mask, pair_cost)
     weight = _output_weight(model)  # [V, H]
     body = model.get_decoder()
-    attn, device = model.config._attn_implementation, input_ids.device
+    device = input_ids.device
     if not packs:
         # Nothing trained: zeros, but through every layer as the padded forward would,
         # so backward reaches each block (FSDP2 ranks must all run the same backward).
@@ -159,7 +188,7 @@ def shared_prefix_logprobs(
         return TokenLogprobs(logprobs=zeros, entropy=zeros.detach().clone() if return_entropy else None)
     hidden = []
     for pack in packs:
-        mask = tree_attention_mask(pack.segment_ids.to(device), attn, weight.dtype)
+        mask = tree_attention_mask(pack.segment_ids.to(device), weight.dtype)
         out = body(input_ids=pack.input_ids[None].to(device), attention_mask=mask,
                    position_ids=pack.position_ids[None].to(device), use_cache=False)
         hidden.append(out.last_hidden_state[0, pack.hidden_index.to(device)])  # [K_u, H]

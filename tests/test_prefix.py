@@ -15,7 +15,7 @@ from grailcore.loss import LOSS_TYPES
 from grailcore.model import load_policy, resolve_model_path
 from grailcore.optimize import policy_update
 from grailcore.policy import PolicyModel
-from grailcore.prefix import pack_by_prompt, shared_prefix_logprobs, tree_attention_mask
+from grailcore.prefix import attention_pair_cost, pack_by_prompt, shared_prefix_logprobs, tree_attention_mask
 from grailcore.types import Completion
 
 GROUP_SIZE = 3
@@ -26,10 +26,10 @@ MAX_COMPLETION_TOKENS = 7
 MICRO_BATCH_SIZE = 4  # 9 rows -> 4 + 4 + 1: groups straddle micro-batches
 
 
-def _rollouts(vocab: int, seed: int = 0):
+def _rollouts(vocab: int, prompt_lengths=PROMPT_LENGTHS, completion_lengths=COMPLETION_LENGTHS, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     prompt_ids, completions = [], []
-    for group, (p_len, lengths) in enumerate(zip(PROMPT_LENGTHS, COMPLETION_LENGTHS)):
+    for group, (p_len, lengths) in enumerate(zip(prompt_lengths, completion_lengths)):
         prompt = torch.randint(1, vocab, (p_len,), generator=gen).tolist()
         for member, n in enumerate(lengths):
             prompt_ids.append(prompt)
@@ -135,8 +135,8 @@ def test_eager_attention_takes_the_additive_mask():
     _assert_same_update(_update(lm, _config("grpo", False)), _update(lm, _config("grpo", True)))
 
 
-def _one_batch(vocab: int):
-    prompt_ids, completions, advantages = _rollouts(vocab)
+def _one_batch(vocab: int, *lengths):
+    prompt_ids, completions, advantages = _rollouts(vocab, *lengths)
     return micro_batches(prompt_ids, completions, advantages, pad_id=0, micro_batch_size=len(completions),
                          mask_truncated=True)[0]
 
@@ -153,6 +153,39 @@ def test_logprobs_and_entropy_equal_per_token():
         torch.testing.assert_close(out.logprobs, padded.logprobs, rtol=0, atol=1e-5)
         torch.testing.assert_close(out.entropy, padded.entropy, rtol=0, atol=1e-5)
     assert (shared.logprobs[b.completion_mask == 0] == 0).all()
+
+
+def test_split_packs_give_the_same_logprobs_and_gradients():
+    """Short prompts, long completions and a high pair cost: the prompt is repeated."""
+    lm = _lm("tiny-qwen2")
+    b = _one_batch(lm.config.vocab_size, [2, 3], [[12, 10, 11], [9, 12, 4]])
+    args = (lm, b.input_ids, b.attention_mask, b.num_completion_tokens)
+
+    def run(fn, **extra):
+        lm.zero_grad(set_to_none=True)
+        out = fn(*args, temperature=0.7, completion_mask=b.completion_mask, **extra)
+        (out.logprobs * torch.linspace(-1, 1, out.logprobs.numel()).view_as(out.logprobs)).sum().backward()
+        return out.logprobs.detach(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    assert len(pack_by_prompt(*args[1:], b.completion_mask, pair_cost=1.0)) == int(b.completion_mask.any(1).sum())
+    (lp_padded, g_padded), (lp_split, g_split) = run(token_logprobs), run(shared_prefix_logprobs, pair_cost=1.0)
+    torch.testing.assert_close(lp_split, lp_padded, rtol=0, atol=1e-5)
+    for name in g_padded:
+        torch.testing.assert_close(g_split[name], g_padded[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("prompt_len, completion_len, packs", [(600, 48, 1), (100, 500, 8)])
+def test_cost_model_shares_long_prompts_and_splits_long_completions(prompt_len, completion_len, packs):
+    """SmolLM2's shapes: a viewer prompt with short answers runs once for the group of 8;
+    a short math prompt with 500-token answers is repeated rather than attended densely."""
+    from transformers import AutoConfig
+
+    pair_cost = attention_pair_cost(AutoConfig.from_pretrained(resolve_model_path("smollm2-135m-instruct")))
+    rows, width = 8, prompt_len + completion_len
+    input_ids = torch.arange(width).repeat(rows, 1)  # one prompt, 8 completions
+    attention_mask = torch.ones(rows, width, dtype=torch.long)
+    got = pack_by_prompt(input_ids, attention_mask, completion_len, pair_cost=pair_cost)
+    assert len(got) == packs
 
 
 def test_pack_groups_rows_by_prompt_and_skips_untrained_tokens():
@@ -176,14 +209,13 @@ def test_pack_groups_rows_by_prompt_and_skips_untrained_tokens():
 
 def test_tree_mask_lets_completions_see_the_prompt_but_not_each_other():
     segments = torch.tensor([0, 0, 1, 1, 2])
-    allowed = tree_attention_mask(segments, "sdpa", torch.float32)[0, 0].int().tolist()
-    assert allowed == [[1, 0, 0, 0, 0],
-                       [1, 1, 0, 0, 0],
-                       [1, 1, 1, 0, 0],
-                       [1, 1, 1, 1, 0],
-                       [1, 1, 0, 0, 1]]
-    additive = tree_attention_mask(segments, "eager", torch.float32)[0, 0]
-    assert ((additive == 0).int().tolist() == allowed) and additive.min() == torch.finfo(torch.float32).min
+    mask = tree_attention_mask(segments, torch.float32)[0, 0]
+    assert (mask == 0).int().tolist() == [[1, 0, 0, 0, 0],
+                                          [1, 1, 0, 0, 0],
+                                          [1, 1, 1, 0, 0],
+                                          [1, 1, 1, 1, 0],
+                                          [1, 1, 0, 0, 1]]
+    assert set(mask.unique().tolist()) == {0.0, torch.finfo(torch.float32).min}
 
 
 def test_nothing_trained_gives_zeros_with_a_backward_through_every_layer():
