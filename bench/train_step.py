@@ -1,0 +1,254 @@
+"""One GRPO step, grailcore against TRL's GRPOTrainer, on the same CPU job: SmolLM2-135M-
+Instruct (fp32), the synthetic gun-control study, the same prompts in the same order,
+2 prompts x 4 completions of at most 64 new tokens, temperature 1, top-p 1, beta 0, dapo.
+
+Steps alternate in one process (TRL, then each grailcore variant, round after round):
+TRL's own `train()` drives and a callback runs the grailcore steps between its steps, so
+load from other processes hits all systems alike. TRL is a benchmark extra only.
+
+    python -m bench.train_step --steps 3
+
+Per system and step: time split, completion and trained tokens/s, peak extra RSS of the
+step, and the model FLOP/s of its training phase (bench/flops.py counts); CSV rows go to
+--csv and a markdown summary with ratios to TRL is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import statistics
+import tempfile
+import time
+
+import torch
+
+from bench.flops import DecoderShape, packed_work, padded_work
+from bench.harness import _CpuPeak, markdown_rows, write_csv
+
+MODEL = "smollm2-135m-instruct"
+PROMPTS, GROUP, MAX_NEW = 2, 4, 64
+# name -> (prefix_sharing, gradient_checkpointing)
+VARIANTS = {"shared": (True, False), "shared_gc": (True, True), "padded_gc": (False, True)}
+
+
+def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, engine: str):
+    from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GRPOConfig, LoggingConfig,
+                                  ModelConfig, OptimConfig, RolloutConfig)
+
+    return Config(
+        run_dir=run_dir, seed=0,
+        model=ModelConfig(name_or_path=MODEL, dtype="float32", gradient_checkpointing=checkpointing),
+        data=DataConfig(train_path="synthetic:gun_control", synthetic_n=400),
+        rollout=RolloutConfig(engine=engine, temperature=1.0, top_p=1.0, max_prompt_tokens=1024,
+                              max_completion_tokens=MAX_NEW),
+        grpo=GRPOConfig(prompts_per_step=PROMPTS, group_size=GROUP, beta=0.0, loss_type="dapo",
+                        prefix_sharing=prefix_sharing),
+        optim=OptimConfig(lr=1e-6, micro_batch_size=PROMPTS * GROUP, max_steps=1000),
+        eval=EvalConfig(max_samples=1),
+        checkpoint=CheckpointConfig(export_final=False),
+        logging=LoggingConfig(tensorboard=False, progress=False, log_samples=0),
+    )
+
+
+class _RecordingEngine:
+    """Passes generation through to the real engine; keeps the last call's shapes and
+    CPU seconds (wall seconds mislead on a shared machine, CPU seconds much less)."""
+
+    def __init__(self, engine):
+        self.engine, self.last, self.cpu_s = engine, None, 0.0
+
+    def generate(self, prompt_token_ids, params):
+        began = time.process_time()
+        groups = self.engine.generate(prompt_token_ids, params)
+        self.cpu_s = time.process_time() - began
+        self.last = (prompt_token_ids, groups)
+        return groups
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+
+class GrailcoreSystem:
+    def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str):
+        from grailcore.setup import build
+
+        self.name, self.prefix_sharing = name, prefix_sharing
+        self.cfg = grailcore_config(tempfile.mkdtemp(prefix=f"bench-{name}-"), prefix_sharing, checkpointing, engine)
+        self.parts = build(self.cfg)
+        self.parts.engine = _RecordingEngine(self.parts.engine)
+        self.step_index = 0
+
+    def step(self) -> dict:
+        # The loop's own step function: exactly what `grailcore.train` runs per step.
+        from grailcore.loop import _one_step
+        from grailcore.metrics import StepTimer
+
+        timer = StepTimer()
+        with timer("step"):
+            metrics, _ = _one_step(self.step_index, self.parts, self.cfg, timer)
+        self.step_index += 1
+        t = timer.as_metrics()
+        work = self.trained_work(*self.parts.engine.last)
+        return {"step_s": t["time/step"], "generation_s": t["time/generation"] + t["time/scoring"],
+                "generation_cpu_s": self.parts.engine.cpu_s,
+                "training_s": t["time/training"], "weight_sync_s": t.get("time/weight_sync", 0.0),
+                "completion_tokens": int(metrics["tokens/completion"]), "trained_tokens": work[0], "work": work}
+
+
+    def trained_work(self, prompt_ids, groups) -> tuple[int, int, int]:
+        """(tokens, attention pairs, scored tokens) the step's training forward ran."""
+        prompts = [p for p, g in zip(prompt_ids, groups) for _ in g]
+        completions = [c for g in groups for c in g]
+        if not self.prefix_sharing:
+            return padded_work([len(p) for p in prompts], [len(c.token_ids) for c in completions])
+        from grailcore.batch import micro_batches
+        from grailcore.prefix import attention_pair_cost, pack_by_prompt
+
+        pair_cost = attention_pair_cost(self.parts.policy.lm.config)
+        batches = micro_batches(prompts, completions, torch.zeros(len(completions)), 0, self.cfg.optim.micro_batch_size)
+        packs = [p for b in batches for p in pack_by_prompt(b.input_ids, b.attention_mask, b.num_completion_tokens,
+                                                             b.completion_mask, pair_cost)]
+        return packed_work(packs)
+
+
+def trl_trainer(parts, drawn: list[int], callback, checkpointing: bool):
+    """TRL's GRPOTrainer on the same model, rewards and prompt order as grailcore."""
+    from datasets import Dataset
+    from trl import GRPOConfig as TRLConfig
+    from trl import GRPOTrainer
+
+    from grailcore.model import load_policy, resolve_model_path
+
+    class TimedGRPOTrainer(GRPOTrainer):
+        """Times TRL's generation + scoring and keeps the step's prompt/completion lengths."""
+
+        def _generate_and_score_completions(self, inputs):
+            began, began_cpu = time.perf_counter(), time.process_time()
+            out = super()._generate_and_score_completions(inputs)
+            self.bench_generation_s = time.perf_counter() - began
+            self.bench_generation_cpu_s = time.process_time() - began_cpu
+            self.bench_lengths = (out["prompt_mask"].sum(1).tolist(), out["completion_mask"].sum(1).tolist())
+            return out
+
+    def reward(prompts, completions, example_index, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        return parts.scorer([parts.train[i] for i in example_index], texts).total.tolist()
+
+    rows = [{"prompt": [dict(m) for m in parts.train[i].messages], "example_index": i} for i in drawn]
+    args = TRLConfig(
+        output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False,
+        per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
+        max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
+        learning_rate=1e-6, gradient_checkpointing=checkpointing, shuffle_dataset=False,
+        max_steps=len(drawn) // PROMPTS, logging_steps=1, report_to="none", save_strategy="no", seed=0,
+        dataloader_num_workers=0,
+    )
+    model = load_policy(resolve_model_path(MODEL), "float32", "sdpa")
+    return TimedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
+                            processing_class=parts.tokenizer, callbacks=[callback])
+
+
+def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps: int, drawn: list[int]):
+    """Run TRL's train(); after each of its steps, one step of every grailcore system."""
+    from transformers import TrainerCallback
+
+    shape = DecoderShape.from_config(systems[0].parts.policy.lm.config)
+    records: list[dict] = []
+    peak = _CpuPeak()
+
+    def measured(name: str, step: int, fn) -> None:
+        peak.start()
+        began_cpu = time.process_time()
+        row = fn()
+        row.update(system=name, step=step, cpu_s=time.process_time() - began_cpu, peak_extra_mib=peak.stop())
+        records.append(row)
+
+    class Interleave(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            peak.start()
+            self.began, self.began_cpu = time.perf_counter(), time.process_time()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_s, cpu_s, mib = time.perf_counter() - self.began, time.process_time() - self.began_cpu, peak.stop()
+            prompt_lens, completion_lens = trainer.bench_lengths
+            work = padded_work([int(p) for p in prompt_lens], [int(c) for c in completion_lens])
+            records.append({"system": "trl", "step": state.global_step - 1, "step_s": step_s,
+                            "generation_s": trainer.bench_generation_s,
+                            "generation_cpu_s": trainer.bench_generation_cpu_s,
+                            "training_s": step_s - trainer.bench_generation_s, "weight_sync_s": 0.0,
+                            "completion_tokens": int(sum(completion_lens)), "trained_tokens": work[0], "work": work,
+                            "cpu_s": cpu_s, "peak_extra_mib": mib})
+            for system in systems:
+                measured(system.name, state.global_step - 1, system.step)
+
+    trainer = trl_trainer(systems[0].parts, drawn, Interleave(), trl_checkpointing)
+    trainer.train()
+    for row in records:
+        flops = shape.training_flops(*row.pop("work"))
+        row["training_cpu_s"] = row["cpu_s"] - row["generation_cpu_s"]
+        row["train_gflop_per_s"] = flops / row["training_s"] / 1e9
+        row["train_gflop_per_cpu_s"] = flops / row["training_cpu_s"] / 1e9
+        row["completion_tok_per_s"] = row["completion_tokens"] / row["step_s"]
+        row["trained_tok_per_s"] = row["trained_tokens"] / row["training_s"]
+    return records
+
+
+def summarize(records: list[dict], warmup: int) -> list[dict]:
+    timed = [r for r in records if r["step"] >= warmup]
+    names = list(dict.fromkeys(r["system"] for r in timed))
+    median = {n: {k: statistics.median(r[k] for r in timed if r["system"] == n)
+                  for k in timed[0] if k not in ("system", "step")} for n in names}
+    rows = []
+    for n in names:
+        m = median[n]
+        rows.append({
+            "system": n, "step_s": round(m["step_s"], 1), "generation_s": round(m["generation_s"], 1),
+            "training_s": round(m["training_s"], 1), "weight_sync_s": round(m["weight_sync_s"], 2),
+            "step_vs_trl": round(m["step_s"] / median["trl"]["step_s"], 3),
+            "training_vs_trl": round(m["training_s"] / median["trl"]["training_s"], 3),
+            "completion_tok_per_s": round(m["completion_tok_per_s"], 2),
+            "trained_tok_per_s": round(m["trained_tok_per_s"], 1),
+            "train_gflop_per_s": round(m["train_gflop_per_s"], 1),
+            "train_gflop_per_cpu_s": round(m["train_gflop_per_cpu_s"], 1),
+            "peak_extra_mib": round(m["peak_extra_mib"]), "cpu_s": round(m["cpu_s"], 1),
+            "generation_cpu_s": round(m["generation_cpu_s"], 1), "training_cpu_s": round(m["training_cpu_s"], 1),
+            "cpu_vs_trl": round(m["cpu_s"] / median["trl"]["cpu_s"], 3),
+            "training_cpu_vs_trl": round(m["training_cpu_s"] / median["trl"]["training_cpu_s"], 3),
+        })
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.train_step", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per system")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per system")
+    parser.add_argument("--variants", nargs="+", default=["shared", "padded_gc"], choices=list(VARIANTS))
+    parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="grailcore's rollout engine")
+    parser.add_argument("--trl-no-checkpointing", action="store_true",
+                        help="TRL without gradient checkpointing (the baseline job has it on)")
+    parser.add_argument("--csv", default="bench/results/train_step.csv")
+    args = parser.parse_args(argv)
+
+    load = open("/proc/loadavg").read().split()[0]
+    systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine) for name in args.variants]
+    total = args.warmup + args.steps
+    # TRL draws the prompts grailcore's sampler will draw, in the same order.
+    drawn = copy.deepcopy(systems[0].parts.sampler).next(total * PROMPTS)
+    began = time.time()
+    records = _interleaved(not args.trl_no_checkpointing, systems, total, drawn)
+    stamp = time.strftime("%Y-%m-%d %H:%M")
+    write_csv(args.csv, [{"date": stamp, "engine": args.engine, "load_1min_start": load,
+                          **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
+                         for r in records])
+    rows = summarize(records, args.warmup)
+    print(f"{stamp}: {torch.get_num_threads()} threads, load {load} at start, "
+          f"{open('/proc/loadavg').read().split()[0]} at end, {time.time() - began:.0f} s; "
+          f"medians of {args.steps} steps after {args.warmup} warmup; grailcore engine {args.engine}")
+    print(markdown_rows(rows, list(rows[0]), header=True))
+
+
+if __name__ == "__main__":
+    main()
