@@ -70,9 +70,11 @@ def perturbed(smol):
 
 @pytest.fixture
 def restore_original(engine, smol):
-    """Tests that swap weights in leave the engine on the original weights."""
+    """Tests that swap weights in leave the engine on the original weights. Through
+    state_dict(), which also lists the tied lm_head.weight: accepted (vLLM skips it)."""
     yield
-    engine.update_weights(smol[2].named_parameters())
+    assert "lm_head.weight" in smol[2].state_dict()
+    engine.update_weights(smol[2].state_dict().items())
 
 
 def chat(tokenizer, text: str) -> list[int]:
@@ -96,7 +98,9 @@ def test_generate_groups_shapes_finish_reasons_and_logprobs(engine, smol):
     _, tokenizer, _ = smol
     prompts = [chat(tokenizer, QUESTION), chat(tokenizer, "Write a long poem about the sea.")]
     max_tokens = 12
+    threads = torch.get_num_threads()
     groups = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=max_tokens, seed=0))
+    assert torch.get_num_threads() == threads  # the engine hands the trainer's threads back
     assert [len(g) for g in groups] == [3, 3]
     assert len({c.token_ids for c in groups[1]}) > 1, "seeded samples of one group must differ"
     eos = tokenizer.eos_token_id
