@@ -106,8 +106,11 @@ def main(argv=None) -> None:
                         help="completion lengths of each group (every group the same)")
     parser.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing on")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--csv", default="bench/results/flops.csv")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from grailcore.model import load_policy, resolve_model_path
     from grailcore.policy import PolicyModel

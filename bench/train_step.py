@@ -229,8 +229,13 @@ def main(argv=None) -> None:
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="grailcore's rollout engine")
     parser.add_argument("--trl-no-checkpointing", action="store_true",
                         help="TRL without gradient checkpointing (the baseline job has it on)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads for every system (default: torch's); on a loaded machine 1 "
+                             "avoids OpenMP barrier stalls (see the rollout section of RESULTS.md)")
     parser.add_argument("--csv", default="bench/results/train_step.csv")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # before any engine: vLLM freezes the count
 
     load = open("/proc/loadavg").read().split()[0]
     systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine) for name in args.variants]
@@ -240,7 +245,8 @@ def main(argv=None) -> None:
     began = time.time()
     records = _interleaved(not args.trl_no_checkpointing, systems, total, drawn)
     stamp = time.strftime("%Y-%m-%d %H:%M")
-    write_csv(args.csv, [{"date": stamp, "engine": args.engine, "load_1min_start": load,
+    write_csv(args.csv, [{"date": stamp, "engine": args.engine, "threads": torch.get_num_threads(),
+                          "load_1min_start": load,
                           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
                          for r in records])
     rows = summarize(records, args.warmup)
