@@ -131,12 +131,20 @@ class VLLMEngine:
         model_dir = Path(model_dir)
         on_gpu = dist.device.type == "cuda"
         dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
+        max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens
         memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
                   if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})
+        # CPU: no chunked prefill. A request whose prefill is split over engine steps has its
+        # step's sampled token discarded, and vLLM then rewinds the request's seeded generator
+        # with `set_offset`, which CPU generators do not support ("CPU Generator does not use
+        # offset"): any batch of seeded prompts over the 2048-token step budget crashed.
+        # Whole prompts per step instead, with a budget that fits several of them.
+        scheduling = {} if on_gpu else {"enable_chunked_prefill": False,
+                                        "max_num_batched_tokens": max(max_model_len, 8192)}
         executor = {"distributed_executor_backend": "external_launcher"} if dist.world_size > 1 else {}
         llm = vllm.LLM(
             model=str(model_dir), dtype=dtype,
-            max_model_len=cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens,
+            max_model_len=max_model_len,
             enforce_eager=not on_gpu,
             # Sampled-token logprobs after temperature: the distribution the trainer's
             # log_softmax(logits / T) scores (the default reports T = 1 logprobs).
@@ -144,7 +152,7 @@ class VLLMEngine:
             # Per-rank seeds: ranks sampling without a request seed must not draw one stream.
             seed=cfg.seed + dist.rank,
             enable_prefix_caching=True,
-            **memory, **executor,
+            **memory, **scheduling, **executor,
         )
         return cls(llm, dtype, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
 

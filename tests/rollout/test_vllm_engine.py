@@ -45,7 +45,7 @@ def smol():
 
 @pytest.fixture(scope="module")
 def engine(smol):
-    cfg = Config(rollout=RolloutConfig(max_prompt_tokens=512, max_completion_tokens=64,
+    cfg = Config(rollout=RolloutConfig(max_prompt_tokens=800, max_completion_tokens=64,
                                        vllm_kv_cache_bytes=1 << 28))
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
     eng = VLLMEngine.create(smol[0], cfg, dist)
@@ -117,6 +117,20 @@ def test_generate_groups_shapes_finish_reasons_and_logprobs(engine, smol):
     # The poem cannot fit in 12 tokens.
     assert all(c.finish_reason == "length" for c in groups[1])
     again = engine.generate(prompts, SamplingParams(n=3, temperature=1.0, max_tokens=max_tokens, seed=0))
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_seeded_batch_larger_than_one_prefill_step(engine, smol):
+    """8 seeded prompts of ~750 tokens, n=2 (12k prompt tokens, vLLM's CPU step budget is
+    4096). With chunked prefill this crashed inside vLLM ("CPU Generator does not use
+    offset", measured); the engine now prefills whole prompts per step on CPU."""
+    _, tokenizer, _ = smol
+    prompts = [chat(tokenizer, f"Case {i}. " + SECRET * 2) for i in range(8)]
+    assert sum(map(len, prompts)) * 2 > 2.5 * 4096
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=3)
+    groups = engine.generate(prompts, params)
+    assert [len(g) for g in groups] == [2] * 8
+    again = engine.generate(prompts, params)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
 
 
