@@ -20,7 +20,7 @@ from grailcore.advantages import group_advantages
 from grailcore.batch import micro_batches
 from grailcore.config import Config
 from grailcore.dist import DistInfo
-from grailcore.metrics import MetricsLogger, Progress, StepTimer
+from grailcore.metrics import MetricsLogger, Progress, StepTimer, peak_memory_mib
 from grailcore.optimize import BadStepsError, UpdateStats, policy_update
 from grailcore.rollout.collect import Rollouts, collect_rollouts
 from grailcore.setup import Parts
@@ -164,6 +164,7 @@ def _train(parts: Parts, cfg: Config, stop: _StopFlag) -> dict:
             metrics, updates = _one_step(step, parts, cfg, timer)
         bad_in_a_row = bad_in_a_row + 1 if all(u.skipped for u in updates) else 0
         metrics.update(timer.as_metrics())
+        metrics.update(peak_memory_mib())  # averaged over ranks below: the per-rank peak
         metrics = parts.reduce(metrics)
         metrics["tokens/per_s"] = metrics["tokens/completion"] * parts.dist.world_size / max(metrics["time/step"], 1e-9)
         total_tokens += int(metrics["tokens/completion"] * parts.dist.world_size)

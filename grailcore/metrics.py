@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import time
 import warnings
@@ -17,6 +18,17 @@ from tqdm import tqdm
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
 _RESERVED = ("step", "wall_time")
+
+
+def peak_memory_mib() -> dict[str, float]:
+    """This process's peak resident memory (host; with vLLM on CPU it includes the engine's
+    KV cache) and, on CUDA, the peak allocated by torch on this rank's device."""
+    out = {"memory/peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux: KiB
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["memory/peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 def _read_records(path: Path) -> tuple[list[dict], int]:

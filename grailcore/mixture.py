@@ -131,7 +131,7 @@ def source_reward_metrics(examples: Sequence[Example], totals: torch.Tensor) -> 
 def source_eval_metrics(examples: Sequence[Example], completions: Sequence[Sequence[str]], rewards: RewardOutput,
                         train: Sequence[Example]) -> dict[str, float]:
     """`eval/reward/total/<source>` and `eval/accuracy/<source>` (viewer: first-sample choice
-    accuracy; math: math_accuracy) from the full eval set's completions and first-sample rewards."""
+    accuracy; math: math_accuracy) from the full eval set's completions and per-row rewards (mean over the row's samples)."""
     out = {f"eval/reward/total/{s}": v
            for s, v in _means_by_source([ex.source for ex in examples], rewards.total.tolist()).items()}
     for source in sorted({ex.source for ex in examples}):

@@ -83,8 +83,13 @@ class Parts:
             for part in gdist.all_gather_object(by_index):
                 by_index.update(part)
         completions = [by_index[i] for i in range(len(self.eval_examples))]
-        firsts = [row[0] for row in completions]
-        rewards = (self.rule_scorer or self.scorer)(list(self.eval_examples), firsts)
+        # every sample is scored: with k > 1 the reward is the sampled policy's mean, not one draw's
+        flat_examples = [ex for ex, row in zip(self.eval_examples, completions) for _ in row]
+        flat = (self.rule_scorer or self.scorer)(flat_examples, [text for row in completions for text in row])
+        owner = torch.tensor([i for i, row in enumerate(completions) for _ in row])
+        rewards = RewardOutput(total=_row_means(flat.total, owner, len(completions)),
+                               per_reward={k: _row_means(v, owner, len(completions)) for k, v in flat.per_reward.items()},
+                               errors=flat.errors)
         if self.eval_examples and self.eval_examples[0].task == "math":
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
@@ -102,6 +107,12 @@ class Parts:
 
     def reduce(self, metrics: dict[str, float]) -> dict[str, float]:
         return gdist.all_reduce_mean(metrics) if self.dist.world_size > 1 else metrics
+
+
+def _row_means(values: torch.Tensor, owner: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of each row's sample scores: `values[j]` belongs to row `owner[j]`."""
+    sums = torch.zeros(n_rows, dtype=torch.float32).index_add_(0, owner, values.float())
+    return sums / torch.bincount(owner, minlength=n_rows).clamp(min=1)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
