@@ -10,7 +10,7 @@ import torch
 from grailcore.config import Config, ConfigError, DataConfig, ModelConfig
 from grailcore.dist import init_distributed
 from grailcore.model import resolve_model_path
-from grailcore.setup import _policy_model
+from grailcore.setup import _policy_model, _row_means
 
 
 def test_trainable_layers_freeze_the_bottom_and_keep_grads_on_top():
@@ -41,3 +41,10 @@ def test_single_file_training_data_needs_an_eval_path(tmp_path):
     cfg = Config(data=DataConfig(train_path=str(src)))
     with pytest.raises(ConfigError, match="data.eval_path"):
         _load_data(cfg, load_tokenizer(resolve_model_path("micro-llama")), rank0=True)
+
+
+def test_eval_reward_is_the_mean_over_each_rows_samples():
+    # row 0 has samples [1, 0, 0, 1], row 1 [0.5], row 2 [0, 0]
+    values = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0])
+    owner = torch.tensor([0, 0, 0, 0, 1, 2, 2])
+    assert _row_means(values, owner, 3).tolist() == [0.5, 0.5, 0.0]
