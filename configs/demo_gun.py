@@ -14,11 +14,13 @@ config = Config(
     data=DataConfig(train_path="synthetic:gun_control", synthetic_n=2000, max_history=2),
     rollout=RolloutConfig(engine="vllm", temperature=1.0, max_prompt_tokens=768, max_completion_tokens=48,
                           fallback_to_hf=True),
-    grpo=GRPOConfig(prompts_per_step=4, group_size=4, beta=0.0, loss_type="dr_grpo", scale_rewards="group",
+    grpo=GRPOConfig(prompts_per_step=8, group_size=4, beta=0.0, loss_type="dr_grpo", scale_rewards="group",
                     prefix_sharing=True),
-    optim=OptimConfig(lr=1e-5, max_steps=10, micro_batch_size=8),
-    rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.25)),
-    eval=EvalConfig(every=0, on_start=True, max_samples=32),
+    optim=OptimConfig(lr=3e-5, max_steps=24, micro_batch_size=8),
+    rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.5)),
+    # The simulator is sampled, so it is scored sampled: 4 draws per held-out row at the
+    # rollout temperature (greedy decoding hides what GRPO changes in the distribution).
+    eval=EvalConfig(every=8, on_start=True, max_samples=48, samples_per_row=4, temperature=1.0),
     checkpoint=CheckpointConfig(every=5, keep=2),
     logging=LoggingConfig(log_samples=1),
 )
