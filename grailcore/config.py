@@ -180,7 +180,8 @@ class EvalConfig:
     """Sampling temperature when samples_per_row > 1."""
     best_metric: str = "eval/accuracy"
     permutations: int = 0
-    """Order-robustness: re-score each row under R option permutations."""
+    """Order robustness (eval/order/*): also sample every eval row under R seeded option
+    permutations (seeded by `seed`); each evaluation then samples R + 1 times as many rows."""
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,7 @@ def validate(cfg: Config) -> None:
          f"rewards.names ({len(cfg.rewards.names)}) and rewards.weights ({len(cfg.rewards.weights)}) "
          "must have the same length"),
         (cfg.eval.samples_per_row >= 1, "eval.samples_per_row must be >= 1"),
+        (cfg.eval.permutations >= 0, "eval.permutations must be >= 0 (0 = shown order only)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.gail.disc_steps >= 1, "gail.disc_steps must be >= 1"),
         (0 <= cfg.gail.replay_ratio <= 1, "gail.replay_ratio must be in [0, 1]"),

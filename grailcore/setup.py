@@ -65,24 +65,15 @@ class Parts:
         self.engine_stale = False
 
     def evaluate(self) -> dict[str, float]:
-        """Eval metrics on `eval_examples`; each rank samples a strided share, all ranks
-        gather every completion and compute the same numbers."""
-        from grailcore.evaluation import evaluate_examples, generate_completions
+        """Eval metrics on `eval_examples` (and on eval.permutations reordered copies of
+        them, for eval/order/*); every rank computes the same numbers."""
+        from grailcore.evaluation import evaluate_examples, permuted_copies
 
         if self.engine_stale:  # evaluate the current policy, whatever rollout.sync_every says
             self.sync_weights()
 
-        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
-        mine = list(range(rank, len(self.eval_examples), world))
-        completions = generate_completions(
-            self.engine, self.tokenizer, [self.eval_examples[i] for i in mine], cfg.eval.samples_per_row,
-            cfg.eval.temperature, cfg.rollout.max_completion_tokens,
-        )
-        by_index = dict(zip(mine, completions))
-        if world > 1:
-            for part in gdist.all_gather_object(by_index):
-                by_index.update(part)
-        completions = [by_index[i] for i in range(len(self.eval_examples))]
+        cfg = self.cfg
+        completions = self._sample_eval(self.eval_examples)
         # every sample is scored: with k > 1 the reward is the sampled policy's mean, not one draw's
         flat_examples = [ex for ex, row in zip(self.eval_examples, completions) for _ in row]
         flat = (self.rule_scorer or self.scorer)(flat_examples, [text for row in completions for text in row])
@@ -94,13 +85,32 @@ class Parts:
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
         else:
-            result = evaluate_examples(self.eval_examples, completions, self.train)
+            permuted = [(copy, self._sample_eval(copy))  # orders seeded like `grailcore.eval --seed`
+                        for copy in permuted_copies(self.eval_examples, cfg.eval.permutations, cfg.seed)]
+            result = evaluate_examples(self.eval_examples, completions, self.train, permuted)
         result["eval/reward/total"] = float(rewards.total.mean())
         if cfg.data.mixture:
             from grailcore.mixture import source_eval_metrics
 
             result.update(source_eval_metrics(self.eval_examples, completions, rewards, self.train))
         return result
+
+    def _sample_eval(self, examples: list[Example]) -> list[list[str]]:
+        """eval.samples_per_row completions of every row: each rank samples a strided share,
+        then all ranks gather every row's."""
+        from grailcore.evaluation import generate_completions
+
+        cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
+        mine = list(range(rank, len(examples), world))
+        completions = generate_completions(
+            self.engine, self.tokenizer, [examples[i] for i in mine], cfg.eval.samples_per_row,
+            cfg.eval.temperature, cfg.rollout.max_completion_tokens,
+        )
+        by_index = dict(zip(mine, completions))
+        if world > 1:
+            for part in gdist.all_gather_object(by_index):
+                by_index.update(part)
+        return [by_index[i] for i in range(len(examples))]
 
     def extra_state(self) -> dict:
         return {"discriminator": self.discriminator.state_dict()} if self.discriminator else {}

@@ -48,3 +48,24 @@ def test_eval_reward_is_the_mean_over_each_rows_samples():
     values = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.0, 0.0])
     owner = torch.tensor([0, 0, 0, 0, 1, 2, 2])
     assert _row_means(values, owner, 3).tolist() == [0.5, 0.5, 0.0]
+
+
+def test_evaluate_scores_the_shown_order_plus_eval_permutations():
+    from grailcore.config import EvalConfig, RolloutConfig
+    from grailcore.setup import build
+
+    cfg = Config(seed=1, model=ModelConfig(name_or_path="micro-llama", gradient_checkpointing=False),
+                 data=DataConfig(train_path="synthetic:gun_control", synthetic_n=200, max_history=2),
+                 rollout=RolloutConfig(max_prompt_tokens=2048, max_completion_tokens=6),
+                 eval=EvalConfig(max_samples=3, samples_per_row=2, permutations=2))
+    parts = build(cfg)
+    sampled = []
+    generate = parts.engine.generate
+    parts.engine.generate = lambda prompts, params: sampled.append(len(prompts)) or generate(prompts, params)
+    try:
+        result = parts.evaluate()
+    finally:
+        parts.engine.close()
+    assert sum(sampled) == 3 * (2 + 1)  # every row, in the shown order and in 2 permuted ones
+    assert result["eval/order/n_orders"] == 3
+    assert "eval/order/accuracy_std" in result  # spread across orders exists only with permutations

@@ -2,8 +2,8 @@
 fidelity and reports. The trainer calls `evaluate_examples`; the CLI is `grailcore.eval`."""
 
 from grailcore.evaluation.evaluate import EvalOptions, evaluate, evaluate_examples, evaluate_rows, flatten
-from grailcore.evaluation.generate import generate_completions, generate_permuted_completions
+from grailcore.evaluation.generate import generate_completions
 from grailcore.evaluation.order import permute_example, permuted_copies
 
 __all__ = ["EvalOptions", "evaluate", "evaluate_examples", "evaluate_rows", "flatten", "generate_completions",
-           "generate_permuted_completions", "permute_example", "permuted_copies"]
+           "permute_example", "permuted_copies"]

@@ -56,12 +56,3 @@ def generate_permuted(engine: RolloutEngine, tokenizer, examples: Sequence[Examp
 
     return [(copy, generate_raw(engine, tokenizer, copy, params))
             for copy in permuted_copies(examples, permutations, seed)]
-
-
-def generate_permuted_completions(engine: RolloutEngine, tokenizer, examples: Sequence[Example], permutations: int,
-                                  samples_per_row: int, temperature: float, max_tokens: int, top_p: float = 1.0,
-                                  seed: int = 0) -> list[tuple[list[Example], list[list[str]]]]:
-    """`generate_completions` for `permutations` reordered copies (EvalConfig.permutations)."""
-    params = eval_sampling_params(samples_per_row, temperature, max_tokens, top_p)
-    return [(copy, [[c.text for c in row] for row in raw])
-            for copy, raw in generate_permuted(engine, tokenizer, examples, permutations, params, seed)]
