@@ -135,6 +135,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 
 def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list[list[int]], list[Example]]:
     from grailcore.data import load_examples
+    from grailcore.data.loaders import sample_rows
     from grailcore.data.prompt import encode_prompt
 
     if cfg.data.mixture:
@@ -170,13 +171,8 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
             log.warning("skipped %s", message)
     if not examples:
         raise ConfigError(f"no usable training examples in {cfg.data.train_path}")
-    # A seeded sample, not the first rows: sessions are stored together, and the first N
-    # rows would cover only a few viewers.
-    eval_examples = list(evals.examples)
-    if len(eval_examples) > cfg.eval.max_samples:
-        keep = sorted(random.Random(cfg.seed).sample(range(len(eval_examples)), cfg.eval.max_samples))
-        eval_examples = [eval_examples[i] for i in keep]
-    return examples, ids, eval_examples
+    # the same rows `grailcore.eval --max-samples N --seed <seed>` scores
+    return examples, ids, sample_rows(evals.examples, cfg.eval.max_samples, cfg.seed)
 
 
 def _hf_engine(policy: PolicyModel, tokenizer, model_dir: Path, cfg: Config, dist: gdist.DistInfo):

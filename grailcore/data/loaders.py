@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -62,6 +63,16 @@ def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> Load
         result = LoadResult(result.examples[: data_cfg.max_train_samples], result.skipped,
                             result.skip_reasons, result.source, result.split)
     return result
+
+
+def sample_rows(examples: list[Example], n: int | None, seed: int) -> list[Example]:
+    """A seeded sample of `n` rows kept in their stored order (all rows when n is None or
+    >= len). Not the first n: sessions are stored together, so the first rows would cover
+    only a few viewers (and a viewer-clustered interval would rest on those few)."""
+    if n is None or n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
 
 
 def _load_math(path: str, data_cfg: DataConfig, split: str) -> LoadResult:

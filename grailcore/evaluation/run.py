@@ -27,6 +27,8 @@ class EvalJob:
     split: str = "validation"
     train_data: str | None = None
     max_samples: int | None = None
+    """Sampling a model: a seeded sample of N rows (options.seed) in stored order; scoring
+    a completions file: its first N rows."""
     samples_per_row: int = 1
     temperature: float = 1.0
     max_tokens: int = 128
@@ -36,10 +38,10 @@ class EvalJob:
 
 def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
     """Evaluated examples, training examples for the priors (or None) and a description."""
-    from grailcore.data.loaders import load_examples
+    from grailcore.data.loaders import load_examples, sample_rows
 
     result = load_examples(job.data, cfg.data, split=job.split)
-    examples = result.examples[: job.max_samples] if job.max_samples else result.examples
+    examples = sample_rows(result.examples, job.max_samples or None, job.options.seed)
     meta = {"data": job.data, "split": result.split, "rows_loaded": len(result.examples),
             "rows_skipped_as_malformed": result.skipped}
     return examples, load_train(job, cfg, eval_has_splits=result.split != "all"), meta

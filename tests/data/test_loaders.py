@@ -185,3 +185,16 @@ def test_missing_and_unsupported_paths_say_what_to_use(tmp_path):
         load_examples(str(tmp_path / "data.csv"), DataConfig())
     with pytest.raises(SchemaError, match="without train.jsonl"):
         load_examples(str(tmp_path), DataConfig())
+
+
+def test_sample_rows_is_seeded_in_stored_order_and_spread_over_viewers():
+    from grailcore.data.loaders import sample_rows
+
+    rows = load_examples("synthetic:gun_control", DataConfig(synthetic_n=600, max_history=2), split="validation").examples
+    picked = sample_rows(rows, 16, seed=0)
+    assert picked == sample_rows(rows, 16, seed=0) and picked != sample_rows(rows, 16, seed=1)
+    position = {ex.example_id: i for i, ex in enumerate(rows)}
+    assert [position[ex.example_id] for ex in picked] == sorted(position[ex.example_id] for ex in picked)
+    # sessions are stored together: the first 16 rows cover far fewer viewers than a sample
+    assert len({ex.viewer_id for ex in picked}) > len({ex.viewer_id for ex in rows[:16]})
+    assert sample_rows(rows, None, seed=0) == rows and sample_rows(rows, 10**6, seed=0) == rows
