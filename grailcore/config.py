@@ -27,6 +27,21 @@ class ModelConfig:
     """Token log-probs through kernels/ (never builds [N, V] logits) or plain log_softmax."""
     logprob_chunk_size: int = 1024
     """Rows per chunk in the CPU fused log-prob path."""
+    lora_rank: int = 0
+    """Train LoRA adapters of this rank (peft) instead of the weights; 0 = off (full
+    fine-tuning, the default). Only the adapters train and sit in the optimizer; with
+    grpo.beta > 0 the reference is the same model with its adapters off (no second copy);
+    the engine receives merged weights; checkpoints hold the adapters; the export is a
+    merged plain HF model. LoRA usually wants a larger optim.lr than full fine-tuning."""
+    lora_alpha: float = 32.0
+    """LoRA scale: a targeted weight W acts as W + (lora_alpha / lora_rank) * B @ A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input in training. Keep 0 for GRPO: the engine samples from
+    the merged weights without it, so > 0 biases the trainer's log-probs against the engine's."""
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj",
+                                            "gate_proj", "up_proj", "down_proj")
+    """Names (peft suffix match) of the linear layers inside the decoder layers that get
+    adapters; the defaults are every projection of Llama / Qwen2 blocks."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +266,14 @@ def validate(cfg: Config) -> None:
         (cfg.grpo.epsilon_low >= 0 and cfg.grpo.epsilon_high >= 0, "grpo.epsilon_low/high must be >= 0"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.model.trainable_layers >= 0, "model.trainable_layers must be >= 0 (0 = all)"),
+        (cfg.model.lora_rank >= 0, "model.lora_rank must be >= 0 (0 = no LoRA: full fine-tuning)"),
+        (not (cfg.model.lora_rank and cfg.model.trainable_layers),
+         f"model.lora_rank={cfg.model.lora_rank} and model.trainable_layers={cfg.model.trainable_layers} "
+         "are alternatives (LoRA freezes every base weight); set one of them to 0"),
+        (not cfg.model.lora_rank or cfg.model.lora_alpha > 0, "model.lora_alpha must be > 0"),
+        (not cfg.model.lora_rank or 0 <= cfg.model.lora_dropout < 1, "model.lora_dropout must be in [0, 1)"),
+        (not cfg.model.lora_rank or len(cfg.model.lora_target_modules) > 0,
+         "model.lora_target_modules must name at least one module when model.lora_rank > 0"),
         (cfg.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
         (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
         (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (groups need sampling)"),
