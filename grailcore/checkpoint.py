@@ -2,7 +2,8 @@
 FSDP2 models alike, through full state dicts), and export of the policy as a HF model dir.
 
 Layout: run_dir/checkpoints/{latest, step_00000010/{model.safetensors, optimizer.pt,
-scheduler.pt, trainer_state.json, extra.pt, rng.pt, manifest.json}}.
+scheduler.pt, trainer_state.json, extra.pt, rng.pt, manifest.json}}. A LoRA run's
+model.safetensors holds the adapters only (`trainable_only`); the export is merged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grailcore import dist as gdist
+from grailcore.lora import has_lora
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -230,18 +232,22 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                     trainer_state: dict, extra: dict[str, object] | None = None,
-                    keep: int = 2) -> Path:
+                    keep: int = 2, trainable_only: bool = False) -> Path:
     """Save a full (unsharded) checkpoint of step `step`; returns its dir on every rank.
 
     Every rank must call it (weights are gathered); rank 0 writes into a temp dir, renames
     it into place, then points `latest` at it and prunes to the `keep` newest. On failure
     every rank raises CheckpointError and the previous checkpoint and `latest` are intact.
+    trainable_only: save only parameters with requires_grad (a LoRA run's adapters); the
+    frozen ones must come from the configured base model again at resume.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1 (got {keep}): the checkpoint just written is kept")
     root = Path(run_dir) / CHECKPOINTS_DIR
     final = root / f"step_{step:08d}"
-    model_sd = get_model_state_dict(model, options=_GATHER)
+    # ignore_frozen_params still gathers a frozen tied alias (lm_head.weight); _save_model drops it.
+    gather = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    model_sd = get_model_state_dict(model, options=gather)
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_GATHER)
     rng_per_rank = gdist.all_gather_object(capture_rng_state())
     scheduler_sd = scheduler.state_dict() if scheduler is not None else None
@@ -249,13 +255,13 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     _run_on_rank0(f"save checkpoint {final}", lambda: _write_all(
         root, final, keep, tied=tied, model_sd=model_sd, optim_sd=optim_sd,
         scheduler_sd=scheduler_sd, trainer_state=trainer_state, extra=extra or {},
-        rng_per_rank=rng_per_rank))
+        rng_per_rank=rng_per_rank, trainable_only=trainable_only))
     return final
 
 
 def _write_all(root: Path, final: Path, keep: int, *, tied: dict[str, str], model_sd: dict,
                optim_sd: dict, scheduler_sd: dict | None, trainer_state: dict, extra: dict,
-               rng_per_rank: list) -> None:
+               rng_per_rank: list, trainable_only: bool) -> None:
     """Rank 0: validate, write the checkpoint dir, point `latest` at it, prune."""
     _check_weights_only(extra, "extra")
     state_json = _trainer_state_json(trainer_state)  # before writing: fail without a temp dir
@@ -268,7 +274,8 @@ def _write_all(root: Path, final: Path, keep: int, *, tied: dict[str, str], mode
     }
     if scheduler_sd is not None:
         files[SCHEDULER_FILE] = lambda p: torch.save(scheduler_sd, p)
-    meta = {"step": _step_of(final), "world_size": gdist.get_world_size(), "tied": tied}
+    meta = {"step": _step_of(final), "world_size": gdist.get_world_size(), "tied": tied,
+            "trainable_only": trainable_only}
     _write_checkpoint_dir(root, final, files, meta)
     _write_latest(root, final)
     _prune(root, keep, final)
@@ -360,7 +367,7 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
     path = Path(found["path"])
     if scheduler is not None and found["scheduler"] is None:
         raise CheckpointError(f"{path} has no {SCHEDULER_FILE} but a scheduler was given to restore")
-    _load_weights(path, found["tied"], model, optimizer)
+    _load_weights(path, found["tied"], model, optimizer, found["trainable_only"])
     if scheduler is not None:
         scheduler.load_state_dict(found["scheduler"])
     rank, rng_per_rank = gdist.get_rank(), found["rng"]
@@ -451,6 +458,7 @@ def _read_small_files(path: Path | None) -> dict | None:
     has_scheduler = SCHEDULER_FILE in manifest["files"]
     return {
         "path": str(path), "step": manifest["step"], "tied": manifest["tied"],
+        "trainable_only": manifest.get("trainable_only", False),
         "trainer_state": json.loads((path / TRAINER_STATE_FILE).read_text()),
         "extra": torch.load(path / EXTRA_FILE, weights_only=True),
         "rng": torch.load(path / RNG_FILE, weights_only=True),
@@ -459,19 +467,35 @@ def _read_small_files(path: Path | None) -> dict | None:
 
 
 def _load_weights(path: Path, tied: dict[str, str], model: torch.nn.Module,
-                  optimizer: torch.optim.Optimizer | None) -> None:
+                  optimizer: torch.optim.Optimizer | None, trainable_only: bool) -> None:
     # Rank 0 alone holds the full state; set_*_state_dict broadcasts and reshards it, so a
     # checkpoint from any world size loads into plain and FSDP2 models alike.
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=gdist.get_world_size() > 1)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=gdist.get_world_size() > 1,
+                               strict=not trainable_only)
     model_sd: dict[str, torch.Tensor] = {}
     if gdist.is_main():
         model_sd = load_file(str(path / MODEL_FILE))
         for alias, canonical in tied.items():
-            model_sd[alias] = model_sd[canonical]
+            if canonical in model_sd:  # a trainable-only checkpoint has no frozen embedding
+                model_sd[alias] = model_sd[canonical]
+    if trainable_only:  # strict=False above: check the keys here instead
+        # Local (sharded) state dict: the model's own keys, without any gather. It keeps a frozen
+        # tied alias (lm_head.weight), which the saved file never holds.
+        trainable = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))) - set(tied)
+        _run_on_rank0(f"load {path / MODEL_FILE}", lambda: _check_trainable_keys(path, set(model_sd), trainable))
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is not None:
         optim_sd = torch.load(path / OPTIMIZER_FILE, weights_only=True) if gdist.is_main() else {}
         set_optimizer_state_dict(model, optimizer, optim_sd, options=options)
+
+
+def _check_trainable_keys(path: Path, saved: set[str], trainable: set[str]) -> None:
+    if saved != trainable:
+        raise CheckpointError(
+            f"{path / MODEL_FILE} holds the trainable parameters of another model: missing "
+            f"{sorted(trainable - saved)[:5]} ({len(trainable - saved)}), unexpected {sorted(saved - trainable)[:5]} "
+            f"({len(saved - trainable)}). Resume with the model.name_or_path and model.lora_* settings it was "
+            "written with (the run dir's config.yaml)")
 
 
 # ---------------------------------------------------------------- export
@@ -479,9 +503,16 @@ def _load_weights(path: Path, tied: dict[str, str], model: torch.nn.Module,
 
 def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     """Write the policy as a HF model dir (config, tokenizer, safetensors) loadable by
-    `AutoModelForCausalLM.from_pretrained` and vLLM. Every rank calls it; rank 0 writes."""
+    `AutoModelForCausalLM.from_pretrained` and vLLM. Every rank calls it; rank 0 writes.
+    A LoRA policy is written merged (W + scale * B @ A): a plain model, no peft to load it."""
     out = Path(out_dir)
-    state_dict = get_model_state_dict(model, options=_GATHER)
+    if has_lora(model):
+        from grailcore.rollout.sync import iter_full_params
+
+        keep = gdist.is_main()  # every rank takes part in the gathers; rank 0 keeps the tensors
+        state_dict = {name: tensor.cpu() for name, tensor in iter_full_params(model) if keep}
+    else:
+        state_dict = get_model_state_dict(model, options=_GATHER)
     _run_on_rank0(f"export {out}", lambda: _write_hf_dir(model, tokenizer, state_dict, out))
     return out
 

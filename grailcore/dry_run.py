@@ -21,6 +21,7 @@ from grailcore.advantages import group_advantages
 from grailcore.batch import micro_batches
 from grailcore.config import Config
 from grailcore.optimize import UpdateStats, policy_update
+from grailcore.policy import PolicyModel
 from grailcore.rollout.collect import collect_rollouts
 from grailcore.setup import Parts
 from grailcore.types import SamplingParams
@@ -42,7 +43,7 @@ class MemoryEstimate:
     activations: int
     """One micro-batch: the decoder's saved tensors plus the log-prob head's logits."""
     reference: int
-    """A frozen reference model (grpo.beta > 0)."""
+    """A frozen reference model (grpo.beta > 0; 0 under LoRA, whose reference is the policy)."""
     engine: int
     """The rollout engine's own weights and KV cache (0 when it shares the policy's)."""
 
@@ -102,7 +103,8 @@ def estimate_memory(parts: Parts, cfg: Config, max_prompt_tokens: int) -> Memory
     return MemoryEstimate(
         params=full_weights // shards, grads=trainable * dtype_bytes // shards,
         optimizer_states=2 * trainable * dtype_bytes // shards, activations=activations,
-        reference=full_weights // shards if parts.reference is not None else 0, engine=engine,
+        # Under LoRA the reference is the policy with its adapters off: no second copy.
+        reference=full_weights // shards if isinstance(parts.reference, PolicyModel) else 0, engine=engine,
     )
 
 

@@ -132,7 +132,7 @@ def _save(step: int, parts: Parts, cfg: Config, state: dict) -> None:
     trainer_state = {**state, "step": step, "sampler": parts.sampler.state_dict()}
     ckpt.save_checkpoint(Path(cfg.run_dir), step, parts.policy, parts.optimizer, parts.scheduler,
                          trainer_state, extra=parts.extra_state(),
-                         keep=cfg.checkpoint.keep)
+                         keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0)
 
 
 def train(parts: Parts, cfg: Config) -> dict:

@@ -1,6 +1,7 @@
 """FSDP2 sharding of a PolicyModel: `fully_shard` per decoder layer, then the root
 (embedding, final norm, tied lm-head). Gloo on CPU, NCCL on GPU; bf16 compute with
-fp32 gradient reduction on GPU. Activation checkpointing is the HF model's own."""
+fp32 gradient reduction on GPU. Activation checkpointing is the HF model's own. LoRA adapters
+(grailcore.lora) live inside the decoder layers and are sharded with them."""
 
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ from grailcore import checkpoint as ckpt
 from grailcore import dist as gdist
 from grailcore.config import Config, ConfigError
 from grailcore.data.schema import Example
+from grailcore.lora import AdapterFreeReference, apply_lora
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.policy import PolicyModel
@@ -33,7 +34,8 @@ class Parts:
     dist: gdist.DistInfo
     tokenizer: Any
     policy: PolicyModel
-    reference: PolicyModel | None
+    reference: PolicyModel | AdapterFreeReference | None
+    """Frozen KL reference (grpo.beta > 0); under LoRA the policy with its adapters off."""
     optimizer: torch.optim.Optimizer
     scheduler: Any
     engine: Any
@@ -199,7 +201,10 @@ def _freeze_below(lm: torch.nn.Module, trainable_layers: int) -> None:
 
 
 def _policy_model(model_dir: Path, cfg: Config, dist: gdist.DistInfo, trainable: bool) -> PolicyModel:
-    lm = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
+    lm = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation)
+    if trainable and cfg.model.lora_rank:
+        apply_lora(lm, cfg.model, cfg.seed)  # before sharding: FSDP2 shards the adapters with their layer
+    lm = lm.to(dist.device)
     lm.config.use_cache = False
     if trainable and cfg.model.gradient_checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -225,7 +230,10 @@ def build(cfg: Config) -> Parts:
     model_dir = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
     policy = _policy_model(model_dir, cfg, dist, trainable=True)
-    reference = _policy_model(model_dir, cfg, dist, trainable=False) if cfg.grpo.beta > 0 else None
+    reference = None
+    if cfg.grpo.beta > 0:
+        reference = (AdapterFreeReference(policy) if cfg.model.lora_rank
+                     else _policy_model(model_dir, cfg, dist, trainable=False))
     train, train_ids, eval_examples = _load_data(cfg, tokenizer, rank0)
     total_updates = cfg.optim.max_steps * cfg.grpo.num_iterations
     optimizer, scheduler = build_optimizer(policy, cfg, total_updates)

@@ -106,7 +106,7 @@ def run_sft(parts: Parts, cfg: Config) -> dict:
 def _save(parts: Parts, cfg: Config, step: int) -> None:
     state = {"step": step, "sampler": parts.sampler.state_dict()}
     ckpt.save_checkpoint(Path(cfg.run_dir), step, parts.policy, parts.optimizer, parts.scheduler, state,
-                         keep=cfg.checkpoint.keep)
+                         keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0)
 
 
 def main(argv: list[str] | None = None) -> dict:
