@@ -37,6 +37,9 @@ class EvalArgs:
     """k completions per row; 1 = greedy (default: the preset's eval.samples_per_row)."""
     temperature: float | None = None
     """Sampling temperature when k > 1 (default: the preset's eval.temperature)."""
+    temperatures: tuple[float, ...] = ()
+    """A temperature sweep instead of --temperature: the model is loaded once and samples the same rows
+    at each temperature; each is scored into OUT/T<t>/ (e.g. --temperatures 0.5 0.7 1.0 1.3 -> OUT/T0.5 ...)."""
     max_tokens: int | None = None
     """Completion length cap (default: the preset's rollout.max_completion_tokens)."""
     permutations: int | None = None
@@ -72,6 +75,7 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
         temperature=args.temperature if args.temperature is not None else cfg.eval.temperature,
         max_tokens=args.max_tokens or cfg.rollout.max_completion_tokens,
         permutations=args.permutations if args.permutations is not None else cfg.eval.permutations,
+        temperatures=tuple(args.temperatures),
     )
     if job.permutations < 0:
         raise SystemExit(f"--permutations must be >= 0, got {job.permutations}")

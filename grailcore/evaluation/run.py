@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,9 @@ class EvalJob:
     max_tokens: int = 128
     permutations: int = 0
     """Order robustness: also score every row under this many seeded option permutations."""
+    temperatures: tuple[float, ...] = ()
+    """A sweep: one engine samples the rows at each temperature (overriding `temperature`),
+    each scored into out/T{t:g}/."""
 
 
 def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
@@ -101,23 +104,25 @@ def read_permuted(job: EvalJob, n_rows: int) -> list[tuple[list[Example], list[l
     return out
 
 
-def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path
-                 ) -> tuple[list[list[str]], dict, list[tuple[list[Example], list[list[str]]]]]:
-    """Completions of `job.model` for `examples` (and for `job.permutations` reordered copies),
-    saved to out/completions.jsonl (and completions_perm{r}.jsonl) for rescoring."""
-    from grailcore.evaluation.generate import eval_sampling_params, generate_permuted, generate_raw
+def open_model(job: EvalJob, cfg: Config) -> tuple[Any, Any]:
+    """(engine, tokenizer) of `job.model`; one engine serves every temperature of a sweep."""
     from grailcore.model import load_tokenizer, resolve_model_path
 
     model_dir = resolve_model_path(job.model)
     tokenizer = load_tokenizer(model_dir)
-    engine = build_engine(cfg, model_dir, tokenizer)
+    return build_engine(cfg, model_dir, tokenizer), tokenizer
+
+
+def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path, engine, tokenizer
+                 ) -> tuple[list[list[str]], dict, list[tuple[list[Example], list[list[str]]]]]:
+    """Completions of `job.model` for `examples` (and for `job.permutations` reordered copies)
+    at `job.temperature`, saved to out/completions.jsonl (and completions_perm{r}.jsonl) for rescoring."""
+    from grailcore.evaluation.generate import eval_sampling_params, generate_permuted, generate_raw
+
     params = eval_sampling_params(job.samples_per_row, job.temperature, job.max_tokens, cfg.rollout.top_p,
                                   seed=job.options.seed)
-    try:
-        raw = generate_raw(engine, tokenizer, examples, params)
-        permuted_raw = generate_permuted(engine, tokenizer, examples, job.permutations, params, job.options.seed)
-    finally:
-        engine.close()
+    raw = generate_raw(engine, tokenizer, examples, params)
+    permuted_raw = generate_permuted(engine, tokenizer, examples, job.permutations, params, job.options.seed)
     completions = [[c.text for c in row] for row in raw]
     reasons = [[c.finish_reason for c in row] for row in raw]
     write_completions(out / "completions.jsonl", examples, completions, reasons)
@@ -135,25 +140,48 @@ def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path
     return completions, meta, permuted
 
 
-def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
-    """Score, write metrics.json / report.md / PNGs into `job.out`, print the short table."""
-    out = Path(job.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if job.completions:
-        examples, completions = read_completions(job.completions)
-        if job.max_samples:
-            examples, completions = examples[: job.max_samples], completions[: job.max_samples]
-        train = load_train(job, cfg, eval_has_splits=False)
-        meta: dict[str, Any] = {"completions": job.completions, "permutations": job.permutations}
-        permuted = read_permuted(job, len(examples))
-    else:
-        examples, train, meta = load_rows(job, cfg)
-        completions, sample_meta, permuted = sample_model(job, cfg, examples, out)
-        meta.update(sample_meta)
-    check_disjoint(examples, train)
-    meta["priors_fitted_on"] = f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"
+def score(job: EvalJob, examples: list[Example], completions: list[list[str]], train: list[Example] | None,
+          meta: dict[str, Any], permuted: list, out: Path) -> dict[str, Any]:
+    """Every metric of one set of completions, written to `out` and summarised on stdout."""
+    meta = {**meta, "priors_fitted_on": f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"}
     results = evaluate(examples, completions, train, job.options, permuted)
     paths = write_report(results, out, meta)
     print(summary_table(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return results
+
+
+def temperature_dir(out: Path, temperature: float) -> Path:
+    """Where a sweep writes the evaluation at `temperature`."""
+    return out / f"T{temperature:g}"
+
+
+def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
+    """Score, write metrics.json / report.md / PNGs into `job.out`, print the short table.
+    A temperature sweep writes one such set per temperature and returns {temperature: results}."""
+    out = Path(job.out)
+    if job.completions:
+        if job.temperatures:
+            raise ValueError("--temperatures samples a model at each temperature; --completions has nothing to sample")
+        examples, completions = read_completions(job.completions)
+        if job.max_samples:
+            examples, completions = examples[: job.max_samples], completions[: job.max_samples]
+        train = load_train(job, cfg, eval_has_splits=False)
+        check_disjoint(examples, train)
+        out.mkdir(parents=True, exist_ok=True)
+        meta: dict[str, Any] = {"completions": job.completions, "permutations": job.permutations}
+        return score(job, examples, completions, train, meta, read_permuted(job, len(examples)), out)
+    examples, train, meta = load_rows(job, cfg)
+    check_disjoint(examples, train)
+    engine, tokenizer = open_model(job, cfg)
+    sweep = {}
+    try:
+        for t in job.temperatures or (job.temperature,):
+            target = temperature_dir(out, t) if job.temperatures else out
+            target.mkdir(parents=True, exist_ok=True)
+            one = replace(job, temperature=t)
+            completions, sample_meta, permuted = sample_model(one, cfg, examples, target, engine, tokenizer)
+            sweep[t] = score(one, examples, completions, train, {**meta, **sample_meta}, permuted, target)
+    finally:
+        engine.close()
+    return sweep if job.temperatures else sweep[job.temperature]

@@ -91,3 +91,20 @@ def test_cli_refuses_priors_fitted_on_the_evaluated_rows(tmp_path):
     train.write_text("".join(json.dumps({**row, "example_id": f"t{i}"}) + "\n" for i, row in enumerate(plain)))
     results = main(["--completions", str(path), "--train-data", str(train), "--out", str(tmp_path / "o")])
     assert "train (3 rows)" in results["baselines"]["most_frequent_position"]["description"]
+
+
+def test_temperature_sweep_loads_the_model_once_and_scores_each_temperature(tmp_path, monkeypatch):
+    from grailcore.evaluation import run as eval_run
+
+    built = []
+    build_engine = eval_run.build_engine
+    monkeypatch.setattr(eval_run, "build_engine", lambda *a: built.append(1) or build_engine(*a))
+    sweep = main(["--model", "micro-llama", "--data", "synthetic:gun_control", "--max-samples", "3",
+                  "--samples-per-row", "2", "--temperatures", "0.5", "1.3", "--max-tokens", "4", "--n-boot", "0",
+                  "--out", str(tmp_path / "sweep")])
+    assert len(built) == 1 and set(sweep) == {0.5, 1.3}
+    for t in (0.5, 1.3):
+        metrics = json.loads((tmp_path / "sweep" / f"T{t:g}" / "metrics.json").read_text())
+        assert metrics["meta"]["temperature"] == t and metrics["n_rows"] == 3 and metrics["samples_per_row"] == 2
+    with pytest.raises(ValueError, match="--completions has nothing to sample"):
+        main(["--completions", str(tiny_file(tmp_path)[0]), "--temperatures", "0.5", "1.0", "--out", str(tmp_path / "x")])
