@@ -19,7 +19,6 @@ paths in the options are relative to the repository root too.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -32,13 +31,16 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 ARMS = ("sft", "grpo", "grail")
 
-# Seconds, SmolLM2-135M on the shared 2-core CPU machine at load 2-3 (README, bench/RESULTS.md):
-# a GRPO step of 8 x 4 completions (<= 48 tokens) took 27.6 s, 16.2 s of it training on ~6.2k
-# prefix-shared tokens (2.6 ms a token); an SFT target trains its own ~660-token prompt + target,
-# about 1.8 s; an in-loop evaluation of 48 rows x 4 samples took ~75 s; scoring with 1000
-# bootstrap replicates ~8 s; a process start (imports, model, vLLM) ~60 s. Loads scale these.
-COST = {"train_start": 75.0, "grpo_per_completion": 27.6 / 32, "grail_factor": 1.2, "sft_per_target": 1.8,
+# Seconds, SmolLM2-135M on the shared 2-core CPU machine (README, bench/RESULTS.md): a GRPO
+# step of 8 x 4 completions (<= 48 tokens) took 27.6 s at load 2-3; an SFT step of 32 targets
+# (each its own ~660-token prompt) took 322 s with vLLM in the process and two other jobs on
+# the cores (10 s a target). bench/RESULTS.md saw in-process vLLM slow training ~2.6x, hence
+# the HF engine in --sft-args and ~4 s a target assumed (not yet measured). An in-loop
+# evaluation of 48 rows x 4 samples ~75 s; scoring with 1000 bootstrap replicates ~8 s; a
+# process start ~60 s.
+COST = {"train_start": 75.0, "grpo_per_completion": 27.6 / 32, "grail_factor": 1.2, "sft_per_target": 4.0,
         "eval_start": 60.0, "eval_per_prompt": 0.35, "eval_per_completion": 0.3, "eval_scoring": 8.0}
+
 
 @dataclass(frozen=True)
 class Job:
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sft-lr", type=float, default=None, help="default: the --sft-cfg preset's optim.lr")
     p.add_argument("--train-args", default="", help="extra overrides for every training run, e.g. "
                    "'--rollout.engine hf --gail.model tiny-bert'")
+    p.add_argument("--sft-args", default="--rollout.engine hf",
+                   help="extra overrides for the SFT arm (after --train-args). It samples only for its final "
+                   "greedy check, and an in-process vLLM engine slows training (bench/RESULTS.md), so HF by default")
     p.add_argument("--train-eval-rows", type=int, default=8,
                    help="rows of the trainers' own (greedy, final-only) evaluation; results come from the "
                    "separate evaluation below")
@@ -111,7 +116,7 @@ def training_jobs(args: argparse.Namespace, out: Path) -> list[Job]:
             if arm == "sft":
                 lr = ["--optim.lr", str(args.sft_lr)] if args.sft_lr else []
                 argv = python_module("grailcore.sft", "--cfg", args.sft_cfg, *common, *own,
-                                     "--sft.batch-size", str(completions), *lr, *extra)
+                                     "--sft.batch-size", str(completions), *lr, *extra, *shlex.split(args.sft_args))
                 seconds = COST["train_start"] + args.steps * completions * COST["sft_per_target"]
             else:
                 argv = python_module("grailcore.train", "--cfg", args.grpo_cfg if arm == "grpo" else args.grail_cfg,

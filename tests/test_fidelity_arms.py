@@ -43,6 +43,7 @@ def test_plan_matches_compute_and_scores_order_only_at_the_matched_temperature(t
     assert [j.name for j in train] == ["sft/s0", "grpo/s0", "grail/s0", "sft/s1", "grpo/s1", "grail/s1"]
     sft, grpo = train[0].argv, train[1].argv
     assert sft[sft.index("--sft.batch-size") + 1] == "32"  # P x G targets: as many completions as GRPO trains
+    assert sft[-2:] == ["--rollout.engine", "hf"] and "--rollout.engine" not in grpo  # --sft-args' default
     assert grpo[grpo.index("--grpo.prompts-per-step") + 1] == "8" and grpo[grpo.index("--grpo.group-size") + 1] == "4"
     for argv in (sft, grpo, train[2].argv):
         assert argv[argv.index("--optim.max-steps") + 1] == "3" and argv[argv.index("--seed") + 1] == "0"
