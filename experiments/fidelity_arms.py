@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -176,6 +177,18 @@ def eval_jobs(args: argparse.Namespace, out: Path) -> list[Job]:
     return jobs
 
 
+def check_reused_arm(run: Path, args: argparse.Namespace, seed: int) -> None:
+    """A finished arm is reused only if it trained what this invocation asks for."""
+    saved = (run / "config.yaml").read_text()
+    want = {"seed": str(seed), "name_or_path": args.start, "max_steps": str(args.steps)}
+    found = {key: re.search(rf"^\s*{key}: (\S+)$", saved, re.MULTILINE) for key in want}
+    wrong = [f"{key} {m.group(1) if m else '?'} (asked: {want[key]})" for key, m in found.items()
+             if not m or m.group(1) != want[key]]
+    if wrong:
+        raise SystemExit(f"{run} is a finished arm with other settings: {', '.join(wrong)}; "
+                         "give another --out or delete it")
+
+
 def run_job(job: Job, out: Path, log: list[dict]) -> None:
     """Run `job` unless its `done` file exists; its output goes to OUT/logs; a failure stops everything."""
     record = {"name": job.name, "command": shlex.join(job.argv), "estimate_s": round(job.estimate_s)}
@@ -236,7 +249,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     ensure_start(args)
     out.mkdir(parents=True, exist_ok=True)
     info, log, t0 = machine(), [], time.time()
-    for job in training_jobs(args, out):
+    for job, (arm, seed) in zip(training_jobs(args, out), [(a, s) for s in args.seeds for a in args.arms]):
+        if job.done.exists():
+            check_reused_arm(arm_dir(out, arm, seed), args, seed)
         run_job(job, out, log)
     for job in eval_jobs(args, out):  # rebuilt: the eval preset exists only once an arm has trained
         run_job(job, out, log)

@@ -56,6 +56,17 @@ def test_plan_matches_compute_and_scores_order_only_at_the_matched_temperature(t
     assert {a[a.index("--max-samples") + 1] for a in evals.values()} == {"48"}  # same rows for every model
 
 
+def test_a_finished_arm_with_other_settings_is_not_reused(tmp_path):
+    args = arms.parse_args(["--out", str(tmp_path), "--steps", "10"])
+    run = tmp_path / "grpo_s0"
+    run.mkdir()
+    (run / "config.yaml").write_text(f"seed: 0\nmodel:\n  name_or_path: {args.start}\noptim:\n  max_steps: 12\n")
+    with pytest.raises(SystemExit, match=r"max_steps 12 \(asked: 10\)"):
+        arms.check_reused_arm(run, args, seed=0)
+    (run / "config.yaml").write_text(f"seed: 0\nmodel:\n  name_or_path: {args.start}\noptim:\n  max_steps: 10\n")
+    arms.check_reused_arm(run, args, seed=0)
+
+
 def test_missing_warm_start_says_how_to_make_it(tmp_path):
     args = arms.parse_args(["--out", str(tmp_path), "--start", str(tmp_path / "nothing" / "final")])
     with pytest.raises(SystemExit, match="grailcore.sft --cfg configs/demo_sft_gun.py"):
