@@ -107,6 +107,8 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpointing", action="store_true", help="HF gradient checkpointing on")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--vllm-engine", action="store_true",
+                        help="then measure everything again with an in-process vLLM engine alive (rows '+vllm')")
     parser.add_argument("--csv", default="bench/results/flops.csv")
     args = parser.parse_args(argv)
     if args.threads:
@@ -141,14 +143,41 @@ def main(argv=None) -> None:
     flops["shared"] = shape.training_flops(*packed_work(packs))
     load = open("/proc/loadavg").read().split()[0]
     began = time.time()
+    rows = measure_rows(calls, flops, args, lm, load, suffix="")
+    if args.vllm_engine:  # the same calls again, now with a live in-process engine beside them
+        engine = _start_engine(args.model, args.prompt_lens, max(args.completion_lens))
+        rows += measure_rows(calls, flops, args, lm, load, suffix="+vllm")
+        engine.close()
+    print(f"load {load} at start, {time.time() - began:.0f} s")
+    write_csv(args.csv, rows)
+    print(markdown_rows(rows, list(rows[0]), header=True))
+
+
+def _start_engine(model: str, prompt_lens: list[int], max_new: int):
+    """A VLLMEngine for `model` that has generated once (what the trainer's process holds)."""
+    from grailcore import dist as gdist
+    from grailcore.config import Config, RolloutConfig
+    from grailcore.model import resolve_model_path
+    from grailcore.rollout.vllm_engine import VLLMEngine
+    from grailcore.types import SamplingParams
+
+    cfg = Config(seed=0, rollout=RolloutConfig(max_prompt_tokens=max(prompt_lens), max_completion_tokens=max_new,
+                                               vllm_kv_cache_bytes=256 << 20))
+    engine = VLLMEngine.create(resolve_model_path(model), cfg, gdist.init_distributed())
+    engine.generate([[1] * n for n in prompt_lens], SamplingParams(n=4, temperature=1.0, max_tokens=max_new, seed=0))
+    return engine
+
+
+def measure_rows(calls, flops, args, lm, load, suffix: str) -> list[dict]:
     results = measure_round_robin(calls, device="cpu", warmup=1, repeats=args.repeats,
                                   after_each=lambda name: lm.zero_grad(set_to_none=True))
     peak = max(flops[n] / results[n].median_s for n in calls if n.startswith("mm"))
     peak_cpu = max(flops[n] / results[n].median_cpu_s for n in calls if n.startswith("mm"))
+    print(f"matmul peak{suffix} {peak / 1e9:.1f} GFLOP/s ({peak_cpu / 1e9:.1f} per CPU-second)")
     rows = []
     for name, m in results.items():
         rows.append({
-            "name": name, "model": args.model if not name.startswith("mm") else "-",
+            "name": name + suffix, "model": args.model if not name.startswith("mm") else "-",
             "checkpointing": args.checkpointing, "threads": torch.get_num_threads(), "load_1min": load,
             "median_s": round(m.median_s, 3), "median_cpu_s": round(m.median_cpu_s, 3),
             "gflop": round(flops[name] / 1e9, 1), "gflop_per_s": round(flops[name] / m.median_s / 1e9, 1),
@@ -156,10 +185,7 @@ def main(argv=None) -> None:
             "of_peak_cpu_time": round(flops[name] / m.median_cpu_s / peak_cpu, 3),
             "peak_extra_mib": round(m.peak_mib),
         })
-    write_csv(args.csv, rows)
-    print(f"load {load} at start, {time.time() - began:.0f} s; matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"({peak_cpu / 1e9:.1f} per CPU-second)")
-    print(markdown_rows(rows, list(rows[0]), header=True))
+    return rows
 
 
 if __name__ == "__main__":
