@@ -98,6 +98,17 @@ def python_module(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
 
 
+def shown(argv: list[str]) -> str:
+    """`argv` as a shell line for the record, the interpreter relative to the repository
+    (no path of this machine in results)."""
+    exe = Path(argv[0])
+    try:
+        exe = exe.relative_to(REPO)
+    except ValueError:
+        exe = Path("python")
+    return shlex.join([str(exe), *argv[1:]])
+
+
 def arm_dir(out: Path, arm: str, seed: int) -> Path:
     return out / f"{arm}_s{seed}"
 
@@ -191,7 +202,7 @@ def check_reused_arm(run: Path, args: argparse.Namespace, seed: int) -> None:
 
 def run_job(job: Job, out: Path, log: list[dict]) -> None:
     """Run `job` unless its `done` file exists; its output goes to OUT/logs; a failure stops everything."""
-    record = {"name": job.name, "command": shlex.join(job.argv), "estimate_s": round(job.estimate_s)}
+    record = {"name": job.name, "command": shown(job.argv), "estimate_s": round(job.estimate_s)}
     if job.done.exists():
         log.append({**record, "skipped": f"{job.done} exists"})
         print(f"[skip] {job.name}: {job.done} exists", flush=True)
@@ -214,7 +225,7 @@ def run_job(job: Job, out: Path, log: list[dict]) -> None:
 def ensure_start(args: argparse.Namespace) -> None:
     if (Path(args.start) / "config.json").is_file():
         return
-    make = shlex.join(python_module("grailcore.sft", "--cfg", args.sft_cfg, "--run-dir", str(Path(args.start).parent)))
+    make = shown(python_module("grailcore.sft", "--cfg", args.sft_cfg, "--run-dir", str(Path(args.start).parent)))
     if not args.build_start or Path(args.start).name != "final":
         raise SystemExit(f"the SFT warm start {args.start} is missing (no config.json). Make it first:\n  {make}\n"
                          "(about 20 min on 2 CPU cores), rerun with --build-start to have this script do it, "
@@ -227,7 +238,7 @@ def machine() -> dict:
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
                            capture_output=True, text=True).stdout.strip()
-    return {"host": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
+    return {"platform": platform.platform(), "python": platform.python_version(),
             "cpus": os.cpu_count(), "load_average": [round(x, 2) for x in os.getloadavg()],
             "commit": git.stdout.strip() + (" (working tree has uncommitted changes)" if dirty else ""),
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
@@ -244,7 +255,7 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"(SmolLM2-135M speeds on 2 shared CPU cores; other models and loads scale it)", flush=True)
     if args.dry_run:
         for job in jobs:
-            print(("[done] " if job.done.exists() else f"[~{job.estimate_s / 60:4.1f} min] ") + shlex.join(job.argv))
+            print(("[done] " if job.done.exists() else f"[~{job.estimate_s / 60:4.1f} min] ") + shown(job.argv))
         return None
     ensure_start(args)
     out.mkdir(parents=True, exist_ok=True)
