@@ -209,15 +209,7 @@ def lora_run_config(run_dir: Path, **overrides) -> Config:
     return dataclasses.replace(cfg, **overrides)
 
 
-def _run(cfg: Config) -> dict:
-    from grailcore.loop import train
-    from grailcore.setup import build
-
-    parts = build(cfg)
-    try:
-        return train(parts, cfg)
-    finally:
-        parts.engine.close()
+from test_loop import _run  # noqa: E402  (build + train + close the engine, as the loop tests do)
 
 
 def _rows(run_dir: Path) -> list[dict]:
