@@ -30,8 +30,15 @@ def main(argv: list[str] | None = None) -> dict:
         if cfg.dry_run:
             from grailcore.dry_run import dry_run
 
-            return dry_run(parts, cfg)
-        return train(parts, cfg)
+            result = dry_run(parts, cfg)
+        else:
+            result = train(parts, cfg)
+        # Only after a clean run (a failed rank would leave its peers waiting here): no rank
+        # tears its group down while a peer's gloo work may still be in flight, which can
+        # abort the peer at exit ("terminate called without an active exception", seen once
+        # in CI after a finished 2-rank dry run).
+        dist.barrier()
+        return result
     finally:
         if parts.engine is not None:
             parts.engine.close()
