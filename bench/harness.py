@@ -95,14 +95,26 @@ def measure_round_robin(calls, *, device, warmup=1, repeats=3, after_each=None):
 
 
 def write_csv(path, rows):
-    """Append `rows` (dicts with the same keys) to `path`, writing a header if it is new."""
+    """Append `rows` (dicts with the same keys) to `path`, writing a header if it is new. When
+    the file's columns differ (a benchmark gained a column), it is rewritten with the union
+    of both, older rows left blank in the new columns."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    is_new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if is_new:
+    fields = list(rows[0])
+    old: list[dict] = []
+    if path.exists() and path.stat().st_size:
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames == fields:
+                old = None
+            else:
+                old = list(reader)
+                fields = list(reader.fieldnames) + [f for f in fields if f not in reader.fieldnames]
+    with path.open("a" if old is None else "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        if old is not None:
             writer.writeheader()
+            writer.writerows(old)
         writer.writerows(rows)
 
 

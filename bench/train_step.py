@@ -24,8 +24,8 @@ import time
 
 import torch
 
-from bench.flops import DecoderShape, packed_work, padded_work
-from bench.harness import _CpuPeak, markdown_rows, write_csv
+from bench.flops import DecoderShape, matmul_peak_calls, packed_work, padded_work
+from bench.harness import _CpuPeak, markdown_rows, measure_round_robin, write_csv
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS, GROUP, MAX_NEW = 2, 4, 64
@@ -98,6 +98,7 @@ class GrailcoreSystem:
         return {"step_s": t["time/step"], "generation_s": t["time/generation"] + t["time/scoring"],
                 "generation_cpu_s": self.parts.engine.cpu_s,
                 "training_s": t["time/training"], "weight_sync_s": t.get("time/weight_sync", 0.0),
+                "forward_backward_s": metrics["time/forward_backward"],
                 "completion_tokens": int(metrics["tokens/completion"]), "trained_tokens": work[0], "work": work}
 
 
@@ -161,12 +162,19 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
     shape = DecoderShape.from_config(systems[0].parts.policy.lm.config)
     records: list[dict] = []
     peak = _CpuPeak()
+    gemm, gemm_flops = matmul_peak_calls(sizes=(2048,))
+
+    def matmul_peak() -> float:
+        """GFLOP/s of a 2048^3 fp32 GEMM measured now, so each step's FLOP/s has a peak taken under the same load."""
+        result = measure_round_robin(gemm, device="cpu", warmup=1, repeats=3)["mm2048"]
+        return gemm_flops["mm2048"] / result.median_s / 1e9
 
     def measured(name: str, step: int, fn) -> None:
         peak.start()
         began_cpu = time.process_time()
         row = fn()
-        row.update(system=name, step=step, cpu_s=time.process_time() - began_cpu, peak_extra_mib=peak.stop())
+        row.update(system=name, step=step, cpu_s=time.process_time() - began_cpu, peak_extra_mib=peak.stop(),
+                   matmul_peak_gflop_per_s=matmul_peak())
         records.append(row)
 
     class Interleave(TrainerCallback):
@@ -182,8 +190,9 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
                             "generation_s": trainer.bench_generation_s,
                             "generation_cpu_s": trainer.bench_generation_cpu_s,
                             "training_s": step_s - trainer.bench_generation_s, "weight_sync_s": 0.0,
+                            "forward_backward_s": float("nan"),  # TRL's training phase is not split
                             "completion_tokens": int(sum(completion_lens)), "trained_tokens": work[0], "work": work,
-                            "cpu_s": cpu_s, "peak_extra_mib": mib})
+                            "cpu_s": cpu_s, "peak_extra_mib": mib, "matmul_peak_gflop_per_s": matmul_peak()})
             for system in systems:
                 measured(system.name, state.global_step - 1, system.step)
 
@@ -193,6 +202,9 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
         flops = shape.training_flops(*row.pop("work"))
         row["training_cpu_s"] = row["cpu_s"] - row["generation_cpu_s"]
         row["train_gflop_per_s"] = flops / row["training_s"] / 1e9
+        row["fwd_bwd_gflop_per_s"] = flops / row["forward_backward_s"] / 1e9
+        row["fwd_bwd_of_peak"] = row["fwd_bwd_gflop_per_s"] / row["matmul_peak_gflop_per_s"]
+        row["train_of_peak"] = row["train_gflop_per_s"] / row["matmul_peak_gflop_per_s"]
         row["train_gflop_per_cpu_s"] = flops / row["training_cpu_s"] / 1e9
         row["completion_tok_per_s"] = row["completion_tokens"] / row["step_s"]
         row["trained_tok_per_s"] = row["trained_tokens"] / row["training_s"]
@@ -215,6 +227,10 @@ def summarize(records: list[dict], warmup: int) -> list[dict]:
             "completion_tok_per_s": round(m["completion_tok_per_s"], 2),
             "trained_tok_per_s": round(m["trained_tok_per_s"], 1),
             "train_gflop_per_s": round(m["train_gflop_per_s"], 1),
+            "forward_backward_s": round(m["forward_backward_s"], 1),
+            "fwd_bwd_gflop_per_s": round(m["fwd_bwd_gflop_per_s"], 1),
+            "matmul_peak_gflop_per_s": round(m["matmul_peak_gflop_per_s"], 1),
+            "train_of_peak": round(m["train_of_peak"], 3), "fwd_bwd_of_peak": round(m["fwd_bwd_of_peak"], 3),
             "train_gflop_per_cpu_s": round(m["train_gflop_per_cpu_s"], 1),
             "peak_extra_mib": round(m["peak_extra_mib"]), "cpu_s": round(m["cpu_s"], 1),
             "generation_cpu_s": round(m["generation_cpu_s"], 1), "training_cpu_s": round(m["training_cpu_s"], 1),

@@ -79,7 +79,10 @@ def _step_metrics(rollouts: Rollouts, adv, updates: list[UpdateStats], parts: Pa
               "entropy": first.entropy, "grad_norm": first.grad_norm,
               "rollout/logprob_diff": first.logprob_diff,
               "lr": parts.scheduler.get_last_lr()[0],
-              "grpo/skipped_updates": float(sum(u.skipped for u in updates))})
+              "grpo/skipped_updates": float(sum(u.skipped for u in updates)),
+              # Sub-phases of time/training (the rest: micro-batching, frozen old/ref log-probs).
+              "time/forward_backward": sum(u.forward_backward_s for u in updates),
+              "time/optimizer": sum(u.optimizer_s for u in updates)})
     return m
 
 

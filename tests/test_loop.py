@@ -55,9 +55,12 @@ def _run(cfg: Config) -> dict:
         parts.engine.close()
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _rewards(run_dir: Path) -> list[float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["reward/total"] for r in rows if "reward/total" in r]
+    return [r["reward/total"] for r in _rows(run_dir) if "reward/total" in r]
 
 
 def test_grpo_raises_a_trivial_reward(tmp_path):
@@ -67,6 +70,9 @@ def test_grpo_raises_a_trivial_reward(tmp_path):
     assert len(rewards) == cfg.optim.max_steps
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4
     assert last > first + 0.05, f"reward did not rise: first steps {rewards[:4]}, last {rewards[-4:]}"
+    for row in (r for r in _rows(tmp_path / "run") if "time/training" in r):  # training's sub-phases
+        assert 0 < row["time/forward_backward"] and 0 < row["time/optimizer"]
+        assert row["time/forward_backward"] + row["time/optimizer"] <= row["time/training"]
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")

@@ -5,7 +5,6 @@ adapter-only checkpoints that resume exactly, and a 2-process FSDP2 run."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -209,11 +208,7 @@ def lora_run_config(run_dir: Path, **overrides) -> Config:
     return dataclasses.replace(cfg, **overrides)
 
 
-from test_loop import _run  # noqa: E402  (build + train + close the engine, as the loop tests do)
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from test_loop import _rows, _run  # noqa: E402  (build + train + close the engine, as the loop tests do)
 
 
 def _steps(run_dir: Path) -> list[dict]:

@@ -24,3 +24,14 @@ def test_round_robin_times_and_peak_memory(tmp_path):
     with path.open() as handle:
         assert [row["method"] for row in csv.DictReader(handle)] == list(calls) * 2
     assert markdown_rows(rows, ["method"], header=True).splitlines()[2] == "| allocates_256_mib |"
+
+
+def test_write_csv_widens_the_file_when_a_benchmark_gains_a_column(tmp_path):
+    path = tmp_path / "out.csv"
+    write_csv(path, [{"method": "a", "s": 1.0}])
+    write_csv(path, [{"method": "b", "s": 2.0, "gflop": 9.5}])
+    write_csv(path, [{"method": "c", "s": 3.0, "gflop": 7.0}])
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["method"], r["s"], r["gflop"]) for r in rows] == [("a", "1.0", ""), ("b", "2.0", "9.5"),
+                                                                  ("c", "3.0", "7.0")]
