@@ -8,7 +8,6 @@ field (`--optim.lr 1e-6 --grpo.group-size 8`). Nothing mutates a config once bui
 from __future__ import annotations
 
 import dataclasses
-import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -205,11 +204,7 @@ class SFTConfig:
     batch_size: int = 8
     """Examples per optimizer step (split into optim.micro_batch_size chunks)."""
     rationale: str = "The viewer's profile and recent viewing point to option {answer}."
-    """Viewer task: the <think> text of each target. Placeholders: {answer} (the gold option
-    number), {title} (its title as shown), {ideology} (the viewer's stated ideology, shown in
-    the prompt) and {sides}
-    (the shown options grouped by side, "for 1, 4; against 2; neutral 3", from the
-    videos' stances: synthetic studies and data that store `option_stances` only)."""
+    """Viewer task: the <think> text of each target; {answer} is the gold option number."""
 
 
 @dataclass(frozen=True)
@@ -261,17 +256,6 @@ class ConfigError(ValueError):
     """An impossible or inconsistent setting; the message names the field."""
 
 
-RATIONALE_FIELDS = frozenset({"answer", "ideology", "sides", "title"})
-
-
-def _fields(template: str) -> set[str]:
-    """The {name} placeholders of a str.format template (a malformed one raises ConfigError)."""
-    try:
-        return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
-    except ValueError as exc:
-        raise ConfigError(f"sft.rationale is not a valid format template ({exc}): {template!r}") from None
-
-
 def validate(cfg: Config) -> None:
     """Fail fast on settings that cannot work. Raises ConfigError naming the field."""
     checks = [
@@ -304,9 +288,6 @@ def validate(cfg: Config) -> None:
         (cfg.eval.permutations >= 0, "eval.permutations must be >= 0 (0 = shown order only)"),
         (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
         (cfg.gail.disc_steps >= 1, "gail.disc_steps must be >= 1"),
-        (_fields(cfg.sft.rationale) <= RATIONALE_FIELDS,
-         f"sft.rationale: unknown placeholder(s) {sorted(_fields(cfg.sft.rationale) - RATIONALE_FIELDS)}; "
-         f"available: {sorted(RATIONALE_FIELDS)}"),
         (0 <= cfg.gail.replay_ratio <= 1, "gail.replay_ratio must be in [0, 1]"),
     ]
     for ok, message in checks:

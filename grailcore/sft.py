@@ -24,41 +24,11 @@ from grailcore.types import Completion
 log = logging.getLogger(__name__)
 
 
-SIDE_THRESHOLD = 0.15
-"""|stance| at or below this is "neutral" (the synthetic catalog's neutral videos lie in
-[-0.15, 0.15]; its one-sided ones beyond)."""
-
-
-def option_sides(example: Example) -> str:
-    """"for 1, 4; against 2; neutral 3": the shown options grouped by their side on the issue
-    (for = pro-regulation / pro-increase), from `meta["option_stances"]`. Grouped, not listed
-    one by one, so the text has a fixed shape a small model cannot run on past the slate."""
-    stances = _meta(example, "option_stances", "sides")
-    groups: dict[str, list[str]] = {"for": [], "against": [], "neutral": []}
-    for k, s in enumerate(stances, 1):
-        groups["for" if s > SIDE_THRESHOLD else "against" if s < -SIDE_THRESHOLD else "neutral"].append(str(k))
-    return "; ".join(f"{side} {', '.join(ks) or 'none'}" for side, ks in groups.items())
-
-
-def _meta(example: Example, key: str, placeholder: str) -> tuple:
-    value = example.meta.get(key)
-    if value is None:
-        raise ValueError(f"example {example.example_id!r} ({example.source or 'unnamed source'}) stores no "
-                         f"meta[{key!r}], so sft.rationale cannot use {{{placeholder}}}: drop it from the rationale "
-                         "or use data built from our schema, which records it (synthetic studies do)")
-    return value
-
-
 def sft_target(example: Example, rationale: str) -> str:
     """The completion a perfect simulator writes for `example` (viewer or math)."""
     if example.task == "math":
         return f"<think>\nThe answer is {example.answer}.\n</think>\n<answer>{example.answer}</answer>"
-    fields = {"answer": example.gold_index, "ideology": example.meta.get("viewer_ideology", "unstated")}
-    if "{sides}" in rationale:
-        fields["sides"] = option_sides(example)
-    if "{title}" in rationale:
-        fields["title"] = _meta(example, "option_titles", "title")[example.gold_index - 1]
-    think = rationale.format(**fields)
+    think = rationale.format(answer=example.gold_index)
     opinion = f"<opinion>{example.opinion_direction}</opinion>" if example.opinion_direction else ""
     return f"<think>\n{think}\n</think>\n<answer>{example.gold_index}</answer>{opinion}"
 

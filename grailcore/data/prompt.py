@@ -124,7 +124,6 @@ def build_example(decision: Decision, *, max_history: int = 12, show_ids: bool =
         viewer_id=decision.viewer.viewer_id, source=source,
         meta={"session_id": decision.session_id, "step": decision.step, "slate_design": decision.slate_design,
               "shown_order": tuple(order), "option_stances": tuple(decision.slate[i].stance for i in order),
-              "option_titles": tuple(decision.slate[i].title for i in order),
               "viewer_ideology": decision.viewer.ideology, "initial_viewpoint": decision.initial_viewpoint},
     )
 
