@@ -1,7 +1,8 @@
 """Results of experiments/fidelity_arms.py: read every evaluation's metrics.json, write
 OUT/results.json and OUT/results.md (a table per temperature with 95% intervals, the
 fidelity-vs-temperature plot, the commands, the machine, tokens trained per arm and a
-verdict computed from the numbers). Standard library only; matplotlib for the plot."""
+verdict computed from the numbers, with paired differences between the arms it compares).
+matplotlib for the plot; grailcore.evaluation.compare for the paired differences."""
 
 from __future__ import annotations
 
@@ -96,13 +97,37 @@ def intervals_overlap(table: dict, arm_a: str, t_a: str, arm_b: str, t_b: str, m
     return any(known) if known else None
 
 
+Paired = Callable[[str, str, str, str], dict]
+"""(label A, T of A, label B, T of B) -> {metric: Estimate of mean(A - B) over the same rows}."""
+
+
+def _first_label(rows: dict, arm: str) -> str:
+    return next(label for label in rows if arm_of(label) == arm)
+
+
+def _difference_words(table: dict, arm_a: str, t_a: str, arm_b: str, t_b: str, metric: str,
+                      paired: Paired | None) -> str:
+    """The paired difference A - B with its interval when the completions are at hand, else
+    whether the two per-model intervals overlap."""
+    if paired is None:
+        return _overlap_words(intervals_overlap(table, arm_a, t_a, arm_b, t_b, metric))
+    label_a, label_b = _first_label(table[t_a], arm_a), _first_label(table[t_b], arm_b)
+    d = paired(label_a, t_a, label_b, t_b)[metric]
+    if d.lo != d.lo:  # nan: no bootstrap
+        return f"paired difference {label_a} - {label_b} {d.value:+.3f} (no interval: n_boot = 0)"
+    separated = d.hi < 0 or d.lo > 0
+    return (f"paired difference {label_a} - {label_b} on the same rows {d.value:+.3f} "
+            f"[{d.lo:+.3f}, {d.hi:+.3f}] (bootstrap over viewers): "
+            + ("the interval excludes 0" if separated else "the interval includes 0, so these rows do not separate them"))
+
+
 def _overlap_words(flag: bool | None) -> str:
     return {True: "their 95% intervals overlap, so these rows do not separate them",
             False: "their 95% intervals do not overlap",
             None: "no intervals were computed (n_boot = 0)"}[flag]
 
 
-def _ranking(table: dict, metric: str, name: str) -> list[str]:
+def _ranking(table: dict, metric: str, name: str, paired: Paired | None = None) -> list[str]:
     """Which arm is lowest on `metric` at its own best temperature, by how much, and GRAIL
     against temperature-tuned SFT."""
     best = best_temperatures(table, metric)
@@ -114,7 +139,7 @@ def _ranking(table: dict, metric: str, name: str) -> list[str]:
     lead = (f"**{win}** ({v_win:.3f} at T={t_win}), ahead of {second} ({v_2:.3f} at T={t_2}) by {v_2 - v_win:.3f}"
             if len(tied) == 1 else f"a tie between {', '.join(tied)} ({v_win:.3f})")
     lines = [f"Lowest {name} at each arm's best temperature: {lead}; "
-             f"{_overlap_words(intervals_overlap(table, win, t_win, second, t_2, metric))}. "
+             f"{_difference_words(table, win, t_win, second, t_2, metric, paired)}. "
              "All: " + ", ".join(f"{a} {v:.3f} (T={t})" for a, (t, v) in ranked) + "."]
     if "grail" in best and "sft" in best:
         (tg, vg), (ts, vs) = best["grail"], best["sft"]
@@ -122,7 +147,7 @@ def _ranking(table: dict, metric: str, name: str) -> list[str]:
                    else "**does not beat** temperature-tuned SFT")
         lines.append(f"GRAIL vs temperature-tuned SFT on {name}: GRAIL {vg:.3f} (T={tg}) vs SFT {vs:.3f} (T={ts}): "
                      f"GRAIL {outcome} (difference {vg - vs:+.3f}); "
-                     f"{_overlap_words(intervals_overlap(table, 'grail', tg, 'sft', ts, metric))}.")
+                     f"{_difference_words(table, 'grail', tg, 'sft', ts, metric, paired)}.")
     return lines
 
 
@@ -148,10 +173,10 @@ def _parse_warnings(table: dict) -> list[str]:
     return out
 
 
-def verdict(table: dict, references: dict, matched: str) -> list[str]:
-    """Plain sentences computed from `table`; nothing here is fixed in advance."""
-    lines = _ranking(table, "tv", "TV to the true choice probabilities")
-    lines += _ranking(table, "nll", "NLL of the human's choice")
+def verdict(table: dict, references: dict, matched: str, paired: Paired | None = None) -> list[str]:
+    """Plain sentences computed from `table` (and the paired differences); nothing here is fixed in advance."""
+    lines = _ranking(table, "tv", "TV to the true choice probabilities", paired)
+    lines += _ranking(table, "nll", "NLL of the human's choice", paired)
     floor, uniform, true = (references.get(k) for k in ("tv_floor", "nll_uniform", "nll_true"))
     gap = _gap_closed(table, floor)
     lines += [gap] if gap else []
@@ -167,7 +192,9 @@ def verdict(table: dict, references: dict, matched: str) -> list[str]:
                      f"{cell(acc[top])}" + (f" (Bayes-optimal {bayes['value']:.3f})" if bayes else "") + ".")
     lines += _parse_warnings(table)
     lines.append("Caveat: each arm's best temperature is picked on the same rows it is reported on, which "
-                 "flatters every arm alike; intervals resample viewers and are per model, not paired.")
+                 "flatters every arm alike; the tables' intervals are per model, the differences above "
+                 + ("paired (one viewer bootstrap over the same rows, seed-0 models)." if paired else
+                    "compare per-model intervals (no completions were at hand for paired ones)."))
     return lines
 
 
@@ -273,9 +300,18 @@ def write_results(args: argparse.Namespace, out: Path, info: dict, runs: list[di
     """Everything in OUT/results.json and OUT/results.md; prints the verdict."""
     collected = collect(labels, args.temperatures, eval_dir)
     matched = f"{args.matched_temperature:g}"
+
+    def paired(label_a: str, t_a: str, label_b: str, t_b: str) -> dict:
+        from grailcore.evaluation.compare import paired_differences
+
+        dir_a, dir_b = eval_dir(label_a, float(t_a)), eval_dir(label_b, float(t_b))
+        alpha = json.loads((dir_a / "metrics.json").read_text())["fidelity"]["smoothing_alpha"]
+        return paired_differences(dir_a / "completions.jsonl", dir_b / "completions.jsonl", alpha,
+                                  n_boot=args.n_boot, seed=args.eval_seed)
+
     result = {"argv": argv, "options": vars(args), "machine": info, "runs": runs,
               "compute": training_compute(run_dirs), **collected,
-              "verdict": verdict(collected["table"], collected["references"], matched)}
+              "verdict": verdict(collected["table"], collected["references"], matched, paired)}
     image = plot(result["table"], result["references"], out / "fidelity_vs_temperature.png")
     (out / "results.json").write_text(json.dumps(result, indent=2, default=str))
     (out / "results.md").write_text(_markdown(args, result, image))

@@ -120,6 +120,27 @@ def test_pipeline_end_to_end_on_micro_llama(tmp_path):
     assert result["compute"]["sft/s0"]["lr"] == "0.0002"  # the SFT preset's own rate
     text = (out / "results.md").read_text()
     assert "## Verdict" in text and "## T = 1 (matched)" in text and "grailcore.eval" in text
+    assert "paired difference" in text and "(bootstrap over viewers)" in text  # the verdict pairs the arms
     assert (out / "fidelity_vs_temperature.png").stat().st_size > 0
     again = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)  # all done: resumes
     assert again.returncode == 0 and again.stdout.count("[skip]") == 11, again.stdout[-2000:]
+
+
+def test_verdict_reports_the_paired_difference_of_the_arms_it_compares():
+    from grailcore.evaluation.bootstrap import Estimate
+
+    table = {"0.7": {"start": row(0.40, 1.50), "sft/s0": row(0.20, 1.30), "grail/s0": row(0.35, 1.45)},
+             "1.3": {"start": row(0.45, 1.60), "sft/s0": row(0.30, 1.40), "grail/s0": row(0.25, 1.35)}}
+    refs = {"tv_floor": est(0.10), "nll_uniform": est(1.39), "nll_true": est(1.20), "samples_per_row": 4}
+    asked = []
+
+    def paired(label_a, t_a, label_b, t_b):
+        asked.append((label_a, t_a, label_b, t_b))
+        return {"tv": Estimate(-0.05, -0.08, -0.02), "nll": Estimate(-0.05, -0.11, 0.01)}
+
+    text = "\n".join(report.verdict(table, refs, matched="1.3", paired=paired))
+    assert ("sft/s0", "0.7", "grail/s0", "1.3") in asked  # the winner against the runner-up, each at its best T
+    assert ("grail/s0", "1.3", "sft/s0", "0.7") in asked  # GRAIL against temperature-tuned SFT
+    assert "paired difference sft/s0 - grail/s0 on the same rows -0.050 [-0.080, -0.020]" in text
+    assert "the interval excludes 0" in text and "the interval includes 0" in text  # tv separates, nll does not
+    assert "do not overlap" not in text and "paired (one viewer bootstrap" in text

@@ -1,0 +1,46 @@
+"""Paired comparison of two models scored on the same rows: the per-row differences in TV
+to the true choice probabilities, NLL of the human's choice and accuracy, with one
+bootstrap over viewers, so the interval is that of the difference. Two per-model intervals
+can overlap while the paired difference clearly excludes 0 (and vice versa)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
+from grailcore.evaluation.completions_io import read_completions
+from grailcore.evaluation.fidelity import choice_counts, gold_nll, smoothed_probs, total_variation
+from grailcore.evaluation.metrics import correct_sample_mean
+from grailcore.evaluation.rows import ScoredRows, score_completions
+
+
+def per_row_scores(rows: ScoredRows, alpha: float) -> dict[str, np.ndarray]:
+    """[N] each: TV to the true probabilities (synthetic rows only), NLL of the gold option
+    under the k-sample choice distribution smoothed with `alpha`, mean accuracy over k."""
+    probs = smoothed_probs(choice_counts(rows), rows.n_options, alpha)  # [N, W]
+    out = {"nll": gold_nll(probs, rows.gold), "acc": correct_sample_mean(rows)}
+    if rows.true_choice_probs is not None:
+        out["tv"] = total_variation(probs, rows.true_choice_probs)
+    return out
+
+
+def paired_differences(path_a: str | Path, path_b: str | Path, alpha: float, n_boot: int = 1000, seed: int = 0,
+                       confidence: float = 0.95) -> dict[str, Estimate]:
+    """Mean of (A - B) per row for every score both files support, from two completions
+    files of `grailcore.eval` over the same rows in the same order (negative TV / NLL
+    differences favour A). Raises ValueError naming the first row that differs."""
+    examples_a, completions_a = read_completions(path_a)
+    examples_b, completions_b = read_completions(path_b)
+    if len(examples_a) != len(examples_b):
+        raise ValueError(f"{path_a} has {len(examples_a)} rows and {path_b} {len(examples_b)}: "
+                         "a paired comparison needs the same rows (same --split, --max-samples and --seed)")
+    for i, (a, b) in enumerate(zip(examples_a, examples_b)):
+        if (a.example_id, a.gold_index, a.n_options) != (b.example_id, b.gold_index, b.n_options):
+            raise ValueError(f"row {i + 1} differs: {a.example_id!r} (gold {a.gold_index}) in {path_a} vs "
+                             f"{b.example_id!r} (gold {b.gold_index}) in {path_b}; evaluate both on the same rows")
+    scores_a = per_row_scores(score_completions(examples_a, completions_a), alpha)
+    scores_b = per_row_scores(score_completions(examples_b, completions_b), alpha)
+    plan = make_plan([ex.viewer_id for ex in examples_a], n_boot, seed, confidence)
+    return {name: mean_estimate(scores_a[name] - scores_b[name], plan) for name in scores_a if name in scores_b}
