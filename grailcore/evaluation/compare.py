@@ -1,10 +1,14 @@
 """Paired comparison of two models scored on the same rows: the per-row differences in TV
 to the true choice probabilities, NLL of the human's choice and accuracy, with one
 bootstrap over viewers, so the interval is that of the difference. Two per-model intervals
-can overlap while the paired difference clearly excludes 0 (and vice versa)."""
+can overlap while the paired difference clearly excludes 0 (and vice versa).
+
+    python -m grailcore.evaluation.compare runs/eval_a/completions.jsonl runs/eval_b/completions.jsonl
+"""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import numpy as np
@@ -44,3 +48,24 @@ def paired_differences(path_a: str | Path, path_b: str | Path, alpha: float, n_b
     scores_b = per_row_scores(score_completions(examples_b, completions_b), alpha)
     plan = make_plan([ex.viewer_id for ex in examples_a], n_boot, seed, confidence)
     return {name: mean_estimate(scores_a[name] - scores_b[name], plan) for name in scores_a if name in scores_b}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Estimate]:
+    parser = argparse.ArgumentParser(prog="python -m grailcore.evaluation.compare",
+                                     description="Paired differences A - B of two `grailcore.eval` completions files "
+                                                 "over the same rows (negative TV / NLL favour A).")
+    parser.add_argument("a")
+    parser.add_argument("b")
+    parser.add_argument("--alpha", type=float, default=1.0, help="choice smoothing (grailcore.eval's default: 1)")
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    diffs = paired_differences(args.a, args.b, args.alpha, args.n_boot, args.seed)
+    print("| score | mean(A - B) | 95% interval | excludes 0 |\n|---|---|---|---|")
+    for name, d in diffs.items():
+        print(f"| {name} | {d.value:+.4f} | [{d.lo:+.4f}, {d.hi:+.4f}] | {'yes' if d.lo > 0 or d.hi < 0 else 'no'} |")
+    return diffs
+
+
+if __name__ == "__main__":
+    main()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from grailcore.evaluation.baselines import fit_position_prior
-from grailcore.evaluation.compare import paired_differences, per_row_scores
+from grailcore.evaluation.compare import main, paired_differences, per_row_scores
 from grailcore.evaluation.completions_io import write_completions
 from grailcore.evaluation.fidelity import choice_fidelity
 from grailcore.evaluation.rows import score_completions
@@ -73,3 +73,12 @@ def test_different_rows_are_refused_with_the_row_named(tmp_path):
         paired_differences(a, b, alpha=1.0)
     with pytest.raises(ValueError, match="needs the same rows"):
         paired_differences(a, _write(tmp_path / "c.jsonl", examples[:4], [[1]] * 4), alpha=1.0)
+
+
+def test_cli_prints_the_table(tmp_path, capsys):
+    examples = _rows(10)
+    a = _write(tmp_path / "a.jsonl", examples, [[1, 1, 2]] * len(examples))
+    b = _write(tmp_path / "b.jsonl", examples, [[3, 3, 3]] * len(examples))
+    diffs = main([str(a), str(b), "--n-boot", "100"])
+    out = capsys.readouterr().out
+    assert f"| tv | {diffs['tv'].value:+.4f} |" in out and out.count("| yes |") == 3
