@@ -11,8 +11,9 @@ OUT/results.json. Resumable: a finished arm (its final/) or evaluation (metrics.
 
     .venv/bin/python experiments/fidelity_arms.py --out runs/fidelity [--steps 10 --seeds 0 1]
 
-Standard library only (matplotlib draws the plot when installed); every training and
-evaluation run is a `python -m grailcore.*` subprocess in the repository root, and relative
+Needs grailcore installed (scripts/setup.sh does it) for the report's paired differences;
+matplotlib draws the plot when installed. Every training and evaluation run is a
+`python -m grailcore.*` subprocess in the repository root, and relative
 paths in the options are relative to the repository root too.
 """
 
