@@ -50,6 +50,11 @@ class _StopFlag:
     def _handle(self, signum, frame) -> None:
         if self.requested:  # a second signal: the user does not want to wait for the step
             self.uninstall()
+            # Not the previous handler: a library (an engine) may have installed one that
+            # only flags a shutdown, and the user asked to stop now.
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
         log.warning("signal %s: checkpointing after this step, then exiting (send it again to stop now)", signum)

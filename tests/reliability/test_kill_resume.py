@@ -92,28 +92,36 @@ def test_sigterm_during_generation_finishes_the_step_and_checkpoints(tmp_path):
     assert signal.getsignal(signal.SIGTERM) is before, "train() left its signal handler installed"
 
 
-def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path):
+def _flag_only(signum, frame) -> None:
+    """A handler like an engine's: it notes a shutdown and returns (it raises nothing)."""
+
+
+@pytest.mark.parametrize("prior", [signal.default_int_handler, _flag_only], ids=["default", "engine_like"])
+def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path, prior):
     from grailcore.loop import train
     from grailcore.setup import build
 
-    cfg = tiny_config(tmp_path / "run", max_steps=5)
-    parts = build(cfg)
-    generate = parts.engine.generate
-
-    def generate_then_two_sigints(*args, **kwargs):
-        # To this thread, not the process: a process-directed signal may land on a worker
-        # thread, and two of them pending at once reach Python as one (standard signals do
-        # not queue). A thread signalling itself gets it before pthread_kill returns.
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # "finish the step"
-        signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # "no, now"
-        return generate(*args, **kwargs)
-
-    parts.engine.generate = generate_then_two_sigints
-    before = signal.getsignal(signal.SIGINT)
+    outer = signal.signal(signal.SIGINT, prior)  # what train() finds installed, and must give back
     try:
-        with pytest.raises(KeyboardInterrupt):
-            train(parts, cfg)
+        cfg = tiny_config(tmp_path / "run", max_steps=5)
+        parts = build(cfg)
+        generate = parts.engine.generate
+
+        def generate_then_two_sigints(*args, **kwargs):
+            # To this thread: a thread signalling itself gets the signal before pthread_kill
+            # returns, so the first is handled before the second is sent.
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # "finish the step"
+            signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # "no, now"
+            return generate(*args, **kwargs)
+
+        parts.engine.generate = generate_then_two_sigints
+        before = signal.getsignal(signal.SIGINT)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                train(parts, cfg)
+        finally:
+            parts.engine.close()
+        assert not (tmp_path / "run" / "checkpoints").exists()
+        assert signal.getsignal(signal.SIGINT) is before
     finally:
-        parts.engine.close()
-    assert not (tmp_path / "run" / "checkpoints").exists()
-    assert signal.getsignal(signal.SIGINT) is before
+        signal.signal(signal.SIGINT, outer)
