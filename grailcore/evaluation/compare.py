@@ -15,7 +15,7 @@ import numpy as np
 
 from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
 from grailcore.evaluation.completions_io import read_completions
-from grailcore.evaluation.fidelity import choice_counts, gold_nll, smoothed_probs, total_variation
+from grailcore.evaluation.fidelity import choice_probs, gold_nll, total_variation
 from grailcore.evaluation.metrics import correct_sample_mean
 from grailcore.evaluation.rows import ScoredRows, score_completions
 
@@ -23,7 +23,7 @@ from grailcore.evaluation.rows import ScoredRows, score_completions
 def per_row_scores(rows: ScoredRows, alpha: float) -> dict[str, np.ndarray]:
     """[N] each: TV to the true probabilities (synthetic rows only), NLL of the gold option
     under the k-sample choice distribution smoothed with `alpha`, mean accuracy over k."""
-    probs = smoothed_probs(choice_counts(rows), rows.n_options, alpha)  # [N, W]
+    probs = choice_probs(rows, alpha)  # [N, W], as grailcore.eval's fidelity metrics estimate it
     out = {"nll": gold_nll(probs, rows.gold), "acc": correct_sample_mean(rows)}
     if rows.true_choice_probs is not None:
         out["tv"] = total_variation(probs, rows.true_choice_probs)

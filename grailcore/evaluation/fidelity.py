@@ -31,6 +31,11 @@ def smoothed_probs(counts: np.ndarray, n_options: np.ndarray, alpha: float) -> n
     return np.where(totals > 0, mass / np.maximum(totals, 1e-300), uniform)
 
 
+def choice_probs(rows: ScoredRows, alpha: float) -> np.ndarray:
+    """[N, W] each row's choice distribution estimated from its k samples, smoothed with `alpha`."""
+    return smoothed_probs(choice_counts(rows), rows.n_options, alpha)
+
+
 def total_variation(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     """0.5 * sum |p - q| over the last axis."""
     return 0.5 * np.abs(p - q).sum(axis=-1)
@@ -95,7 +100,7 @@ def choice_fidelity(rows: ScoredRows, prior: PositionPrior, alpha: float, plan: 
                     n_bins: int = 10, seed: int = 0) -> dict:
     """TV, NLL and calibration of the per-row choice distribution estimated from k samples."""
     k = int(rows.sample_mask.sum(axis=1).max())
-    probs = smoothed_probs(choice_counts(rows), rows.n_options, alpha)  # [N, W]
+    probs = choice_probs(rows, alpha)  # [N, W]
     predicted = probs.argmax(axis=1) + 1
     confidence, correct = probs.max(axis=1), (predicted == rows.gold).astype(float)
     uniform = smoothed_probs(np.zeros_like(probs), rows.n_options, 1.0)
