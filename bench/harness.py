@@ -101,7 +101,7 @@ def write_csv(path, rows):
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fields = list(rows[0])
-    old: list[dict] = []
+    old: list[dict] | None = []  # None: same columns, append; a list: rewrite with these rows first
     if path.exists() and path.stat().st_size:
         with path.open(newline="") as handle:
             reader = csv.DictReader(handle)
