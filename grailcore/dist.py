@@ -6,7 +6,10 @@ in both cases, so callers never branch on "is this distributed".
 
 from __future__ import annotations
 
+import gc
+import logging
 import os
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import TypeVar
@@ -148,3 +151,24 @@ def shutdown() -> None:
     """Destroy the default group if it still exists (vLLM's engine shutdown may have done it)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_finished_worker() -> None:
+    """End a torchrun worker whose run finished cleanly without Python's interpreter
+    finalization; a no-op in a single process. Call it last in a `__main__` block, after
+    `shutdown()`.
+
+    Objects that own gloo resources (the process group behind FSDP's device mesh, pending
+    work) can outlive `destroy_process_group` through reference cycles; freed during
+    interpreter finalization, a C++ destructor then finds its worker thread unusable and the
+    process aborts with "terminate called without an active exception" (exit code -6) after
+    the run has succeeded. Seen about once in a hundred 2-rank runs in CI. Here every cycle is
+    collected while the interpreter is alive, output is flushed, and the process leaves with
+    `os._exit(0)`: checkpoints, metrics and TensorBoard files were closed by the run itself."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    gc.collect()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -229,3 +229,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     main()
+    from grailcore import dist
+
+    dist.exit_finished_worker()

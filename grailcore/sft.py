@@ -127,3 +127,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    gdist.exit_finished_worker()

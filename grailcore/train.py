@@ -47,3 +47,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    dist.exit_finished_worker()

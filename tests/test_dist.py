@@ -81,3 +81,24 @@ def test_two_rank_gloo_collectives(tmp_path):
         assert res["obj"] == {"from": 0}
         assert res["is_main"] == (rank == 0)
         assert res["mismatch"] is not None and "different keys" in res["mismatch"]
+
+
+_FINISH = """
+import logging, os, sys
+from grailcore import dist
+logging.basicConfig(stream=sys.stderr, level=logging.INFO)
+sys.stdout.write("buffered line")  # no newline: still in the buffer at exit
+logging.getLogger("x").info("logged line")
+dist.exit_finished_worker()
+print("not reached in a worker")
+"""
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_finished_worker_flushes_then_skips_finalization_only_in_workers(world_size):
+    env = {**os.environ, "WORLD_SIZE": world_size, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", _FINISH], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("buffered line") and "logged line" in proc.stderr
+    # One process returns and goes on; a torchrun worker leaves right there.
+    assert ("not reached in a worker" in proc.stdout) == (world_size == "1")
