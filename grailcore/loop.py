@@ -128,7 +128,7 @@ def _one_step(step: int, parts: Parts, cfg: Config, timer: StepTimer) -> tuple[d
 
 
 def _evaluate(step: int, parts: Parts, cfg: Config, metrics_log: MetricsLogger) -> dict[str, float]:
-    result = parts.evaluate()
+    result = parts.evaluate(step)
     metrics_log.log(step, result)
     if parts.dist.rank == 0:
         shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.items()) if not k.endswith("_ci"))

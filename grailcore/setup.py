@@ -66,9 +66,12 @@ class Parts:
         push_weights(self.policy.lm, self.engine)
         self.engine_stale = False
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, step: int | None = None) -> dict[str, float]:
         """Eval metrics on `eval_examples` (and on eval.permutations reordered copies of
-        them, for eval/order/*); every rank computes the same numbers."""
+        them, for eval/order/*); every rank computes the same numbers. With `step`, rank 0
+        also keeps the sampled completions as RUN_DIR/eval/step_<step>.jsonl, the format
+        `grailcore.eval --completions` and `grailcore.evaluation.compare` read (two steps
+        of one run are the same rows in the same order: a paired comparison)."""
         from grailcore.evaluation import evaluate_examples, permuted_copies
 
         if self.engine_stale:  # evaluate the current policy, whatever rollout.sync_every says
@@ -76,6 +79,12 @@ class Parts:
 
         cfg = self.cfg
         completions = self._sample_eval(self.eval_examples)
+        if step is not None and self.dist.rank == 0:
+            from grailcore.evaluation.completions_io import write_completions
+
+            out = Path(cfg.run_dir) / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            write_completions(out / f"step_{step:06d}.jsonl", self.eval_examples, completions)
         # every sample is scored: with k > 1 the reward is the sampled policy's mean, not one draw's
         flat_examples = [ex for ex, row in zip(self.eval_examples, completions) for _ in row]
         flat = (self.rule_scorer or self.scorer)(flat_examples, [text for row in completions for text in row])

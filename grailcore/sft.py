@@ -70,7 +70,7 @@ def run_sft(parts: Parts, cfg: Config) -> dict:
     metrics_log = MetricsLogger(run_dir, cfg.logging.tensorboard, enabled=rank0,
                                 resume_step=parts.start_step if cfg.resume else None)
     progress = Progress(cfg.optim.max_steps, parts.start_step, enabled=rank0 and cfg.logging.progress)
-    first = parts.evaluate() if cfg.eval.on_start and parts.start_step == 0 else None
+    first = parts.evaluate(0) if cfg.eval.on_start and parts.start_step == 0 else None
     if first:
         metrics_log.log(0, first)
     start = time.time()
@@ -89,7 +89,7 @@ def run_sft(parts: Parts, cfg: Config) -> dict:
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
             _save(parts, cfg, step)
     progress.close()
-    final = parts.evaluate()
+    final = parts.evaluate(step)
     metrics_log.log(step, final)
     _save(parts, cfg, step)
     ckpt.export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")

@@ -69,3 +69,32 @@ def test_evaluate_scores_the_shown_order_plus_eval_permutations():
     assert sum(sampled) == 3 * (2 + 1)  # every row, in the shown order and in 2 permuted ones
     assert result["eval/order/n_orders"] == 3
     assert "eval/order/accuracy_std" in result  # spread across orders exists only with permutations
+
+
+def test_evaluate_at_a_step_keeps_its_completions_for_paired_comparison(tmp_path):
+    from grailcore.config import EvalConfig, RolloutConfig
+    from grailcore.evaluation.compare import paired_differences
+    from grailcore.evaluation.completions_io import read_completions
+    from grailcore.setup import build
+
+    cfg = Config(run_dir=str(tmp_path / "run"), seed=1,
+                 model=ModelConfig(name_or_path="micro-llama", gradient_checkpointing=False),
+                 data=DataConfig(train_path="synthetic:gun_control", synthetic_n=200, max_history=2),
+                 rollout=RolloutConfig(max_prompt_tokens=2048, max_completion_tokens=6),
+                 eval=EvalConfig(max_samples=3, samples_per_row=2))
+    parts = build(cfg)
+    try:
+        parts.evaluate()  # no step: nothing kept
+        assert not (tmp_path / "run" / "eval").exists()
+        parts.evaluate(5)
+        parts.evaluate(12)
+    finally:
+        parts.engine.close()
+    first, last = tmp_path / "run" / "eval" / "step_000005.jsonl", tmp_path / "run" / "eval" / "step_000012.jsonl"
+    examples, completions = read_completions(first)
+    assert [ex.example_id for ex in examples] == [ex.example_id for ex in parts.eval_examples]
+    assert [len(row) for row in completions] == [2, 2, 2]
+    assert examples[0].true_choice_probs == parts.eval_examples[0].true_choice_probs
+    diffs = paired_differences(last, first, alpha=1.0, n_boot=50)
+    assert set(diffs) == {"tv", "nll", "acc"}
+    assert all(d.value == 0 for d in paired_differences(first, first, alpha=1.0, n_boot=50).values())
