@@ -1,6 +1,7 @@
 """Paired comparison of two models scored on the same rows: the per-row differences in TV
-to the true choice probabilities, NLL of the human's choice and accuracy, with one
-bootstrap over viewers, so the interval is that of the difference. Two per-model intervals
+to the true choice probabilities, NLL of the human's choice, accuracy, parse rate and
+accuracy among parsed answers, with one bootstrap over viewers, so the interval is that of
+the difference. Two per-model intervals
 can overlap while the paired difference clearly excludes 0 (and vice versa).
 
     python -m grailcore.evaluation.compare runs/eval_a/completions.jsonl runs/eval_b/completions.jsonl
@@ -13,18 +14,22 @@ from pathlib import Path
 
 import numpy as np
 
-from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
+from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate, statistic_estimate
 from grailcore.evaluation.completions_io import read_completions
 from grailcore.evaluation.fidelity import choice_probs, gold_nll, total_variation
-from grailcore.evaluation.metrics import correct_sample_mean
-from grailcore.evaluation.rows import ScoredRows, score_completions
+from grailcore.evaluation.metrics import correct_sample_mean, row_mean
+from grailcore.evaluation.rows import NONE, ScoredRows, score_completions
 
 
 def per_row_scores(rows: ScoredRows, alpha: float) -> dict[str, np.ndarray]:
     """[N] each: TV to the true probabilities (synthetic rows only), NLL of the gold option
-    under the k-sample choice distribution smoothed with `alpha`, mean accuracy over k."""
+    under the k-sample choice distribution smoothed with `alpha`, mean accuracy over k
+    (an unparsed sample counts as wrong), share of the k samples with a parseable answer and
+    share in the strict answer layout."""
     probs = choice_probs(rows, alpha)  # [N, W], as grailcore.eval's fidelity metrics estimate it
-    out = {"nll": gold_nll(probs, rows.gold), "acc": correct_sample_mean(rows)}
+    out = {"nll": gold_nll(probs, rows.gold), "acc": correct_sample_mean(rows),
+           "parsed": row_mean(rows.answers != NONE, rows.sample_mask),
+           "format": row_mean(rows.format_ok, rows.sample_mask)}
     if rows.true_choice_probs is not None:
         out["tv"] = total_variation(probs, rows.true_choice_probs)
     return out
@@ -47,7 +52,16 @@ def paired_differences(path_a: str | Path, path_b: str | Path, alpha: float, n_b
     scores_a = per_row_scores(score_completions(examples_a, completions_a), alpha)
     scores_b = per_row_scores(score_completions(examples_b, completions_b), alpha)
     plan = make_plan([ex.viewer_id for ex in examples_a], n_boot, seed, confidence)
-    return {name: mean_estimate(scores_a[name] - scores_b[name], plan) for name in scores_a if name in scores_b}
+    diffs = {name: mean_estimate(scores_a[name] - scores_b[name], plan) for name in scores_a if name in scores_b}
+
+    def among_parsed(weights: np.ndarray, scores: dict[str, np.ndarray]) -> float:
+        # rows of one eval have equal k, so sum(acc) / sum(parsed) is correct answers over parsed answers
+        return float(weights @ scores["acc"] / (weights @ scores["parsed"]))
+
+    with np.errstate(invalid="ignore", divide="ignore"):  # a replicate without a parsed answer is nan
+        diffs["acc_parsed"] = statistic_estimate(
+            lambda w: among_parsed(w, scores_a) - among_parsed(w, scores_b), len(examples_a), plan)
+    return diffs
 
 
 def main(argv: list[str] | None = None) -> dict[str, Estimate]:

@@ -50,8 +50,20 @@ def test_a_model_sampling_the_truth_beats_a_position_habit_with_an_interval_excl
     assert diff["tv"].lo == pytest.approx(-0.9) and diff["tv"].hi == pytest.approx(-0.9)
     assert diff["acc"].value == pytest.approx((0.7 + 0.2) / 2)  # golds alternate 1, 2; b never right
     assert diff["nll"].value == -np.inf  # b's smoothed-with-0 distribution never gives the gold any mass
+    assert diff["parsed"].value == 0 and diff["acc_parsed"].value == pytest.approx((0.7 + 0.2) / 2)
     same = paired_differences(truthful, truthful, alpha=1.0, n_boot=50)
     assert all(est.value == 0 and est.lo == 0 and est.hi == 0 for est in same.values())
+
+
+def test_more_parsed_answers_at_the_same_hit_rate_raise_accuracy_but_not_accuracy_among_parsed(tmp_path):
+    examples = _rows()  # golds alternate 1, 2
+    # both pick option 1 when they answer (right on half the rows); A answers 8 of 10 draws, B 2 of 10
+    a = _write(tmp_path / "a.jsonl", examples, [[1] * 8 + ["x"] * 2] * len(examples))
+    b = _write(tmp_path / "b.jsonl", examples, [[1] * 2 + ["x"] * 8] * len(examples))
+    diff = paired_differences(a, b, alpha=1.0, n_boot=200, seed=0)
+    assert diff["parsed"].value == pytest.approx(0.6)
+    assert diff["acc"].value == pytest.approx((0.8 - 0.2) / 2) and diff["acc"].lo > 0
+    assert diff["acc_parsed"].value == pytest.approx(0.0) and diff["acc_parsed"].lo <= 0 <= diff["acc_parsed"].hi
 
 
 def test_noise_that_cancels_between_models_gives_an_interval_around_zero(tmp_path):
@@ -81,4 +93,6 @@ def test_cli_prints_the_table(tmp_path, capsys):
     b = _write(tmp_path / "b.jsonl", examples, [[3, 3, 3]] * len(examples))
     diffs = main([str(a), str(b), "--n-boot", "100"])
     out = capsys.readouterr().out
-    assert f"| tv | {diffs['tv'].value:+.4f} |" in out and out.count("| yes |") == 3
+    assert f"| tv | {diffs['tv'].value:+.4f} |" in out and out.count("| yes |") == 4  # tv, nll, acc, acc_parsed
+    assert "| parsed | +0.0000 | [+0.0000, +0.0000] | no |" in out  # both always answer
+    assert "| format | +0.0000 | [+0.0000, +0.0000] | no |" in out
