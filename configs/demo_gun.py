@@ -20,7 +20,9 @@ config = Config(
     rewards=RewardsConfig(names=("slate_accuracy", "format"), weights=(1.0, 0.5)),
     # The simulator is sampled, so it is scored sampled: 4 draws per held-out row at the
     # rollout temperature (greedy decoding hides what GRPO changes in the distribution).
-    eval=EvalConfig(every=8, on_start=True, max_samples=48, samples_per_row=4, temperature=1.0),
+    # 96 rows at steps 0, 12 and 24; each evaluation's completions land in RUN_DIR/eval/, so
+    # `python -m grailcore.evaluation.compare` gives the paired change with an interval.
+    eval=EvalConfig(every=12, on_start=True, max_samples=96, samples_per_row=4, temperature=1.0),
     checkpoint=CheckpointConfig(every=5, keep=2),
     logging=LoggingConfig(log_samples=1),
 )
