@@ -1,5 +1,6 @@
 """Checkpoints: atomic, checksummed save and resume that works across world sizes (plain or
-FSDP2 models alike, through full state dicts), and export of the policy as a HF model dir.
+FSDP2 models alike, through full state dicts). The final policy's HF export is
+`grailcore.export`.
 
 Layout: run_dir/checkpoints/{latest, step_00000010/{model.safetensors, optimizer.pt,
 scheduler.pt, trainer_state.json, extra.pt, rng.pt, manifest.json}}. A LoRA run's
@@ -9,10 +10,8 @@ model.safetensors holds the adapters only (`trainable_only`); the export is merg
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
@@ -23,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
@@ -35,7 +33,9 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grailcore import dist as gdist
-from grailcore.lora import has_lora
+from grailcore.atomic_files import fsync_path, replace_dir, sha256_file
+from grailcore.export import tied_aliases
+from grailcore.rng import capture_rng_state, restore_rng_state
 
 FORMAT_VERSION = 1
 CHECKPOINTS_DIR = "checkpoints"
@@ -71,77 +71,7 @@ class LoadedCheckpoint:
     extra: dict[str, object]
 
 
-# ---------------------------------------------------------------- RNG
-
-
-def capture_rng_state() -> dict:
-    """This process's python, numpy, torch CPU (and current CUDA device) RNG states.
-
-    Plain containers, ints and tensors only, so `torch.load(weights_only=True)` reads them.
-    """
-    numpy_state = np.random.get_state(legacy=False)
-    state = {
-        "python": random.getstate(),
-        "numpy": {**numpy_state, "state": {"key": numpy_state["state"]["key"].tolist(),
-                                           "pos": int(numpy_state["state"]["pos"])}},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def restore_rng_state(state: dict) -> None:
-    """Inverse of `capture_rng_state`; the next random draws repeat those after capture."""
-    random.setstate(state["python"])
-    numpy_state = state["numpy"]
-    np.random.set_state({**numpy_state, "state": {
-        "key": np.asarray(numpy_state["state"]["key"], dtype=np.uint32),
-        "pos": numpy_state["state"]["pos"]}})
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    elif "cuda" in state:
-        warnings.warn("checkpoint has a CUDA RNG state but CUDA is unavailable; CPU RNGs restored only",
-                      CheckpointWarning, stacklevel=2)
-
-
 # ---------------------------------------------------------------- files
-
-
-def _fsync_path(path: Path) -> None:
-    # Directories must be fsynced too, or a rename may not survive a power loss.
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Rename a finished temp dir to `final`, replacing an older `final` if there is one."""
-    old = None
-    if final.exists():
-        # os.rename cannot replace a non-empty dir; move the old one aside first.
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        final.rename(old)
-    try:
-        tmp.rename(final)
-    except OSError:
-        if old is not None:
-            old.rename(final)
-        raise
-    _fsync_path(final.parent)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _write_latest(root: Path, final: Path) -> None:
@@ -153,7 +83,7 @@ def _write_latest(root: Path, final: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, root / LATEST_FILE)
-        _fsync_path(root)
+        fsync_path(root)
     except OSError as e:
         raise CheckpointError(
             f"checkpoint {final} is complete, but updating {root / LATEST_FILE} failed ({e}); "
@@ -184,18 +114,6 @@ def _step_of(path: Path) -> int:
 
 
 # ---------------------------------------------------------------- state
-
-
-def _tied_aliases(model: torch.nn.Module) -> dict[str, str]:
-    """{alias: canonical} for parameters registered under several names (tied embeddings)."""
-    first: dict[int, str] = {}
-    aliases = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first:
-            aliases[name] = first[id(param)]
-        else:
-            first[id(param)] = name
-    return aliases
 
 
 def _check_weights_only(obj: object, where: str) -> None:
@@ -251,7 +169,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
     optim_sd = get_optimizer_state_dict(model, optimizer, options=_GATHER)
     rng_per_rank = gdist.all_gather_object(capture_rng_state())
     scheduler_sd = scheduler.state_dict() if scheduler is not None else None
-    tied = _tied_aliases(model)
+    tied = tied_aliases(model)
     _run_on_rank0(f"save checkpoint {final}", lambda: _write_all(
         root, final, keep, tied=tied, model_sd=model_sd, optim_sd=optim_sd,
         scheduler_sd=scheduler_sd, trainer_state=trainer_state, extra=extra or {},
@@ -300,15 +218,15 @@ def _write_checkpoint_dir(root: Path, final: Path, files: dict[str, Callable[[Pa
         for name, write in files.items():
             current = name
             write(tmp / name)
-            _fsync_path(tmp / name)
-            entries[name] = {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size}
+            fsync_path(tmp / name)
+            entries[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
         current = MANIFEST_FILE
         manifest = {"format": FORMAT_VERSION, "created": time.time(), **meta, "files": entries}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
-        _fsync_path(tmp / MANIFEST_FILE)
-        _fsync_path(tmp)
+        fsync_path(tmp / MANIFEST_FILE)
+        fsync_path(tmp)
         current = f"the rename to {final.name}"
-        _replace_dir(tmp, final)
+        replace_dir(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = errno.errorcode.get(e.errno, "") if e.errno else ""
@@ -381,20 +299,7 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
 
 
 def _run_on_rank0(what: str, fn: Callable[[], object]) -> object:
-    """`fn()` on rank 0, its result broadcast; if it fails every rank raises (none waits forever)."""
-    result, failure = None, None
-    if gdist.is_main():
-        try:
-            result = fn()
-        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
-            failure = e
-    message = None if failure is None else f"{type(failure).__name__}: {failure}"
-    result, message = gdist.broadcast_object((result, message))
-    if failure is not None:
-        raise failure
-    if message is not None:
-        raise CheckpointError(f"rank 0 failed to {what}: {message}")
-    return result
+    return gdist.run_on_rank0(what, fn, CheckpointError)
 
 
 def _verify(path: Path, checksums: bool = True) -> str | None:
@@ -417,7 +322,7 @@ def _verify(path: Path, checksums: bool = True) -> str | None:
             return f"{name} is missing"
         if (size := (path / name).stat().st_size) != entry["bytes"]:
             return f"{name} has {size} bytes, the manifest says {entry['bytes']}"
-        if checksums and _sha256(path / name) != entry["sha256"]:
+        if checksums and sha256_file(path / name) != entry["sha256"]:
             return f"{name} does not match its sha256 in the manifest"
     return None
 
@@ -496,43 +401,3 @@ def _check_trainable_keys(path: Path, saved: set[str], trainable: set[str]) -> N
             f"{sorted(trainable - saved)[:5]} ({len(trainable - saved)}), unexpected {sorted(saved - trainable)[:5]} "
             f"({len(saved - trainable)}). Resume with the model.name_or_path and model.lora_* settings it was "
             "written with (the run dir's config.yaml)")
-
-
-# ---------------------------------------------------------------- export
-
-
-def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
-    """Write the policy as a HF model dir (config, tokenizer, safetensors) loadable by
-    `AutoModelForCausalLM.from_pretrained` and vLLM. Every rank calls it; rank 0 writes.
-    A LoRA policy is written merged (W + scale * B @ A): a plain model, no peft to load it."""
-    out = Path(out_dir)
-    if has_lora(model):
-        from grailcore.rollout.sync import iter_full_params
-
-        keep = gdist.is_main()  # every rank takes part in the gathers; rank 0 keeps the tensors
-        state_dict = {name: tensor.cpu() for name, tensor in iter_full_params(model) if keep}
-    else:
-        state_dict = get_model_state_dict(model, options=_GATHER)
-    _run_on_rank0(f"export {out}", lambda: _write_hf_dir(model, tokenizer, state_dict, out))
-    return out
-
-
-def _write_hf_dir(model: torch.nn.Module, tokenizer, state_dict: dict, out: Path) -> None:
-    # Tied weights are one tensor: HF re-ties from config.tie_word_embeddings on load.
-    for alias in _tied_aliases(model):
-        state_dict.pop(alias, None)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{out.name}-", dir=out.parent))
-    try:
-        # save_pretrained applies the model family's checkpoint conventions (key names,
-        # config, generation config) and only reads the given state dict, so FSDP2 works.
-        model.save_pretrained(tmp, state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
-        for file in tmp.iterdir():
-            if file.is_file():
-                _fsync_path(file)
-        _fsync_path(tmp)
-        _replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -12,7 +12,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -145,6 +145,24 @@ def all_gather_object(obj: T) -> list[T]:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def run_on_rank0(what: str, fn: Callable[[], T], error: type[Exception] = RuntimeError) -> T:
+    """`fn()` on rank 0, its result broadcast; if it fails every rank raises (none waits
+    forever): rank 0 the original exception, the others `error("rank 0 failed to <what>: ...")`."""
+    result, failure = None, None
+    if is_main():
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - re-raised below, after telling the other ranks
+            failure = e
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    result, message = broadcast_object((result, message))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise error(f"rank 0 failed to {what}: {message}")
+    return result
 
 
 def shutdown() -> None:

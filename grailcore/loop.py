@@ -20,6 +20,7 @@ from grailcore.advantages import group_advantages
 from grailcore.batch import micro_batches
 from grailcore.config import Config
 from grailcore.dist import DistInfo
+from grailcore.export import export_hf
 from grailcore.metrics import MetricsLogger, Progress, StepTimer, peak_memory_mib
 from grailcore.optimize import BadStepsError, UpdateStats, policy_update
 from grailcore.rollout.collect import Rollouts, collect_rollouts
@@ -205,7 +206,7 @@ def _train(parts: Parts, cfg: Config, stop: _StopFlag) -> dict:
         state.update(best_metric=best)
         _save(step, parts, cfg, state)
         if cfg.checkpoint.export_final:
-            ckpt.export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
+            export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
             if rank0 and cfg.checkpoint.push_to_hub:
                 log.info("pushed the final export: %s", push_export(run_dir / "final", cfg.checkpoint.push_to_hub))
     metrics_log.close()
@@ -218,7 +219,7 @@ def _track_best(best, result: dict[str, float], step: int, parts: Parts, cfg: Co
         return best
     if best is None or value > best["value"]:
         best = {"value": value, "step": step, "metric": cfg.eval.best_metric}
-        ckpt.export_hf(parts.policy.lm, parts.tokenizer, Path(cfg.run_dir) / "best")
+        export_hf(parts.policy.lm, parts.tokenizer, Path(cfg.run_dir) / "best")
     return best
 
 

@@ -17,6 +17,7 @@ from grailcore.batch import micro_batches
 from grailcore.cli import parse_config, save_config
 from grailcore.config import Config, validate
 from grailcore.data.schema import Example
+from grailcore.export import export_hf
 from grailcore.metrics import MetricsLogger, Progress, StepTimer
 from grailcore.setup import Parts, build
 from grailcore.types import Completion
@@ -92,7 +93,7 @@ def run_sft(parts: Parts, cfg: Config) -> dict:
     final = parts.evaluate(step)
     metrics_log.log(step, final)
     _save(parts, cfg, step)
-    ckpt.export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
+    export_hf(parts.policy.lm, parts.tokenizer, run_dir / "final")
     metrics_log.close()
     summary = {"steps": step, "seconds": round(time.time() - start, 1), "first_eval": first, "final_eval": final}
     if rank0:

@@ -12,6 +12,8 @@ from safetensors import safe_open
 from torch import nn
 
 from grailcore import checkpoint as ckpt
+from grailcore.export import export_hf
+from grailcore.rng import capture_rng_state, restore_rng_state
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,9 +212,9 @@ def test_bad_trainer_state_or_extra_is_rejected_before_writing(tmp_path):
 
 
 def test_rng_capture_restore_repeats_draws():
-    state = ckpt.capture_rng_state()
+    state = capture_rng_state()
     first = draws()
-    ckpt.restore_rng_state(state)
+    restore_rng_state(state)
     assert draws() == first
 
 
@@ -224,8 +226,8 @@ def test_export_hf_loads_in_transformers_with_identical_logits(tmp_path):
         model.model.embed_tokens.weight.add_(0.01)
         model.model.layers[0].mlp.up_proj.weight.mul_(1.5)
     tokenizer = load_tokenizer(resolve_model_path("tiny-llama"))
-    out = ckpt.export_hf(model, tokenizer, tmp_path / "export")
-    ckpt.export_hf(model, tokenizer, out)  # re-export replaces the dir
+    out = export_hf(model, tokenizer, tmp_path / "export")
+    export_hf(model, tokenizer, out)  # re-export replaces the dir
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
     with safe_open(out / "model.safetensors", "pt") as f:
         assert "lm_head.weight" not in f.keys()
@@ -244,6 +246,7 @@ from pathlib import Path
 import torch
 from torch.distributed.fsdp import fully_shard
 from grailcore import checkpoint as ckpt, dist as gdist
+from grailcore.export import export_hf
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 
 plain_dir, sharded_dir, export_dir, out = map(Path, sys.argv[1:])
@@ -281,7 +284,7 @@ optimizer.step()
 scheduler.step()
 dump("stepped")
 ckpt.save_checkpoint(sharded_dir, 2, model, optimizer, scheduler, {"step": 2})
-ckpt.export_hf(model.lm, load_tokenizer(path), export_dir)
+export_hf(model.lm, load_tokenizer(path), export_dir)
 gdist.shutdown()
 '''
 
