@@ -251,7 +251,8 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> Path:
                           if not k.endswith(_REWARD_STATS) and k != "reward/total_std"})
     source_keys = [k for k in reward_keys if k.startswith("reward/total/")]
     per_reward = [k for k in reward_keys if k not in source_keys and k != "reward/total"]
-    eval_keys = [k for k in ("eval/accuracy", "eval/opinion_accuracy", "eval/reward/total")
+    eval_keys = [k for k in ("eval/accuracy", "eval/accuracy_sample_mean", "eval/parsed_rate",
+                             "eval/opinion_accuracy", "eval/reward/total")
                  if any(k in r for run in runs for r in run.evals)]
     eval_keys += sorted({k for run in runs for k in run.keys("eval/accuracy/")})  # per mixture source
     sections = [
