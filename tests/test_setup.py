@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -96,5 +97,8 @@ def test_evaluate_at_a_step_keeps_its_completions_for_paired_comparison(tmp_path
     assert [len(row) for row in completions] == [2, 2, 2]
     assert examples[0].true_choice_probs == parts.eval_examples[0].true_choice_probs
     diffs = paired_differences(last, first, alpha=1.0, n_boot=50)
-    assert set(diffs) == {"tv", "nll", "acc"}
-    assert all(d.value == 0 for d in paired_differences(first, first, alpha=1.0, n_boot=50).values())
+    assert set(diffs) == {"tv", "nll", "acc", "parsed", "format", "acc_parsed"}
+    same = paired_differences(first, first, alpha=1.0, n_boot=50)
+    assert all(same[k].value == 0 for k in ("tv", "nll", "acc", "parsed", "format"))
+    # accuracy among parsed answers is 0/0 when an untrained model parses none
+    assert same["acc_parsed"].value == 0 or math.isnan(same["acc_parsed"].value)
