@@ -176,13 +176,14 @@ def exit_finished_worker() -> None:
     finalization; a no-op in a single process. Call it last in a `__main__` block, after
     `shutdown()`.
 
-    Objects that own gloo resources (the process group behind FSDP's device mesh, pending
-    work) can outlive `destroy_process_group` through reference cycles; freed during
-    interpreter finalization, a C++ destructor then finds its worker thread unusable and the
-    process aborts with "terminate called without an active exception" (exit code -6) after
-    the run has succeeded. Seen about once in a hundred 2-rank runs in CI. Here every cycle is
-    collected while the interpreter is alive, output is flushed, and the process leaves with
-    `os._exit(0)`: checkpoints, metrics and TensorBoard files were closed by the run itself."""
+    Twice in CI a 2-rank run that had finished and written everything aborted at exit with
+    "terminate called without an active exception" (not reproduced in 40 direct runs). The
+    likely cause: objects owning gloo resources (the process group behind FSDP's device
+    mesh, pending work) outlive `destroy_process_group` through reference cycles and are
+    freed during interpreter finalization, when a C++ destructor can no longer run safely.
+    So every cycle is collected while the interpreter is alive, output is flushed, and the
+    process leaves with `os._exit(0)`; checkpoints, metrics and TensorBoard files were
+    closed by the run itself."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     gc.collect()
