@@ -17,8 +17,8 @@ import numpy as np
 from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate, statistic_estimate
 from grailcore.evaluation.completions_io import read_completions
 from grailcore.evaluation.fidelity import choice_probs, gold_nll, total_variation
-from grailcore.evaluation.metrics import correct_sample_mean, row_mean
-from grailcore.evaluation.rows import NONE, ScoredRows, score_completions
+from grailcore.evaluation.metrics import per_row_choice_scores
+from grailcore.evaluation.rows import ScoredRows, score_completions
 
 
 def per_row_scores(rows: ScoredRows, alpha: float) -> dict[str, np.ndarray]:
@@ -27,9 +27,9 @@ def per_row_scores(rows: ScoredRows, alpha: float) -> dict[str, np.ndarray]:
     (an unparsed sample counts as wrong), share of the k samples with a parseable answer and
     share in the strict answer layout."""
     probs = choice_probs(rows, alpha)  # [N, W], as grailcore.eval's fidelity metrics estimate it
-    out = {"nll": gold_nll(probs, rows.gold), "acc": correct_sample_mean(rows),
-           "parsed": row_mean(rows.answers != NONE, rows.sample_mask),
-           "format": row_mean(rows.format_ok, rows.sample_mask)}
+    choice = per_row_choice_scores(rows)  # the per-row scores grailcore.eval's summary averages
+    out = {"nll": gold_nll(probs, rows.gold), "acc": choice["accuracy_sample_mean"],
+           "parsed": choice["parsed_rate"], "format": choice["format_rate"]}
     if rows.true_choice_probs is not None:
         out["tv"] = total_variation(probs, rows.true_choice_probs)
     return out
