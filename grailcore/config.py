@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
+from kernels.objective import KL_ESTIMATORS, LOSS_TYPES, POLICY_LOSSES, KLEstimator, LossType, PolicyLoss
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -116,11 +118,35 @@ class GRPOConfig:
     num_iterations: int = 1
     """Optimisation passes over each batch of rollouts (>1 uses old-policy ratios)."""
     beta: float = 0.0
-    """KL weight to the reference model (k3); 0 loads no reference model."""
+    """KL weight to the reference model; 0 loads no reference model."""
+    kl_estimator: KLEstimator = "k3"
+    """Per-token estimate of KL(policy || reference), with log r = ref - logp: k1 = -log r,
+    k2 = (log r)^2 / 2, k3 = r - 1 - log r (Schulman's estimators; see docs/objective.md)."""
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2
+    """Clip range [1 - epsilon_low, 1 + epsilon_high] of the ratio; cispo caps its weight at
+    1 + epsilon_high only. GSPO's sequence ratios want far smaller values (its paper: 3e-4, 4e-4)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    loss_type: Literal["grpo", "bnpo", "dapo", "dr_grpo"] = "grpo"
+    policy_loss: PolicyLoss = "grpo"
+    """Policy term per token: grpo = -min(r A, clip(r) A), r the token's ratio (PPO/GRPO);
+    gspo = the same with one ratio per sequence, exp(mean of its tokens' log-ratios) (GSPO);
+    cispo = -sg(min(r, 1 + epsilon_high)) A log p (CISPO). See docs/objective.md."""
+    loss_type: LossType = "grpo"
+    """Aggregation: grpo = mean over each sequence's tokens, then over sequences; bnpo/dapo =
+    mean over the step's tokens (dapo: across ranks); dr_grpo = sum / (sequences *
+    rollout.max_completion_tokens)."""
+    engine_is_correction: Literal["auto", "on", "off"] = "auto"
+    """Correct for sampling from the engine rather than the trainer: scale each token's policy
+    loss by min(exp(old - engine log-prob), engine_is_cap) and drop sequences outside
+    engine_seq_band. auto = on when they can differ: rollout.engine "vllm" (its own kernels and
+    dtype) or rollout.sync_every > 1 (stale engine weights). The mismatch metrics are logged
+    either way."""
+    engine_is_cap: float = 2.0
+    """C of the truncated importance weight min(ratio, C); >= 1."""
+    engine_seq_band: tuple[float, float] | None = (0.5, 2.0)
+    """Drop a sequence whose geometric-mean engine ratio exp(mean(old - engine)) is outside
+    [low, high]: wide enough that bf16-vs-fp32 noise never trips it, narrow enough for a stale
+    or broken rollout. None keeps every sequence."""
     mask_truncated: bool = False
     """Drop completions that hit max_completion_tokens from the loss."""
     dynamic_sampling: bool = False
@@ -264,6 +290,14 @@ def validate(cfg: Config) -> None:
         (cfg.grpo.num_iterations >= 1, "grpo.num_iterations must be >= 1"),
         (cfg.grpo.beta >= 0, "grpo.beta must be >= 0"),
         (cfg.grpo.epsilon_low >= 0 and cfg.grpo.epsilon_high >= 0, "grpo.epsilon_low/high must be >= 0"),
+        (cfg.grpo.policy_loss in POLICY_LOSSES, f"grpo.policy_loss must be one of {tuple(POLICY_LOSSES)}"),
+        (cfg.grpo.loss_type in LOSS_TYPES, f"grpo.loss_type must be one of {LOSS_TYPES}"),
+        (cfg.grpo.kl_estimator in KL_ESTIMATORS, f"grpo.kl_estimator must be one of {tuple(KL_ESTIMATORS)}"),
+        (cfg.grpo.engine_is_correction in ("auto", "on", "off"), "grpo.engine_is_correction must be auto, on or off"),
+        (cfg.grpo.engine_is_cap >= 1, f"grpo.engine_is_cap must be >= 1 (a cap below 1 down-weights every "
+         f"token), got {cfg.grpo.engine_is_cap}"),
+        (cfg.grpo.engine_seq_band is None or 0 <= cfg.grpo.engine_seq_band[0] <= 1 <= cfg.grpo.engine_seq_band[1],
+         f"grpo.engine_seq_band must be (low, high) with 0 <= low <= 1 <= high, or None; got {cfg.grpo.engine_seq_band}"),
         (cfg.optim.lr > 0, "optim.lr must be > 0"),
         (cfg.model.trainable_layers >= 0, "model.trainable_layers must be >= 0 (0 = all)"),
         (cfg.model.lora_rank >= 0, "model.lora_rank must be >= 0 (0 = no LoRA: full fine-tuning)"),

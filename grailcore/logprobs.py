@@ -26,6 +26,25 @@ class TokenLogprobs:
     """[B, T] float32 entropy of that distribution (0 where masked); None unless asked."""
 
 
+@dataclass(frozen=True)
+class TokenHidden:
+    """What the lm head needs for the K trained tokens of a [B, T] completion block; made
+    by the padded forward (`padded_token_hidden`) or the prefix-shared one (`grailcore.prefix`)."""
+
+    hidden: torch.Tensor
+    """[M, H] final (normed) hidden states."""
+    rows: torch.Tensor
+    """[K] long: the row of `hidden` that predicts each trained token."""
+    targets: torch.Tensor
+    """[K] long: the trained tokens."""
+    index: torch.Tensor
+    """[K] long: flat position b * T + t of each token in the [B, T] block."""
+    weight: torch.Tensor
+    """[V, H] the lm head (the embedding when tied)."""
+    shape: tuple[int, int]
+    """(B, T)."""
+
+
 def token_logprobs(
     model: torch.nn.Module,
     input_ids: torch.Tensor,
@@ -42,36 +61,59 @@ def token_logprobs(
 
     input_ids, attention_mask: [B, L] = left-padded prompt + right-padded completion;
     the completion is the last T = logits_to_keep columns. completion_mask [B, T]
-    (optional) marks the tokens wanted; the others give 0, and cost nothing when fused.
+    (optional) marks the tokens wanted; the others give 0 and cost nothing.
     impl "fused": `kernels.fused_linear_logprobs` (chunk_size rows at a time);
     "naive": log_softmax over the full logits, the reference the fused path must match.
     Temperature must be the sampling temperature, or the ratios compare different
     distributions.
     """
-    if impl not in ("fused", "naive"):
-        raise ValueError(f"impl must be 'fused' or 'naive', got {impl!r}")
+    tokens = padded_token_hidden(model, input_ids, attention_mask, logits_to_keep, completion_mask)
+    return logprob_head(tokens, temperature=temperature, impl=impl, chunk_size=chunk_size,
+                        return_entropy=return_entropy)
+
+
+def padded_token_hidden(model, input_ids, attention_mask, logits_to_keep, completion_mask=None) -> TokenHidden:
+    """`TokenHidden` of the completion tokens from one padded [B, L] decoder pass."""
     if not 1 <= logits_to_keep < input_ids.shape[1]:
         raise ValueError(f"logits_to_keep must be in [1, L={input_ids.shape[1]}) (a prompt token comes first), "
                          f"got {logits_to_keep}")
     weight = _output_weight(model)  # [V, H]
     hidden = completion_hidden_states(model, input_ids, attention_mask, logits_to_keep)  # [B, T, H]
-    targets = input_ids[:, -logits_to_keep:]  # [B, T]
-    if completion_mask is not None:
-        targets = targets.masked_fill(~completion_mask.bool(), IGNORE_INDEX)
-    flat_hidden, flat_targets = hidden.flatten(0, 1), targets.flatten()  # [B*T, H], [B*T]
+    if completion_mask is None:  # every completion column, padding included
+        index = torch.arange(input_ids.shape[0] * logits_to_keep, device=input_ids.device)
+    else:
+        index = completion_mask.bool().reshape(-1).nonzero().squeeze(1)  # [K]
+    return TokenHidden(hidden=hidden.flatten(0, 1), rows=index, targets=input_ids[:, -logits_to_keep:].reshape(-1)[index],
+                       index=index, weight=weight, shape=(input_ids.shape[0], logits_to_keep))
+
+
+def logprob_head(tokens: TokenHidden, *, temperature: float = 1.0, impl: str = "fused",
+                 chunk_size: int | None = None, return_entropy: bool = False) -> TokenLogprobs:
+    """[B, T] log-probs (and entropy) of the tokens; 0 elsewhere. Without tokens the zeros
+    still depend on every hidden state and the head, so backward reaches every layer (FSDP2
+    ranks must all run the same backward)."""
+    if impl not in ("fused", "naive"):
+        raise ValueError(f"impl must be 'fused' or 'naive', got {impl!r}")
+    hidden, weight = tokens.hidden, tokens.weight
     if impl == "fused":
         # The kernel's own device dispatch (triton on CUDA, chunked torch elsewhere).
-        out = fused_linear_logprobs(
-            flat_hidden, weight, flat_targets, temperature,
-            return_entropy=return_entropy, ignore_index=IGNORE_INDEX, chunk_size=chunk_size,
-        )
+        targets = torch.full(hidden.shape[:1], IGNORE_INDEX, dtype=torch.long, device=hidden.device)
+        targets[tokens.rows] = tokens.targets
+        out = fused_linear_logprobs(hidden, weight, targets, temperature, return_entropy=return_entropy,
+                                    ignore_index=IGNORE_INDEX, chunk_size=chunk_size)
         logprobs, entropy = out if return_entropy else (out, None)
+        logprobs, entropy = logprobs[tokens.rows], None if entropy is None else entropy[tokens.rows]
     else:
-        logprobs, entropy = _naive_logprobs(flat_hidden, weight, flat_targets, temperature, return_entropy)
-    return TokenLogprobs(
-        logprobs=logprobs.view_as(targets),
-        entropy=None if entropy is None else entropy.view_as(targets),
-    )
+        logprobs, entropy = _naive_logprobs(hidden[tokens.rows], weight, tokens.targets, temperature, return_entropy)
+    batch, seq = tokens.shape
+
+    def scatter(values: torch.Tensor) -> torch.Tensor:
+        return values.new_zeros(batch * seq).index_put((tokens.index,), values).view(batch, seq)
+
+    logprobs = scatter(logprobs)
+    if tokens.rows.numel() == 0:
+        logprobs = logprobs + 0 * (hidden.sum() + weight.sum()).float()
+    return TokenLogprobs(logprobs=logprobs, entropy=None if entropy is None else scatter(entropy))
 
 
 def completion_hidden_states(model, input_ids, attention_mask, logits_to_keep) -> torch.Tensor:

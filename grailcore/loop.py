@@ -84,6 +84,9 @@ def _step_metrics(rollouts: Rollouts, adv, updates: list[UpdateStats], parts: Pa
     m.update({"loss": first.loss, "kl": first.kl, "clip_fraction": first.clip_fraction,
               "entropy": first.entropy, "grad_norm": first.grad_norm,
               "rollout/logprob_diff": first.logprob_diff,
+              "rollout/mismatch_kl": first.mismatch_kl,
+              "rollout/is_capped_fraction": first.is_capped_fraction,
+              "rollout/is_dropped_fraction": first.is_dropped_fraction,
               "lr": parts.scheduler.get_last_lr()[0],
               "grpo/skipped_updates": float(sum(u.skipped for u in updates)),
               # Sub-phases of time/training (the rest: micro-batching, frozen old/ref log-probs).

@@ -1,44 +1,57 @@
-"""Clipped GRPO policy loss + k3 KL, aggregated the grpo / bnpo / dapo / dr_grpo way.
+"""The GRPO loss of one micro-batch on the one objective, `kernels.objective` (ratio,
+clip, KL estimator, engine importance weights, aggregation): from log-probs [B, T] in
+plain torch (`grpo_loss`, the reference) or straight from the policy's last hidden states
+through the fused kernel (`fused_loss`: no [tokens, vocab] tensor, no recompute).
 
-Takes per-token log-probs [B, T] float32 (from `grailcore.logprobs`) and advantages [B]
-(from `grailcore.advantages`); the loop calls it once per micro-batch.
+The loop calls one of them per micro-batch with that micro-batch's `PolicyTerms`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-LossType = Literal["grpo", "bnpo", "dapo", "dr_grpo"]
-LOSS_TYPES = ("grpo", "bnpo", "dapo", "dr_grpo")
+from grailcore.logprobs import TokenHidden
+from kernels.grpo_loss import fused_grpo_loss_tokens
+from kernels.objective import (LOSS_TYPES, LossType, Objective, Tokens, aggregation_weights, objective_loss,
+                               summarize)
+
+__all__ = ["LOSS_TYPES", "LossNormalizers", "LossOutput", "LossType", "PolicyTerms", "fused_loss", "grpo_loss",
+           "step_normalizers"]
 
 
 @dataclass(frozen=True)
 class LossOutput:
-    """The loss to backpropagate and detached [] float32 statistics of this micro-batch.
+    """The loss to backpropagate and detached [] float32 statistics of its tokens.
 
-    Statistics are means over its masked tokens; weight them by `num_tokens` to
-    combine micro-batches. They stay tensors so logging decides when to sync."""
+    `sums` add up over micro-batches (`kernels.objective.merge_stats`); the properties are
+    means over this micro-batch's tokens. They stay tensors so logging decides when to sync."""
 
     loss: torch.Tensor
-    """[] differentiable, already divided by the step's normaliser (see `grpo_loss`)."""
-    kl_mean: torch.Tensor
-    """k3 KL to the reference model; 0 without reference log-probs."""
-    clip_fraction: torch.Tensor
-    """Tokens whose policy gradient the clip removes (either side)."""
-    clip_low_fraction: torch.Tensor
-    """ratio < 1 - epsilon_low with a negative advantage."""
-    clip_high_fraction: torch.Tensor
-    """ratio > 1 + epsilon_high with a positive advantage."""
-    ratio_mean: torch.Tensor
-    ratio_min: torch.Tensor
-    """1 when the micro-batch has no masked tokens (as are ratio_mean and ratio_max)."""
-    ratio_max: torch.Tensor
-    num_tokens: torch.Tensor
-    """Masked (trained) tokens in this micro-batch."""
+    """[] differentiable, already divided by the step's normaliser (see `PolicyTerms.build`)."""
+    sums: dict[str, torch.Tensor]
+    """`kernels.objective.objective_loss`'s sums (tokens, clipped_low/high, ratio, kl, engine
+    terms), plus entropy when it was computed."""
+
+    @property
+    def num_tokens(self) -> torch.Tensor:
+        return self.sums["tokens"]
+
+    def mean(self, name: str) -> torch.Tensor:
+        """A `kernels.objective.summarize` mean (0 when not summed, e.g. kl without reference)."""
+        return summarize(self.sums).get(name, torch.zeros(()))
+
+    kl_mean = property(lambda self: self.mean("kl"))
+    clip_fraction = property(lambda self: self.mean("clip_fraction"))
+    """Tokens whose policy gradient the clip removes (either side; cispo: whose weight is capped)."""
+    clip_low_fraction = property(lambda self: self.mean("clip_low_fraction"))
+    clip_high_fraction = property(lambda self: self.mean("clip_high_fraction"))
+    ratio_mean = property(lambda self: self.mean("ratio_mean"))
+    ratio_min = property(lambda self: self.mean("ratio_min"))
+    """1 when the micro-batch has no tokens (as are ratio_mean and ratio_max)."""
+    ratio_max = property(lambda self: self.mean("ratio_max"))
 
 
 @dataclass(frozen=True)
@@ -53,122 +66,76 @@ class LossNormalizers:
 
 def step_normalizers(masks: Sequence[torch.Tensor]) -> LossNormalizers:
     """Normalisers of one optimizer step on this rank from its micro-batches' masks
-    (each [B_k, T_k]). Pass them to every `grpo_loss` call of the step."""
+    (each [B_k, T_k]). Pass them to every `PolicyTerms.build` of the step."""
     return LossNormalizers(
         num_sequences=float(sum(mask.shape[0] for mask in masks)),
         num_items=float(sum(int(mask.bool().sum()) for mask in masks)),
     )
 
 
-def grpo_loss(
-    logprobs: torch.Tensor,
-    old_logprobs: torch.Tensor | None,
-    ref_logprobs: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    beta: float,
-    loss_type: LossType,
-    max_completion_length: int | None = None,
-    num_items: float | torch.Tensor | None = None,
-    num_sequences: float | torch.Tensor | None = None,
-) -> LossOutput:
-    """GRPO loss of one micro-batch. logprobs/old_logprobs/ref_logprobs/mask are [B, T]
-    (mask 1 = trained token), advantages [B].
+@dataclass(frozen=True)
+class PolicyTerms:
+    """One micro-batch's inputs to the loss besides the current log-probs, [B, T] unless said."""
 
-    per token: -min(r A, clip(r, 1 - epsilon_low, 1 + epsilon_high) A) + beta k3, with
-    r = exp(logprobs - old_logprobs) (old None = logprobs.detach(): one pass per batch)
-    and k3 = exp(ref - logp) - (ref - logp) - 1. Aggregation by `loss_type`:
-      grpo     sum_i (masked mean of sequence i) / num_sequences
-      bnpo     masked sum / num_items
-      dapo     masked sum / num_items
-      dr_grpo  masked sum / (num_sequences * max_completion_length)
-    A sequence with no masked tokens contributes 0 but still counts in num_sequences.
+    mask: torch.Tensor
+    """1 = a token that enters the loss."""
+    advantages: torch.Tensor
+    """[B]."""
+    weights: torch.Tensor
+    """Aggregation weights (`kernels.objective.aggregation_weights`)."""
+    old_logprobs: torch.Tensor | None = None
+    """Trainer log-probs before the update; None = on-policy (the current ones, detached)."""
+    ref_logprobs: torch.Tensor | None = None
+    engine_logprobs: torch.Tensor | None = None
 
-    Gradient accumulation: every micro-batch of an optimizer step must be divided by
-    the same step-wide normaliser, so pass `step_normalizers(all masks of the step)`;
-    the summed micro-batch losses (and gradients) then equal the loss of the whole
-    step as one batch. The defaults (this micro-batch's B and token count) are right
-    only when the step is a single micro-batch. Across ranks, gradients are averaged:
-    bnpo uses this rank's num_items (a per-rank token mean; TRL's bnpo divides each
-    micro-batch by its own count, which accumulation cannot reproduce exactly); dapo
-    uses the global token count divided by the world size (all-reduce the counts);
-    grpo and dr_grpo use this rank's num_sequences (ranks hold equal numbers).
-    """
-    _check_inputs(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta, loss_type, max_completion_length)
-    mask = mask.bool()
-    # Padded positions may hold inf/nan old or ref log-probs; masking the loss alone
-    # would still give 0 * inf = nan gradients there, so neutralise them first.
-    current = logprobs.detach()
-    old = current if old_logprobs is None else torch.where(mask, old_logprobs, current)
-    adv = advantages.to(logprobs.dtype)[:, None]  # [B, 1]
-    ratio = torch.exp(logprobs - old)  # [B, T]
-    clipped_ratio = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)  # [B, T]
-    token_loss = -torch.min(ratio * adv, clipped_ratio * adv)  # [B, T]
-    kl = None
-    if ref_logprobs is not None:
-        log_ref_ratio = torch.where(mask, ref_logprobs, current) - logprobs  # [B, T]
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1  # [B, T], k3 >= 0
-        if beta != 0:
-            token_loss = token_loss + beta * kl
-    token_loss = torch.where(mask, token_loss, 0.0)  # [B, T]
-    loss = _aggregate(token_loss, mask, loss_type, max_completion_length, num_items, num_sequences)
-    return _with_stats(loss, ratio, adv, kl, mask, epsilon_low, epsilon_high)
+    @staticmethod
+    def build(mask, advantages, *, loss_type: LossType, old_logprobs=None, ref_logprobs=None, engine_logprobs=None,
+              max_completion_length: int | None = None, num_items: float | None = None,
+              num_sequences: float | None = None) -> PolicyTerms:
+        """Checks shapes and computes the weights. Gradient accumulation: every micro-batch
+        of an optimizer step must be divided by the same step-wide normaliser, so pass
+        `step_normalizers(all masks of the step)`; the summed micro-batch losses (and
+        gradients) then equal the loss of the whole step as one batch. The defaults (this
+        micro-batch's B and token count) are right only for a single micro-batch. Across
+        ranks, gradients are averaged: bnpo uses this rank's num_items (a per-rank token
+        mean; TRL's bnpo divides each micro-batch by its own count, which accumulation
+        cannot reproduce exactly); dapo uses the global token count divided by the world
+        size; grpo and dr_grpo use this rank's num_sequences (ranks hold equal numbers)."""
+        if mask.dim() != 2:
+            raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+        named = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "engine_logprobs": engine_logprobs}
+        for name, tensor in named.items():
+            if tensor is not None and tensor.shape != mask.shape:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)}, mask {tuple(mask.shape)}")
+        if advantages.shape != mask.shape[:1]:
+            raise ValueError(f"advantages must be [B] = [{mask.shape[0]}], got {tuple(advantages.shape)}")
+        weights = aggregation_weights(mask, loss_type, max_completion_length=max_completion_length,
+                                      num_items=num_items, num_sequences=num_sequences)
+        return PolicyTerms(mask.bool(), advantages, weights, old_logprobs, ref_logprobs, engine_logprobs)
+
+    def tokens(self, index: torch.Tensor) -> Tokens:
+        """The `kernels.objective.Tokens` at flat positions index [K] (b * T + t)."""
+        return Tokens.gather(index, self.mask.shape[1], self.advantages, self.weights, self.old_logprobs,
+                             self.ref_logprobs, self.engine_logprobs)
 
 
-def _aggregate(token_loss, mask, loss_type, max_completion_length, num_items, num_sequences) -> torch.Tensor:
-    num_sequences = mask.shape[0] if num_sequences is None else num_sequences
-    if loss_type == "grpo":
-        per_sequence = token_loss.sum(-1) / mask.sum(-1).clamp(min=1)  # [B]
-        return per_sequence.sum() / num_sequences
-    if loss_type in ("bnpo", "dapo"):
-        # Same formula; they differ in the num_items the caller passes across ranks.
-        num_items = mask.sum().clamp(min=1) if num_items is None else num_items
-        return token_loss.sum() / num_items
-    return token_loss.sum() / (num_sequences * max_completion_length)  # dr_grpo
+def grpo_loss(logprobs: torch.Tensor, terms: PolicyTerms, objective: Objective) -> LossOutput:
+    """The loss from log-probs [B, T] (plain torch): `kernels.objective.objective_loss` over
+    the masked tokens. Values at other positions (padding: maybe inf/nan old or ref
+    log-probs) are never read, so they cannot leak into the loss or its gradient."""
+    if logprobs.shape != terms.mask.shape:
+        raise ValueError(f"logprobs must be [B, T] = {tuple(terms.mask.shape)}, got {tuple(logprobs.shape)}")
+    index = terms.mask.reshape(-1).nonzero().squeeze(1)  # [K]
+    loss, sums = objective_loss(logprobs.reshape(-1)[index], terms.tokens(index), objective)
+    return LossOutput(loss, sums)
 
 
-@torch.no_grad()
-def _with_stats(loss, ratio, adv, kl, mask, epsilon_low, epsilon_high) -> LossOutput:
-    num_tokens = mask.sum()
-    has_tokens = num_tokens > 0
-    ratio = ratio.float()
-
-    def masked_mean(values: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask, values.float(), 0.0).sum() / num_tokens.clamp(min=1)
-
-    clip_low = (ratio < 1 - epsilon_low) & (adv < 0)  # [B, T]
-    clip_high = (ratio > 1 + epsilon_high) & (adv > 0)  # [B, T]
-    one = ratio.new_ones(())
-    return LossOutput(
-        loss=loss,
-        kl_mean=masked_mean(kl) if kl is not None else ratio.new_zeros(()),
-        clip_fraction=masked_mean(clip_low | clip_high),
-        clip_low_fraction=masked_mean(clip_low),
-        clip_high_fraction=masked_mean(clip_high),
-        ratio_mean=torch.where(has_tokens, masked_mean(ratio), one),
-        ratio_min=torch.where(has_tokens, torch.where(mask, ratio, torch.inf).amin(), one),
-        ratio_max=torch.where(has_tokens, torch.where(mask, ratio, -torch.inf).amax(), one),
-        num_tokens=num_tokens.float(),
+def fused_loss(tokens: TokenHidden, *, terms: PolicyTerms, objective: Objective, temperature: float,
+               chunk_size: int | None = None, compute_entropy: bool = False) -> LossOutput:
+    """The same loss straight from hidden states (`kernels.fused_grpo_loss_tokens`); hand it
+    (terms and objective bound) to `PolicyModel.forward(loss=...)`."""
+    loss, sums, _ = fused_grpo_loss_tokens(
+        tokens.hidden, tokens.weight, tokens.rows, tokens.targets, terms.tokens(tokens.index), objective,
+        temperature=temperature, compute_entropy=compute_entropy, chunk_size=chunk_size,
     )
-
-
-def _check_inputs(logprobs, old_logprobs, ref_logprobs, advantages, mask, beta, loss_type, max_completion_length):
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
-    if logprobs.dim() != 2:
-        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
-    named = {"old_logprobs": old_logprobs, "ref_logprobs": ref_logprobs, "mask": mask}
-    for name, tensor in named.items():
-        if tensor is not None and tensor.shape != logprobs.shape:
-            raise ValueError(f"{name} has shape {tuple(tensor.shape)}, logprobs {tuple(logprobs.shape)}")
-    if advantages.shape != logprobs.shape[:1]:
-        raise ValueError(f"advantages must be [B] = [{logprobs.shape[0]}], got {tuple(advantages.shape)}")
-    if beta != 0 and ref_logprobs is None:
-        raise ValueError(f"beta={beta} needs ref_logprobs (the KL term); pass them or set grpo.beta = 0")
-    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < logprobs.shape[1]):
-        raise ValueError(
-            f"loss_type='dr_grpo' needs max_completion_length >= T={logprobs.shape[1]}, got {max_completion_length}"
-        )
+    return LossOutput(loss, sums)

@@ -3,6 +3,7 @@ loss with gradient accumulation, clipping, a NaN guard and the optimizer step.""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -10,8 +11,9 @@ import torch
 
 from grailcore.batch import Batch
 from grailcore.config import Config
-from grailcore.loss import grpo_loss, step_normalizers
+from grailcore.loss import LossOutput, PolicyTerms, fused_loss, grpo_loss, step_normalizers
 from grailcore.policy import PolicyModel
+from kernels.objective import Objective, merge_stats, summarize
 
 
 class BadStepsError(RuntimeError):
@@ -26,7 +28,13 @@ class UpdateStats:
     entropy: float = 0.0
     grad_norm: float = 0.0
     logprob_diff: float = 0.0
-    """Mean |engine - trainer| log-prob of sampled tokens, before any update."""
+    """Mean |engine - trainer| log-prob of sampled tokens (trainer: before the update)."""
+    mismatch_kl: float = 0.0
+    """k3 estimate of KL(engine || trainer) from the engine's samples, per token."""
+    is_capped_fraction: float = 0.0
+    """Tokens whose engine importance weight hit grpo.engine_is_cap (0 with the correction off)."""
+    is_dropped_fraction: float = 0.0
+    """Tokens of sequences dropped by grpo.engine_seq_band (0 with the correction off)."""
     tokens: int = 0
     skipped: bool = False
     forward_backward_s: float = 0.0
@@ -34,18 +42,63 @@ class UpdateStats:
     optimizer_s: float = 0.0
     """Wall seconds of grad clipping, the optimizer step and zero_grad."""
 
+    def add_sums(self, sums: dict) -> None:
+        """Fill the loss statistics from the step's merged `LossOutput.sums`."""
+        means = summarize(sums)
+        self.tokens = int(sums["tokens"])
+        for name, key in (("kl", "kl"), ("clip_fraction", "clip_fraction"), ("entropy", "entropy"),
+                          ("logprob_diff", "engine_abs_diff"), ("mismatch_kl", "mismatch_kl"),
+                          ("is_capped_fraction", "is_capped_fraction"),
+                          ("is_dropped_fraction", "is_dropped_fraction")):
+            if key in means:
+                setattr(self, name, float(means[key]))
 
-def _logprobs(model, batch: Batch, cfg: Config, entropy: bool = False):
-    """[b, T] log-probs (and entropy) of the batch's completion tokens under `model`."""
-    out = model(batch.input_ids, batch.attention_mask, batch.num_completion_tokens,
-                temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
-                return_entropy=entropy, prefix_sharing=cfg.grpo.prefix_sharing)
-    return (out.logprobs, out.entropy) if entropy else out.logprobs
+
+def engine_correction_on(cfg: Config) -> bool:
+    """grpo.engine_is_correction resolved: auto = on when engine and trainer can differ."""
+    if cfg.grpo.engine_is_correction == "auto":
+        return cfg.rollout.engine == "vllm" or cfg.rollout.sync_every > 1
+    return cfg.grpo.engine_is_correction == "on"
+
+
+def build_objective(cfg: Config) -> Objective:
+    """The objective's hyper-parameters from the config (the one place that reads them)."""
+    correction = engine_correction_on(cfg)
+    return Objective(
+        policy_loss=cfg.grpo.policy_loss, epsilon_low=cfg.grpo.epsilon_low, epsilon_high=cfg.grpo.epsilon_high,
+        beta=cfg.grpo.beta, kl_estimator=cfg.grpo.kl_estimator,
+        engine_is_cap=cfg.grpo.engine_is_cap if correction else None,
+        engine_seq_band=cfg.grpo.engine_seq_band if correction else None,
+    )
+
+
+def _logprobs(model, batch: Batch, cfg: Config) -> torch.Tensor:
+    """[b, T] log-probs of the batch's completion tokens under `model`."""
+    return model(batch.input_ids, batch.attention_mask, batch.num_completion_tokens,
+                 temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
+                 prefix_sharing=cfg.grpo.prefix_sharing).logprobs
 
 
 @torch.no_grad()
 def _frozen_logprobs(model, batches: list[Batch], cfg: Config) -> list[torch.Tensor]:
     return [_logprobs(model, b, cfg) for b in batches]
+
+
+def micro_batch_loss(model: PolicyModel, batch: Batch, terms: PolicyTerms, objective: Objective,
+                     cfg: Config) -> LossOutput:
+    """One micro-batch's loss, with its entropy summed: fused from the hidden states when
+    model.impl == "fused" (no [tokens, vocab] tensor), else the reference: full log-probs,
+    then the plain-torch loss."""
+    args = (batch.input_ids, batch.attention_mask, batch.num_completion_tokens)
+    kwargs = dict(temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
+                  prefix_sharing=cfg.grpo.prefix_sharing)
+    if model.impl == "fused":
+        head = functools.partial(fused_loss, terms=terms, objective=objective, compute_entropy=True)
+        return model(*args, loss=head, **kwargs)
+    out = model(*args, return_entropy=True, **kwargs)
+    result = grpo_loss(out.logprobs, terms, objective)
+    entropy = torch.where(terms.mask, out.entropy.detach(), 0.0).sum()
+    return LossOutput(result.loss, result.sums | {"entropy": entropy})
 
 
 def _global_items(local_items: float, world_size: int) -> float:
@@ -61,36 +114,31 @@ def _global_items(local_items: float, world_size: int) -> float:
 def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, scheduler, batches: list[Batch], cfg: Config,
                   world_size: int = 1) -> list[UpdateStats]:
     """`num_iterations` optimizer steps on the same rollouts; one UpdateStats each."""
+    objective = build_objective(cfg)
+    if objective.engine_is_cap is not None and any(b.engine_logprobs is None for b in batches):
+        raise ValueError("grpo.engine_is_correction is on but the engine returned no log-probs; "
+                         "use an engine that reports them or set grpo.engine_is_correction=off")
     norm = step_normalizers([b.completion_mask for b in batches])
     # bnpo normalises by this rank's tokens; dapo by the whole step's (see grailcore.loss).
     num_items = _global_items(norm.num_items, world_size) if cfg.grpo.loss_type == "dapo" else norm.num_items
     old = _frozen_logprobs(model, batches, cfg) if cfg.grpo.num_iterations > 1 else [None] * len(batches)
-    ref = _frozen_logprobs(ref_model, batches, cfg) if cfg.grpo.beta > 0 else [None] * len(batches)
+    ref = _frozen_logprobs(ref_model, batches, cfg) if objective.beta > 0 else [None] * len(batches)
+    terms = [PolicyTerms.build(b.completion_mask, b.advantages, loss_type=cfg.grpo.loss_type, old_logprobs=old_lp,
+                               ref_logprobs=ref_lp, engine_logprobs=b.engine_logprobs,
+                               max_completion_length=cfg.rollout.max_completion_tokens, num_items=num_items,
+                               num_sequences=norm.num_sequences)
+             for b, old_lp, ref_lp in zip(batches, old, ref)]
     params = [p for p in model.parameters() if p.requires_grad]
     results = []
-    for iteration in range(cfg.grpo.num_iterations):
-        stats = UpdateStats()
-        diff_sum = 0.0
+    for _ in range(cfg.grpo.num_iterations):
+        stats, sums, loss = UpdateStats(), {}, 0.0
         started = time.perf_counter()
-        for b, old_lp, ref_lp in zip(batches, old, ref):
-            logprobs, entropy = _logprobs(model, b, cfg, entropy=True)  # [b, T] each
-            out = grpo_loss(
-                logprobs, old_lp, ref_lp, b.advantages, b.completion_mask,
-                epsilon_low=cfg.grpo.epsilon_low, epsilon_high=cfg.grpo.epsilon_high,
-                beta=cfg.grpo.beta, loss_type=cfg.grpo.loss_type,
-                max_completion_length=cfg.rollout.max_completion_tokens,
-                num_items=num_items, num_sequences=norm.num_sequences,
-            )
+        for b, t in zip(batches, terms):
+            out = micro_batch_loss(model, b, t, objective, cfg)
             out.loss.backward()
-            n = float(out.num_tokens)
-            mask = b.completion_mask
-            stats.loss += float(out.loss.detach())
-            stats.kl += float(out.kl_mean) * n
-            stats.clip_fraction += float(out.clip_fraction) * n
-            stats.entropy += float((entropy.detach() * mask).sum())
-            stats.tokens += int(n)
-            if iteration == 0 and b.engine_logprobs is not None:
-                diff_sum += float(((logprobs.detach() - b.engine_logprobs).abs() * mask).sum())
+            sums, loss = merge_stats(sums, out.sums), loss + float(out.loss.detach())
+        stats.add_sums(sums)
+        stats.loss = loss  # what was backpropagated, for the non-finite guard
         stats.forward_backward_s = time.perf_counter() - started
         started = time.perf_counter()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
@@ -101,9 +149,6 @@ def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, 
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         stats.optimizer_s = time.perf_counter() - started
-        tokens = max(stats.tokens, 1)
-        stats.kl, stats.clip_fraction, stats.entropy = stats.kl / tokens, stats.clip_fraction / tokens, stats.entropy / tokens
-        stats.logprob_diff = diff_sum / tokens if iteration == 0 else float("nan")
         results.append(stats)
     return results
 

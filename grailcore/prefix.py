@@ -20,8 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grailcore.logprobs import IGNORE_INDEX, TokenLogprobs, _naive_logprobs, _output_weight
-from kernels.logprobs import fused_linear_logprobs
+from grailcore.logprobs import TokenHidden, TokenLogprobs, _output_weight, logprob_head
 
 # Families whose decoders take a custom 4D mask as-is (checked by tests/test_prefix.py).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
@@ -170,22 +169,28 @@ def shared_prefix_logprobs(
     `pack_by_prompt`; pair_cost None = from the model's config). Same arguments and
     [B, T] outputs; 0 (and no gradient) wherever completion_mask (default: the
     completion's attention_mask) is 0, including tokens that are padding."""
-    if impl not in ("fused", "naive"):
-        raise ValueError(f"impl must be 'fused' or 'naive', got {impl!r}")
+    tokens = shared_token_hidden(model, input_ids, attention_mask, logits_to_keep, completion_mask, pair_cost)
+    return logprob_head(tokens, temperature=temperature, impl=impl, chunk_size=chunk_size,
+                        return_entropy=return_entropy)
+
+
+def shared_token_hidden(model, input_ids, attention_mask, logits_to_keep, completion_mask=None,
+                        pair_cost=None) -> TokenHidden:
+    """`TokenHidden` of the trained completion tokens from the packed decoder passes. With
+    nothing trained, one token still runs through every layer, as the padded forward would,
+    so backward reaches each block (FSDP2 ranks must all run the same backward)."""
     check_supported(model)
-    rows = input_ids.shape[0]
     if pair_cost is None:
         pair_cost = attention_pair_cost(model.config)
     packs = pack_by_prompt(input_ids, attention_mask, logits_to_keep, completion_mask, pair_cost)
     weight = _output_weight(model)  # [V, H]
     body = model.get_decoder()
     device = input_ids.device
+    shape = (input_ids.shape[0], logits_to_keep)
     if not packs:
-        # Nothing trained: zeros, but through every layer as the padded forward would,
-        # so backward reaches each block (FSDP2 ranks must all run the same backward).
-        out = body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state
-        zeros = 0 * (out.sum() + weight.sum()).float() + weight.new_zeros(rows, logits_to_keep, dtype=torch.float32)
-        return TokenLogprobs(logprobs=zeros, entropy=zeros.detach().clone() if return_entropy else None)
+        hidden = body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state[0]  # [1, H]
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return TokenHidden(hidden=hidden, rows=empty, targets=empty, index=empty, weight=weight, shape=shape)
     hidden = []
     for pack in packs:
         mask = tree_attention_mask(pack.segment_ids.to(device), weight.dtype)
@@ -193,17 +198,8 @@ def shared_prefix_logprobs(
                    position_ids=pack.position_ids[None].to(device), use_cache=False)
         hidden.append(out.last_hidden_state[0, pack.hidden_index.to(device)])  # [K_u, H]
     flat_hidden = torch.cat(hidden)  # [K, H]
-    targets = torch.cat([p.targets for p in packs]).to(device)  # [K]
-    if impl == "fused":
-        out = fused_linear_logprobs(flat_hidden, weight, targets, temperature, return_entropy=return_entropy,
-                                    ignore_index=IGNORE_INDEX, chunk_size=chunk_size)
-        logprobs, entropy = out if return_entropy else (out, None)
-    else:
-        logprobs, entropy = _naive_logprobs(flat_hidden, weight, targets, temperature, return_entropy)
-    index = torch.cat([p.output_index for p in packs]).to(device)  # [K] into [B*T]
-
-    def scatter(values: torch.Tensor) -> torch.Tensor:
-        flat = values.new_zeros(rows * logits_to_keep).index_put((index,), values)
-        return flat.view(rows, logits_to_keep)
-
-    return TokenLogprobs(logprobs=scatter(logprobs), entropy=None if entropy is None else scatter(entropy))
+    return TokenHidden(
+        hidden=flat_hidden, rows=torch.arange(flat_hidden.shape[0], device=device),
+        targets=torch.cat([p.targets for p in packs]).to(device),
+        index=torch.cat([p.output_index for p in packs]).to(device), weight=weight, shape=shape,
+    )

@@ -1,140 +1,251 @@
-"""Fused GRPO loss: lm-head + log-softmax + clipped policy loss + k3 KL in one chunked
-pass. Each chunk's gradient is formed while its logits exist, so the backward pass only
-scales stored grads: three [n, V] matmuls per chunk, like unfused autograd, and no [N, V]."""
+"""Fused GRPO loss: lm-head + log-softmax + the objective (`kernels.objective`) chunk by
+chunk, straight from the last hidden states. Each chunk's gradient is formed while its
+softmax exists, so backward only hands over stored grads: three [n, V]-sized matmuls per
+chunk (like unfused autograd), one [n, V] buffer, never the [N, V] logits.
+
+Sequence-level objectives (GSPO, the engine sequence mask) need a sequence's tokens
+together: chunks then hold whole sequences; a sequence longer than a chunk switches to
+two passes (log-probs of every token, then the chunks again for the gradient: one more
+matmul per chunk, memory unchanged)."""
 
 import dataclasses
 
 import torch
 
-from kernels.logprobs import Chunks, GradAccumulator, check_inputs, default_chunk_size, resolve_impl, row_ops
-from kernels.reference import LOSS_TYPES, grpo_token_loss
+from kernels.logprobs import (GradAccumulator, check_inputs, default_chunk_size, resolve_impl,
+                              row_stats_triton, grad_logits_triton)
+from kernels.objective import Objective, Tokens, merge_stats, objective_loss, padded_tokens, summarize
 
 _IGNORE = -100
 
 
-@dataclasses.dataclass(frozen=True)
-class _PolicyTerms:
-    """Everything the per-token loss needs besides log-probs; tensors are flat [B*T]."""
+class _TorchChunk:
+    """One chunk's softmax as e = exp(z - max) [n, V] in one fp32 buffer reused by every
+    chunk. With s = sum(e) and E = e @ W [n, H], the chunk needs no other [n, V] pass:
+    sum(p z) = rowdot(h, E) / s (entropy), dL/dh = (g W[t] - (g / s) E) / T and
+    dL/dW = onehot(t)^T (g h) - e^T ((g / s) h), h the chunk's hidden rows divided by T."""
 
-    old_logprobs: torch.Tensor | None
-    ref_logprobs: torch.Tensor | None
-    advantages: torch.Tensor  # per token: each sequence's advantage repeated
-    weights: torch.Tensor  # aggregation weights: loss = sum(weights * token_loss)
-    epsilon_low: float
-    epsilon_high: float
-    beta: float
+    def __init__(self, rows, weight):
+        vocab = weight.shape[0]
+        self.weight = weight
+        self.exp = torch.empty(rows, vocab, dtype=torch.float32, device=weight.device)
+        self.low = None if weight.dtype == torch.float32 else torch.empty(rows, vocab, dtype=weight.dtype,
+                                                                           device=weight.device)
 
-    def chunk_loss(self, logprobs, rows):
-        """For the tokens `rows` [n] with log-probs [n]: d(loss)/d(logprobs) [n] and the
-        sums {loss, clipped, kl} that this chunk adds to the totals."""
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        with torch.enable_grad():  # autograd.Function.forward runs under no_grad
-            logprobs = logprobs.detach().requires_grad_()
-            token_loss, is_clipped, kl = grpo_token_loss(
-                logprobs, pick(self.old_logprobs), pick(self.ref_logprobs), self.advantages[rows],
-                self.epsilon_low, self.epsilon_high, self.beta,
-            )
-            loss = (token_loss * self.weights[rows]).sum()
-            (grad,) = torch.autograd.grad(loss, logprobs)
-        kl_sum = kl.detach().sum() if kl is not None else loss.new_zeros(())
-        return grad, {"loss": loss.detach(), "clipped": is_clipped.sum().float(), "kl": kl_sum}
+    def forward(self, hidden_rows, targets, want_entropy):
+        """(logprobs [n], entropy [n] or None) in fp32; keeps the softmax for `add_grads`."""
+        n = hidden_rows.shape[0]
+        if self.low is None:
+            z = torch.mm(hidden_rows, self.weight.T, out=self.exp[:n])  # [n, V]
+        else:  # the matmul in the input dtype, as a bf16 lm head computes it; the rest in fp32
+            z = self.exp[:n].copy_(torch.mm(hidden_rows, self.weight.T, out=self.low[:n]))
+        target_z = z.gather(1, targets[:, None]).squeeze(1)
+        row_max = z.amax(1, keepdim=True)
+        self.e = z.sub_(row_max).exp_()  # [n, V], z is gone
+        self.sum_exp = self.e.sum(1)
+        lse = row_max.squeeze(1) + self.sum_exp.log()
+        self.hidden_rows, self.targets, self._e_weight, self._e_low = hidden_rows, targets, None, None
+        entropy = None
+        if want_entropy:
+            entropy = lse - (hidden_rows.float() * self.e_weight().float()).sum(1) / self.sum_exp
+        return target_z - lse, entropy
+
+    def e_low(self):
+        """e in the input dtype, for the matmuls (the fp32 buffer itself for fp32 inputs)."""
+        if self._e_low is None:
+            self._e_low = self.e if self.low is None else self.low[: len(self.e)].copy_(self.e)
+        return self._e_low
+
+    def e_weight(self):
+        """E = e @ W [n, H], in the input dtype."""
+        if self._e_weight is None:
+            self._e_weight = self.e_low() @ self.weight
+        return self._e_weight
+
+    def add_grads(self, rows, grad_logprobs, grads):
+        """Add this chunk's share of d(loss)/d(hidden, weight), given d(loss)/d(logprobs) [n]."""
+        scale = grad_logprobs / self.sum_exp  # [n]: dL/dz = g onehot - scale * e
+        if grads.grad_hidden is not None:
+            grad_rows = grad_logprobs[:, None] * self.weight[self.targets].float()
+            grad_rows -= scale[:, None] * self.e_weight().float()
+            grads.set_hidden(rows, grad_rows)
+        if grads.need_weight:
+            hidden = self.hidden_rows.float()
+            grads.add_weight(self.e_low().T, (hidden * -scale[:, None]).to(self.weight.dtype))
+            grads.add_weight_rows(self.targets, hidden * grad_logprobs[:, None])
+
+
+class _TritonChunk:
+    """The same contract with the Triton row kernels (CUDA): the logits buffer becomes
+    dL/dz in place, then two matmuls."""
+
+    def __init__(self, rows, weight):
+        self.weight = weight
+        self.buffer = torch.empty(rows, weight.shape[0], dtype=weight.dtype, device=weight.device)
+
+    def forward(self, hidden_rows, targets, want_entropy):
+        logits = torch.mm(hidden_rows, self.weight.T, out=self.buffer[: hidden_rows.shape[0]])
+        self.lse, logprobs, entropy = row_stats_triton(logits, targets, want_entropy)
+        self.logits, self.hidden_rows, self.targets = logits, hidden_rows, targets
+        return logprobs, entropy
+
+    def add_grads(self, rows, grad_logprobs, grads):
+        grad_logits = grad_logits_triton(self.logits, self.targets, self.lse, None, grad_logprobs, None)
+        grads.add(rows, self.hidden_rows, grad_logits)
+
+
+def chunk_sizes(sequence, chunk_size, whole_sequences):
+    """Rows of consecutive chunks of tokens tagged with `sequence` [K]. whole_sequences: no
+    chunk splits a sequence (its tokens must be contiguous); None if that cannot hold."""
+    total = sequence.shape[0]
+    if not whole_sequences:
+        return [chunk_size] * (total // chunk_size) + ([total % chunk_size] if total % chunk_size else [])
+    ids, lengths = torch.unique_consecutive(sequence, return_counts=True)
+    if total == 0:
+        return []
+    if ids.unique().numel() != ids.numel() or int(lengths.max()) > chunk_size:
+        return None
+    sizes = [0]
+    for length in lengths.tolist():
+        if sizes[-1] + length > chunk_size:
+            sizes.append(0)
+        sizes[-1] += length
+    return sizes
+
+
+@dataclasses.dataclass
+class _Out:
+    """What the autograd function hands back besides the loss."""
+
+    stats: dict | None = None
+    logprobs: torch.Tensor | None = None
+
+
+def _loss_and_grad(logprobs, tokens, objective, need_grad):
+    """The objective on these tokens and d(loss)/d(logprobs) (None unless need_grad)."""
+    with torch.enable_grad():  # autograd.Function.forward runs under no_grad
+        logprobs = logprobs.detach().requires_grad_(need_grad)
+        loss, stats = objective_loss(logprobs, tokens, objective)
+        if not need_grad:
+            return None, stats
+        (grad,) = torch.autograd.grad(loss, logprobs, allow_unused=True)
+    return (torch.zeros_like(logprobs) if grad is None else grad), stats
 
 
 class _FusedGRPOLoss(torch.autograd.Function):
-    """Forward computes the loss and its grads chunk by chunk; backward scales them."""
+    """Forward computes the loss and its gradients chunk by chunk; backward scales them."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, terms, temperature, want_entropy, chunk_size, impl, need_grads):
-        rows = (targets != _IGNORE).nonzero().squeeze(1)  # [N_valid]
-        chunks = Chunks(hidden, weight, rows, chunk_size, temperature)
-        ops = row_ops(impl, chunks.chunk_size, weight.shape[0], hidden.dtype, hidden.device)
+    def forward(ctx, hidden, weight, rows, targets, tokens, objective, temperature, want_entropy, chunk_size,
+                impl, need_grads, out):
+        sizes = chunk_sizes(tokens.sequence, chunk_size, objective.sequence_level)
+        one_pass = sizes is not None
+        sizes = sizes if one_pass else chunk_sizes(tokens.sequence, chunk_size, False)
+        chunk = (_TritonChunk if impl == "triton" else _TorchChunk)(max(sizes, default=1), weight)
         grads = GradAccumulator(hidden, weight, *need_grads, temperature)
-        totals = dict.fromkeys(("loss", "clipped", "kl", "entropy"), hidden.new_zeros((), dtype=torch.float32))
-        for chunk_rows, hidden_rows, logits in chunks:
-            chunk_targets = targets[chunk_rows]
-            lse, logprobs, entropy = ops.stats(logits, chunk_targets, want_entropy)
-            grad_logprobs, sums = terms.chunk_loss(logprobs, chunk_rows)
+        logprobs = torch.zeros(rows.shape[0], dtype=torch.float32, device=hidden.device)
+        empty = torch.zeros(0, dtype=torch.long, device=hidden.device)
+        stats = _loss_and_grad(logprobs[empty], tokens.take(empty), objective, False)[1]  # every key, zeros
+        entropy_sum = hidden.new_zeros((), dtype=torch.float32)
+
+        def chunks():
+            start = 0
+            for size in sizes:
+                index = torch.arange(start, start + size, device=hidden.device)  # into the K tokens
+                hidden_rows = hidden.index_select(0, rows[index])
+                if temperature != 1.0:
+                    hidden_rows.div_(temperature)  # z / T folded into the small [n, H] side
+                yield index, hidden_rows
+                start += size
+
+        for index, hidden_rows in chunks():  # one pass: each chunk's gradient while its softmax exists
+            logprobs[index], entropy = chunk.forward(hidden_rows, targets[index], want_entropy)
             if want_entropy:
-                sums["entropy"] = entropy.sum()
-            totals = {name: total + sums.get(name, 0.0) for name, total in totals.items()}
-            if any(need_grads):  # logits become their grad here, while they exist
-                grad_logits = ops.grad_logits(logits, chunk_targets, lse, None, grad_logprobs, None)
-                grads.add(chunk_rows, hidden_rows, grad_logits)
-        ctx.save_for_backward(*grads.result())
-        means = torch.stack([totals["clipped"], totals["kl"], totals["entropy"]]) / max(len(rows), 1)
-        ctx.mark_non_differentiable(means)
-        return totals["loss"], means
+                entropy_sum += entropy.sum()
+            if one_pass:
+                grad, part = _loss_and_grad(logprobs[index], tokens.take(index), objective, any(need_grads))
+                stats = merge_stats(stats, part)
+                if grad is not None:
+                    chunk.add_grads(rows[index], grad, grads)
+        if not one_pass:  # every log-prob first, then the chunks again
+            grad_logprobs, stats = _loss_and_grad(logprobs, tokens, objective, any(need_grads))
+            for index, hidden_rows in chunks() if grad_logprobs is not None else ():
+                chunk.forward(hidden_rows, targets[index], False)
+                chunk.add_grads(rows[index], grad_logprobs[index], grads)
+        if want_entropy:
+            stats["entropy"] = entropy_sum
+        out.stats, out.logprobs = stats, logprobs
+        ctx.grads = grads.result()  # ours, not inputs: backward scales them in place
+        return stats["loss"].clone()
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_means):
-        scale = lambda grad: None if grad is None else grad * grad_loss.to(grad.dtype)  # noqa: E731
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return scale(grad_hidden), scale(grad_weight), None, None, None, None, None, None, None
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads
+        if grad_loss.item() != 1.0:
+            for grad in (grad_hidden, grad_weight):
+                if grad is not None:
+                    grad.mul_(grad_loss.to(grad.dtype))
+        return grad_hidden, grad_weight, *([None] * 10)
 
 
-def aggregation_weights(mask, loss_type, max_completion_length=None, num_items=None):
-    """[B, T] fp32 weights w with sum(w * token_loss) equal to
-    `kernels.reference.aggregate_token_loss(token_loss, mask, ...)`."""
-    mask = mask.bool()
-    mask_f = mask.float()
-    if loss_type == "grpo":
-        return mask_f / (mask.sum(-1, keepdim=True).clamp(min=1) * mask.shape[0])
-    if loss_type in ("bnpo", "dapo"):
-        return mask_f / (mask.sum().clamp(min=1) if num_items is None else num_items)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("loss_type='dr_grpo' needs max_completion_length")
-        return mask_f / (mask.shape[0] * max_completion_length)
-    raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+def fused_grpo_loss_tokens(hidden, weight, rows, targets, tokens: Tokens, objective: Objective, *,
+                           temperature=1.0, compute_entropy=False, chunk_size=None, impl="auto"):
+    """The objective over K tokens straight from hidden states: token k's log-prob is that of
+    targets[k] under softmax(hidden[rows[k]] @ weight.T / temperature).
 
-
-def _check_policy_inputs(targets, old_logprobs, ref_logprobs, advantages, mask, vocab_size):
-    batch_seq = tuple(targets.shape)
-    for name, value in (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("mask", mask)):
-        if value is not None and tuple(value.shape) != batch_seq:
-            raise ValueError(f"{name} must be [B, T]={batch_seq} like targets, got {tuple(value.shape)}")
-    if tuple(advantages.shape) != batch_seq[:1]:
-        raise ValueError(f"advantages must be [B]={batch_seq[:1]}, got {tuple(advantages.shape)}")
-    kept = targets[mask.bool()]
-    if kept.numel() and (kept.min() < 0 or kept.max() >= vocab_size):
-        raise ValueError(f"targets under mask must be in [0, {vocab_size}); got [{kept.min()}, {kept.max()}]")
+    hidden [N, H], weight [V, H], rows/targets [K] long, tokens: `kernels.objective.Tokens`
+    of K tokens. Returns (loss, stats, logprobs): the differentiable scalar loss (gradients
+    reach hidden and weight through the log-probs only), the objective's detached sums
+    (plus "entropy" if asked) and the detached fp32 log-probs [K]."""
+    check_inputs(hidden, weight, torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device), _IGNORE)
+    if rows.shape != targets.shape or tokens.sequence.shape != rows.shape:
+        raise ValueError(f"rows {tuple(rows.shape)}, targets {tuple(targets.shape)} and tokens "
+                         f"{tuple(tokens.sequence.shape)} must all be [K]")
+    if targets.numel() and (targets.min() < 0 or targets.max() >= weight.shape[0]):
+        raise ValueError(f"targets must be in [0, {weight.shape[0]}); got [{targets.min()}, {targets.max()}]")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    need_grads = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
+    out = _Out()
+    loss = _FusedGRPOLoss.apply(
+        hidden, weight, rows.long(), targets.long(), tokens.float(), objective, float(temperature), compute_entropy,
+        chunk_size or default_chunk_size(rows.shape[0], weight.shape[0]), resolve_impl(impl, hidden.device),
+        need_grads, out,
+    )
+    return loss, out.stats, out.logprobs
 
 
 def fused_grpo_loss(
     hidden, weight, targets, old_logprobs, ref_logprobs, advantages, mask, *, temperature=1.0,
-    epsilon_low=0.2, epsilon_high=0.2, beta=0.0, loss_type="grpo", max_completion_length=None,
-    num_items=None, compute_entropy=False, chunk_size=None, impl="auto",
+    epsilon_low=0.2, epsilon_high=0.2, beta=0.0, loss_type="grpo", policy_loss="grpo", kl_estimator="k3",
+    max_completion_length=None, num_items=None, num_sequences=None, engine_logprobs=None, engine_is_cap=None,
+    engine_seq_band=None, compute_entropy=False, chunk_size=None, impl="auto",
 ):
-    """GRPO loss straight from the last hidden states; same contract as
+    """GRPO loss of a [B, T] batch straight from the last hidden states; same contract as
     `kernels.reference.grpo_loss_ref`.
 
-    hidden [B, T, H] or [B*T, H], weight [V, H], targets/old/ref/mask [B, T] (old None:
-    on-policy, ratio 1; ref None: no KL), advantages [B]. `num_items` replaces the token
-    count for bnpo/dapo (e.g. the global count across ranks). Returns (loss scalar, stats)
-    with stats' clip_fraction, kl (with ref) and entropy (if `compute_entropy`), means over
-    masked tokens. Gradients reach hidden and weight through the log-probs only."""
+    hidden [B, T, H] or [B*T, H], weight [V, H], targets/old/ref/engine/mask [B, T] (old
+    None: on-policy; ref None: no KL; engine None: no engine terms), advantages [B]. The
+    objective's arguments are `kernels.objective.Objective`'s; the aggregation's are
+    `aggregation_weights`'. Returns (loss scalar, stats): `kernels.objective.summarize`'s
+    means over the masked tokens (entropy if `compute_entropy`)."""
     batch, seq = targets.shape
-    flat_hidden = hidden.reshape(batch * seq, hidden.shape[-1])  # [B*T, H]
-    _check_policy_inputs(targets, old_logprobs, ref_logprobs, advantages, mask, weight.shape[0])
-    flat_targets = torch.where(mask.bool(), targets, _IGNORE).reshape(-1).long()  # [B*T]
-    check_inputs(flat_hidden, weight, flat_targets, _IGNORE)
-    flat = lambda x: None if x is None else x.reshape(-1).float()  # noqa: E731
-    terms = _PolicyTerms(
-        old_logprobs=flat(old_logprobs), ref_logprobs=flat(ref_logprobs),
-        advantages=flat(advantages[:, None].expand(batch, seq)),
-        weights=flat(aggregation_weights(mask, loss_type, max_completion_length, num_items)),
-        epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+    if tuple(targets.shape) != tuple(mask.shape):
+        raise ValueError(f"mask must be [B, T]={tuple(targets.shape)} like targets, got {tuple(mask.shape)}")
+    index, tokens = padded_tokens(
+        mask, advantages, loss_type=loss_type, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        engine_logprobs=engine_logprobs, max_completion_length=max_completion_length, num_items=num_items,
+        num_sequences=num_sequences)
+    flat_targets = targets.reshape(-1)[index]
+    if flat_targets.numel() and (flat_targets.min() < 0 or flat_targets.max() >= weight.shape[0]):
+        raise ValueError(f"targets under mask must be in [0, {weight.shape[0]}); "
+                         f"got [{flat_targets.min()}, {flat_targets.max()}]")
+    objective = Objective(policy_loss=policy_loss, epsilon_low=epsilon_low, epsilon_high=epsilon_high, beta=beta,
+                          kl_estimator=kl_estimator, engine_is_cap=engine_is_cap, engine_seq_band=engine_seq_band)
+    loss, stats, _ = fused_grpo_loss_tokens(
+        hidden.reshape(batch * seq, hidden.shape[-1]), weight, index, flat_targets, tokens, objective,
+        temperature=temperature, compute_entropy=compute_entropy, chunk_size=chunk_size, impl=impl,
     )
-    need_grads = tuple(torch.is_grad_enabled() and x.requires_grad for x in (hidden, weight))
-    loss, means = _FusedGRPOLoss.apply(
-        flat_hidden, weight, flat_targets, terms, float(temperature), compute_entropy,
-        chunk_size or default_chunk_size(batch * seq, weight.shape[0]), resolve_impl(impl, hidden.device),
-        need_grads,
-    )
-    stats = {"clip_fraction": means[0]}
-    if ref_logprobs is not None:
-        stats["kl"] = means[1]
-    if compute_entropy:
-        stats["entropy"] = means[2]
-    return loss, stats
+    return loss, summarize(stats)

@@ -81,7 +81,7 @@ def _block_v(n_cols):
     return min(_MAX_BLOCK_V, triton.next_power_of_2(n_cols))
 
 
-def _row_stats_triton(logits, targets, want_entropy):
+def row_stats_triton(logits, targets, want_entropy):
     """Launcher: (lse, logprobs, entropy or None), each [n] fp32, for logits [n, V]."""
     n_rows, n_cols = logits.shape
     lse, logprobs = (torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(2))
@@ -93,7 +93,7 @@ def _row_stats_triton(logits, targets, want_entropy):
     return lse, logprobs, entropy
 
 
-def _grad_logits_triton(logits, targets, lse, entropy, grad_logprobs, grad_entropy):
+def grad_logits_triton(logits, targets, lse, entropy, grad_logprobs, grad_entropy):
     """Launcher: turns logits [n, V] into d(loss)/d(logits) in place and returns it."""
     n_rows, n_cols = logits.shape
     has_grad_entropy = grad_entropy is not None
@@ -108,8 +108,8 @@ def _grad_logits_triton(logits, targets, lse, entropy, grad_logprobs, grad_entro
 class _TritonRowOps:
     """Row math by the Triton kernels; they need no scratch beyond the logits."""
 
-    stats = staticmethod(_row_stats_triton)
-    grad_logits = staticmethod(_grad_logits_triton)
+    stats = staticmethod(row_stats_triton)
+    grad_logits = staticmethod(grad_logits_triton)
 
 
 class _TorchRowOps:
@@ -170,30 +170,44 @@ class Chunks:
 
 
 class GradAccumulator:
-    """d(loss)/d(hidden) [N, H] and d(loss)/d(weight) [V, H], filled chunk by chunk;
-    weight grads of several low-precision chunks are summed in fp32."""
+    """d(loss)/d(hidden) [N, H] and d(loss)/d(weight) [V, H], filled chunk by chunk; weight
+    grads are summed in fp32, low-precision chunk products through one scratch buffer."""
 
     def __init__(self, hidden, weight, need_hidden, need_weight, temperature):
         self.weight, self.need_weight, self.temperature = weight, need_weight, temperature
         self.grad_hidden = torch.zeros_like(hidden) if need_hidden else None
-        self.grad_weight = None  # [V, H], created by the first chunk
-        self.scratch = None  # [V, H] in the input dtype, for low-precision chunks after the first
+        self.grad_weight = None  # [V, H] fp32, created by the first chunk
+        self.scratch = None  # [V, H] in the input dtype, for low-precision chunk products
 
     def add(self, rows, hidden_rows, grad_logits):
-        """Add one chunk from `Chunks`: rows [n], hidden_rows [n, H], grad_logits [n, V]."""
+        """Add one chunk given its logits' grad: rows [n], hidden_rows [n, H], grad_logits [n, V]."""
         if self.grad_hidden is not None:
-            grad_rows = (grad_logits @ self.weight).div_(self.temperature)  # [n, H]
-            self.grad_hidden.index_copy_(0, rows, grad_rows)
-        if not self.need_weight:
-            return
-        if self.grad_weight is None:  # the first chunk writes: no zero-fill, no fp32 copy if it is the only one
-            self.grad_weight = grad_logits.T @ hidden_rows
-        elif grad_logits.dtype == torch.float32:
-            self.grad_weight.addmm_(grad_logits.T, hidden_rows)  # in place: no [V, H] temporary
+            self.set_hidden(rows, grad_logits @ self.weight)
+        if self.need_weight:
+            self.add_weight(grad_logits.T, hidden_rows)
+
+    def set_hidden(self, rows, grad_rows):
+        """d(loss)/d(hidden / temperature) of the rows [n] -> their d(loss)/d(hidden)."""
+        self.grad_hidden.index_copy_(0, rows, grad_rows.div_(self.temperature).to(self.grad_hidden.dtype))
+
+    def add_weight(self, a, b):
+        """grad_weight += a @ b (a [V, n], b [n, H] in the input dtype)."""
+        if self.grad_weight is None and a.dtype == torch.float32:  # the first chunk writes: no zero-fill
+            self.grad_weight = torch.mm(a, b)
+        elif a.dtype == torch.float32:
+            self.grad_weight.addmm_(a, b)  # in place: no [V, H] temporary
         else:
-            if self.grad_weight.dtype != torch.float32:
-                self.scratch, self.grad_weight = self.grad_weight, self.grad_weight.float()
-            self.grad_weight += torch.mm(grad_logits.T, hidden_rows, out=self.scratch)
+            self.scratch = torch.mm(a, b, out=self.scratch)
+            if self.grad_weight is None:
+                self.grad_weight = self.scratch.float()
+            else:
+                self.grad_weight += self.scratch
+
+    def add_weight_rows(self, index, values):
+        """grad_weight[index] += values (index [n], values [n, H] fp32)."""
+        if self.grad_weight is None:
+            self.grad_weight = torch.zeros_like(self.weight, dtype=torch.float32)
+        self.grad_weight.index_add_(0, index, values)
 
     def result(self):
         """(grad_hidden or None, grad_weight or None), in the input dtype."""

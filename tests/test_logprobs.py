@@ -3,7 +3,8 @@ import torch
 import transformers
 
 from grailcore.logprobs import token_logprobs
-from grailcore.loss import grpo_loss
+from grailcore.loss import PolicyTerms, grpo_loss
+from kernels.objective import Objective
 
 PROMPT_LENGTHS = [4, 6, 2]  # left padded to 6
 COMPLETION_LENGTHS = [5, 2, 3]  # right padded to 5
@@ -65,8 +66,9 @@ def loss_and_grads(model, impl, chunk_size=None):
     out = token_logprobs(model, input_ids, attention_mask, completion_mask.shape[1], temperature=TEMPERATURE,
                          impl=impl, chunk_size=chunk_size, completion_mask=completion_mask, return_entropy=True)
     ref = out.logprobs.detach() + 0.1
-    loss = grpo_loss(out.logprobs, out.logprobs.detach() - 0.05, ref, torch.tensor([1.0, -0.5, 0.8]),
-                     completion_mask, epsilon_low=0.2, epsilon_high=0.28, beta=0.04, loss_type="grpo").loss
+    terms = PolicyTerms.build(completion_mask, torch.tensor([1.0, -0.5, 0.8]), loss_type="grpo",
+                              old_logprobs=out.logprobs.detach() - 0.05, ref_logprobs=ref)
+    loss = grpo_loss(out.logprobs, terms, Objective(epsilon_low=0.2, epsilon_high=0.28, beta=0.04)).loss
     masked_entropy = (out.entropy * completion_mask).sum() / completion_mask.sum()
     (loss - 0.01 * masked_entropy).backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

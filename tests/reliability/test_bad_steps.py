@@ -18,9 +18,9 @@ from grailcore.optimize import BadStepsError
 
 
 def _poison_loss(monkeypatch, bad_steps: dict[int, float]) -> None:
-    """Make grpo_loss return `bad_steps[step]` (nan/inf) at those 1-based steps: the
-    backward pass then fills the gradients with non-finite values too."""
-    real, calls = grailcore.optimize.grpo_loss, []
+    """Make each step's micro-batch loss `bad_steps[step]` (nan/inf) times itself at those
+    1-based steps: the backward pass then fills the gradients with non-finite values too."""
+    real, calls = grailcore.optimize.micro_batch_loss, []
 
     def faulty(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -30,7 +30,7 @@ def _poison_loss(monkeypatch, bad_steps: dict[int, float]) -> None:
             return dataclasses.replace(out, loss=out.loss * bad_steps[step])
         return out
 
-    monkeypatch.setattr(grailcore.optimize, "grpo_loss", faulty)
+    monkeypatch.setattr(grailcore.optimize, "micro_batch_loss", faulty)
 
 
 def _metrics(run_dir) -> list[dict]:
