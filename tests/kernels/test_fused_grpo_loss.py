@@ -29,6 +29,13 @@ def _problem(dtype=torch.float32, seed=0):
     return hidden, weight, targets, old, ref, advantages, mask
 
 
+def _engine(old, seed=1):
+    """Engine log-probs up to 0.7 nats off the old ones: some tokens capped, some sequences
+    outside a (0.97, 1.03) band."""
+    generator = torch.Generator().manual_seed(seed)
+    return old - 1.4 * (torch.rand(old.shape, generator=generator) - 0.5)
+
+
 def _run(loss_fn, hidden, weight, *args, **kwargs):
     hidden = hidden.clone().requires_grad_()
     weight = weight.clone().requires_grad_()
@@ -58,6 +65,33 @@ def test_matches_fp64_reference(loss_type, with_old, with_ref):
     assert (grad_hidden[~mask] == 0).all()
     if with_old:  # the problem is built so that some tokens clip
         assert 0 < stats["clip_fraction"] < 1
+
+
+@pytest.mark.parametrize("policy_loss, kl_estimator, engine, chunk_size", [
+    ("gspo", "k3", False, 7),  # whole sequences per chunk
+    ("gspo", "k1", False, 3),  # a sequence longer than a chunk: two passes
+    ("cispo", "k2", False, 4),
+    ("grpo", "k3", True, 7),
+    ("gspo", "k3", True, 3),
+    ("cispo", "k1", True, 4),
+])
+def test_policy_losses_estimators_and_engine_correction_match_fp64_reference(policy_loss, kl_estimator, engine,
+                                                                             chunk_size):
+    hidden, weight, targets, old, ref, advantages, mask = _problem()
+    correction = dict(engine_logprobs=_engine(old), engine_is_cap=1.3, engine_seq_band=(0.97, 1.03)) if engine else {}
+    args = (targets, old, ref, advantages, mask)
+    kwargs = dict(temperature=0.7, epsilon_low=0.1, epsilon_high=0.12, beta=0.04, loss_type="dapo",
+                  policy_loss=policy_loss, kl_estimator=kl_estimator, compute_entropy=True, **correction)
+    loss, stats, grad_hidden, grad_weight = _run(fused_grpo_loss, hidden, weight, *args, chunk_size=chunk_size, **kwargs)
+    ref_loss, ref_stats, ref_grad_hidden, ref_grad_weight = _run(grpo_loss_ref, hidden.double(), weight.double(), *args, **kwargs)
+    assert_matches(loss, ref_loss, torch.float32, "values", "loss")
+    assert stats.keys() == ref_stats.keys()
+    for name in stats:
+        assert_matches(stats[name], ref_stats[name], torch.float32, "values", name)
+    assert_matches(grad_hidden, ref_grad_hidden, torch.float32, "grads", "grad_hidden")
+    assert_matches(grad_weight, ref_grad_weight, torch.float32, "grads", "grad_weight")
+    if engine:  # the correction changed something on this problem
+        assert stats["is_capped_fraction"] > 0 and stats["is_dropped_fraction"] > 0
 
 
 def test_bf16_matches_reference():
