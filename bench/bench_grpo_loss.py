@@ -1,51 +1,73 @@
-"""Forward + backward of the GRPO loss from last hidden states: naive (full logits,
-log_softmax, loss), chunked log-probs then the loss, and the fused loss (torch, and Triton
-on CUDA). Prints a table, appends CSV rows."""
+"""Forward + backward of the GRPO loss from the last hidden states, side by side: naive (full
+logits, log_softmax, the loss), grailcore's `fused_grpo_loss`, Liger-Kernel's
+`LigerFusedLinearGRPOLoss` (compiled=False and True) and torch's `linear_cross_entropy` for
+the log-probs followed by the loss. Every method computes the same loss (dapo, clip-higher,
+k3 KL) on the same inputs, each call in a fresh process so peak RSS is its own; rounds go
+round-robin over the methods so load from other processes hits all alike. Prints a table,
+appends CSV rows (bench/harness.py)."""
 
 import argparse
-import itertools
+import importlib.util
+import json
+import statistics
+import subprocess
 import sys
 
 import torch
+import torch.nn.functional as F
 
 from bench.harness import markdown_rows, measure_round_robin, write_csv
 from kernels.grpo_loss import fused_grpo_loss
-from kernels.logprobs import default_chunk_size, fused_linear_logprobs
-from kernels.reference import aggregate_token_loss, grpo_token_loss
+from kernels.logprobs import default_chunk_size
+from kernels.objective import Objective, objective_loss, padded_tokens
 
-LOSS_ARGS = dict(temperature=0.7, epsilon_low=0.2, epsilon_high=0.28, beta=0.04, loss_type="grpo")
+TEMPERATURE, EPS_LOW, EPS_HIGH, BETA, LOSS_TYPE = 0.7, 0.2, 0.28, 0.04, "dapo"
 
 
 def _loss_from_logprobs(logprobs, inputs):
-    """The same loss as fused_grpo_loss, from [B, T] log-probs."""
-    token_loss, _, _ = grpo_token_loss(
-        logprobs, inputs["old"], inputs["ref"], inputs["advantages"][:, None],
-        LOSS_ARGS["epsilon_low"], LOSS_ARGS["epsilon_high"], LOSS_ARGS["beta"],
-    )
-    return aggregate_token_loss(token_loss, inputs["mask"], LOSS_ARGS["loss_type"])
+    """The loss of [B, T] log-probs through the shared objective (as grailcore's naive path)."""
+    index, tokens = padded_tokens(inputs["mask"], inputs["advantages"], loss_type=LOSS_TYPE,
+                                  old_logprobs=inputs["old"], ref_logprobs=inputs["ref"])
+    objective = Objective(epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA)
+    return objective_loss(logprobs.reshape(-1)[index], tokens, objective)[0]
 
 
 def naive(hidden, weight, inputs, chunk_size):
-    logits = (hidden @ weight.T).float() / LOSS_ARGS["temperature"]  # [B*T, V]
-    targets = inputs["targets"].clamp(min=0).reshape(-1, 1)
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, targets).view(inputs["targets"].shape)
-    return _loss_from_logprobs(logprobs, inputs)
+    logits = (hidden.flatten(0, 1) @ weight.T).float() / TEMPERATURE  # [B*T, V]
+    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, inputs["targets"].reshape(-1, 1))
+    return _loss_from_logprobs(logprobs.view(inputs["targets"].shape), inputs)
 
 
-def chunked_logprobs_then_loss(hidden, weight, inputs, chunk_size):
-    targets = inputs["targets"]
-    logprobs = fused_linear_logprobs(
-        hidden, weight, targets.reshape(-1), LOSS_ARGS["temperature"], impl="torch", chunk_size=chunk_size
-    )
-    return _loss_from_logprobs(logprobs.view(targets.shape), inputs)
-
-
-def _fused(impl):
+def _grailcore(impl):
     def run(hidden, weight, inputs, chunk_size):
         loss, _ = fused_grpo_loss(
-            hidden, weight, inputs["targets"], inputs["old"], inputs["ref"], inputs["advantages"],
-            inputs["mask"], chunk_size=chunk_size, impl=impl, **LOSS_ARGS,
+            hidden, weight, inputs["targets"], inputs["old"], inputs["ref"], inputs["advantages"], inputs["mask"],
+            temperature=TEMPERATURE, epsilon_low=EPS_LOW, epsilon_high=EPS_HIGH, beta=BETA, loss_type=LOSS_TYPE,
+            chunk_size=chunk_size, impl=impl,
         )
+        return loss
+
+    return run
+
+
+def torch_lce(hidden, weight, inputs, chunk_size):
+    """torch 2.13's chunked linear + cross-entropy for the log-probs (recomputes in backward),
+    with the same rows per chunk as grailcore, then the loss."""
+    options = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=chunk_size, chunking_method=None)
+    targets = inputs["targets"].reshape(-1)
+    logprobs = -F.linear_cross_entropy(hidden.flatten(0, 1) / TEMPERATURE, weight, targets, reduction="none",
+                                       options=options)
+    return _loss_from_logprobs(logprobs.view(inputs["targets"].shape), inputs)
+
+
+def _liger(compiled):
+    def run(hidden, weight, inputs, chunk_size):
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss  # benchmark extra, never in grailcore
+
+        loss_fn = LigerFusedLinearGRPOLoss(beta=BETA, compiled=compiled, use_ref_model=True, epsilon_low=EPS_LOW,
+                                           epsilon_high=EPS_HIGH, loss_type=LOSS_TYPE, temperature=TEMPERATURE)
+        loss, _ = loss_fn(hidden, weight, inputs["targets"], inputs["mask"].long(), inputs["advantages"],
+                          ref_per_token_logps=inputs["ref"], old_per_token_logps=inputs["old"])
         return loss
 
     return run
@@ -53,95 +75,151 @@ def _fused(impl):
 
 IMPLEMENTATIONS = {
     "naive": naive,
-    "chunked_logprobs_then_loss": chunked_logprobs_then_loss,
-    "fused_torch": _fused("torch"),
-    "fused_triton": _fused("triton"),
+    "grailcore": _grailcore("torch"),
+    "grailcore_triton": _grailcore("triton"),
+    "liger": _liger(compiled=False),
+    "liger_compiled": _liger(compiled=True),
+    "torch_lce": torch_lce,
 }
+CUDA_ONLY = ("grailcore_triton",)
 
 
-def make_inputs(batch, seq, vocab, valid_fraction, device, generator):
-    """Targets, old/ref log-probs and advantages for `batch` sequences of `seq` tokens, the
-    last (1 - valid_fraction) of each right-padded away on average."""
-    lengths = (seq * (valid_fraction + (1 - valid_fraction) * torch.rand(batch, generator=generator, device=device)))
-    mask = torch.arange(seq, device=device)[None, :] < lengths.long().clamp(min=1)[:, None]  # [B, T]
-    targets = torch.randint(0, vocab, (batch, seq), generator=generator, device=device).masked_fill(~mask, -100)
-    old = -torch.rand(batch, seq, generator=generator, device=device) * 5 - 8  # ~ log-probs of a random model
-    return {
-        "targets": targets, "mask": mask, "old": old, "ref": old + 0.1,
+def make_inputs(batch, seq, hidden_size, vocab, dtype, device):
+    """Seeded hidden states [B, T, H], lm head [V, H], targets, old/ref log-probs of a random
+    model's size, advantages; every token valid (as in the issue's measurements)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(batch, seq, hidden_size, generator=generator, device=device).to(dtype)
+    weight = (torch.randn(vocab, hidden_size, generator=generator, device=device) / hidden_size**0.5).to(dtype)
+    old = -torch.rand(batch, seq, generator=generator, device=device) * 5 - 8
+    inputs = {
+        "targets": torch.randint(0, vocab, (batch, seq), generator=generator, device=device),
+        "mask": torch.ones(batch, seq, dtype=torch.bool, device=device), "old": old, "ref": old + 0.1,
         "advantages": torch.randn(batch, generator=generator, device=device),
     }
+    return hidden.requires_grad_(), weight.requires_grad_(), inputs
 
 
-def bench_shape(batch, seq, hidden_size, vocab, dtype, device, methods, args):
-    generator = torch.Generator(device=device).manual_seed(0)
-    n = batch * seq
-    hidden = torch.randn(n, hidden_size, generator=generator, device=device).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hidden_size, generator=generator, device=device) / hidden_size**0.5).to(dtype)
-    weight.requires_grad_()
-    inputs = make_inputs(batch, seq, vocab, args.valid_fraction, device, generator)
-    chunk_size = args.chunk_size or default_chunk_size(n, vocab)
-    calls = {
-        name: (lambda fn=IMPLEMENTATIONS[name]: fn(hidden, weight, inputs, chunk_size).backward()) for name in methods
-    }
+def worker(args):
+    """One method, one shape, in this process: warm-up calls, then one measured call. Prints
+    one JSON line: wall and CPU seconds, peak extra RSS, and the loss (for the cross-check)."""
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    hidden, weight, inputs = make_inputs(args.batch, args.seq, args.hidden, args.vocab, dtype, device)
+    fn = IMPLEMENTATIONS[args.worker]
+    chunk_size = args.chunk_size or default_chunk_size(args.batch * args.seq, args.vocab)
+    losses = []
+
+    def call():
+        loss = fn(hidden, weight, inputs, chunk_size)
+        loss.backward()
+        losses.append(float(loss))
 
     def drop_grads(_name):
         hidden.grad = weight.grad = None
 
-    results = measure_round_robin(calls, device=device, warmup=args.warmup, repeats=args.repeats, after_each=drop_grads)
-    baseline = results.get("naive")
-    return [
-        {
-            "method": name, "batch": batch, "seq": seq, "hidden": hidden_size, "vocab": vocab,
-            "dtype": str(dtype).removeprefix("torch."), "device": device.type,
-            "valid_fraction": args.valid_fraction, "median_s": round(result.median_s, 4),
-            "min_s": round(min(result.seconds), 4),
-            "median_cpu_s": round(result.median_cpu_s, 4), "peak_mib": round(result.peak_mib, 1),
-            "time_vs_naive": round(result.median_s / baseline.median_s, 3) if baseline else "",
-            "cpu_time_vs_naive": round(result.median_cpu_s / baseline.median_cpu_s, 3) if baseline else "",
-            "mem_vs_naive": round(result.peak_mib / baseline.peak_mib, 3) if baseline else "",
-            "repeats": len(result.seconds),
-        }
-        for name, result in results.items()
-    ]
+    result = measure_round_robin({args.worker: call}, device=device, warmup=args.warmup, repeats=1,
+                                 after_each=drop_grads)[args.worker]
+    print(json.dumps({"wall_s": result.seconds[0], "cpu_s": result.cpu_seconds[0], "peak_mib": result.peak_mib,
+                      "loss": losses[-1], "chunk_size": chunk_size}))
 
 
-COLUMNS = [
-    "method", "batch", "seq", "hidden", "vocab", "dtype", "median_s", "median_cpu_s", "peak_mib", "time_vs_naive",
-    "cpu_time_vs_naive", "mem_vs_naive",
-]
+def _run_worker(method, batch, seq, hidden_size, vocab, args):
+    command = [sys.executable, "-m", "bench.bench_grpo_loss", "--worker", method, "--batch", str(batch),
+               "--seq", str(seq), "--hidden", str(hidden_size), "--vocab", str(vocab), "--dtype", args.dtype,
+               "--device", args.device, "--warmup", str(args.warmup)]
+    if args.chunk_size:
+        command += ["--chunk-size", str(args.chunk_size)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        print(f"{method} at B={batch} T={seq} V={vocab} failed (exit {done.returncode}): {tail[0]}", file=sys.stderr)
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def bench_shape(batch, seq, hidden_size, vocab, methods, args):
+    """`args.rounds` rounds, each running every method once in its own process."""
+    runs = {method: [] for method in methods}
+    for _ in range(args.rounds):
+        for method in methods:
+            result = _run_worker(method, batch, seq, hidden_size, vocab, args)
+            if result is not None:
+                runs[method].append(result)
+    losses = {m: r[0]["loss"] for m, r in runs.items() if r}
+    reference = losses.get("naive", next(iter(losses.values()), None))
+    for method, loss in losses.items():  # every method must compute the same loss
+        if abs(loss - reference) > 1e-4 * max(1.0, abs(reference)):
+            raise RuntimeError(f"{method} gave loss {loss}, {reference} expected: not the same loss")
+    median = {m: {k: statistics.median(x[k] for x in r) for k in ("wall_s", "cpu_s", "peak_mib")}
+              for m, r in runs.items() if r}
+    baseline = median.get("naive")
+    rows = []
+    for method, values in median.items():
+        spread = lambda key: f"{min(x[key] for x in runs[method]):.2f}-{max(x[key] for x in runs[method]):.2f}"  # noqa: E731
+        ratio = lambda key: round(values[key] / baseline[key], 3) if baseline else ""  # noqa: E731
+        rows.append({
+            "method": method, "batch": batch, "seq": seq, "tokens": batch * seq, "hidden": hidden_size,
+            "vocab": vocab, "dtype": args.dtype, "device": args.device, "chunk_size": runs[method][0]["chunk_size"],
+            "median_s": round(values["wall_s"], 3), "wall_range_s": spread("wall_s"),
+            "median_cpu_s": round(values["cpu_s"], 3), "cpu_range_s": spread("cpu_s"),
+            "peak_mib": round(values["peak_mib"], 1), "peak_range_mib": spread("peak_mib"),
+            "time_vs_naive": ratio("wall_s"), "cpu_time_vs_naive": ratio("cpu_s"), "mem_vs_naive": ratio("peak_mib"),
+            "rounds": len(runs[method]), "loss": losses[method],
+        })
+    return rows
+
+
+COLUMNS = ["method", "tokens", "vocab", "chunk_size", "median_s", "wall_range_s", "median_cpu_s", "cpu_range_s",
+           "peak_mib", "peak_range_mib", "time_vs_naive", "cpu_time_vs_naive", "mem_vs_naive"]
+
+
+def available_methods(names, device):
+    chosen = []
+    for name in names:
+        if name in CUDA_ONLY and device.type != "cuda":
+            print(f"skip {name}: needs CUDA", file=sys.stderr)
+        elif name.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
+            print(f"skip {name}: liger-kernel is not installed (pip install -e '.[bench]')", file=sys.stderr)
+        else:
+            chosen.append(name)
+    return chosen
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--batch", type=int, default=16, help="sequences")
-    parser.add_argument("--seq", type=int, nargs="+", default=[256, 1024, 4096], help="tokens per sequence")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[896, 1536])
+    parser.add_argument("--batch", type=int, nargs="+", default=[16, 64], help="sequences (tokens = batch x seq)")
+    parser.add_argument("--seq", type=int, default=256, help="tokens per sequence")
+    parser.add_argument("--hidden", type=int, default=576, help="hidden size (SmolLM2-135M: 576)")
     parser.add_argument("--vocab", type=int, nargs="+", default=[49152, 151936])
-    parser.add_argument("--valid-fraction", type=float, default=1.0, help="mean share of unpadded tokens")
-    parser.add_argument("--dtype", default=None, help="default fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--methods", nargs="+", default=list(IMPLEMENTATIONS), choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--chunk-size", type=int, default=None)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="one small shape (16 x 64 tokens, H=896, V=49152)")
+    parser.add_argument("--methods", nargs="+", default=["naive", "grailcore", "liger", "liger_compiled", "torch_lce"],
+                        choices=list(IMPLEMENTATIONS))
+    parser.add_argument("--skip-naive-above", type=float, default=12.0,
+                        help="GiB: skip naive where B*T*V*4 bytes x 3 (its [N, V] tensors) would exceed this")
+    parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: grailcore's policy)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the measured one, per process")
+    parser.add_argument("--rounds", type=int, default=3, help="processes per method and shape")
     parser.add_argument("--csv", default="bench/results/grpo_loss.csv")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seq, args.hidden, args.vocab, args.repeats = [64], [896], [49152], 1
-    return args
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    methods = [m for m in args.methods if device.type == "cuda" or m != "fused_triton"]
-    if len(methods) < len(args.methods):
-        print("skip fused_triton: needs CUDA", file=sys.stderr)
-    shapes = itertools.product(args.seq, args.hidden, args.vocab)
-    for index, (seq, hidden_size, vocab) in enumerate(shapes):
-        rows = bench_shape(args.batch, seq, hidden_size, vocab, dtype, device, methods, args)
+    if args.worker:
+        args.batch = args.batch[0] if isinstance(args.batch, list) else args.batch
+        args.vocab = args.vocab[0] if isinstance(args.vocab, list) else args.vocab
+        return worker(args)
+    methods = available_methods(args.methods, torch.device(args.device))
+    for index, (batch, vocab) in enumerate((b, v) for b in args.batch for v in args.vocab):
+        shape_methods = methods
+        naive_gib = batch * args.seq * vocab * 4 * 3 / 2**30
+        if "naive" in methods and naive_gib > args.skip_naive_above:
+            print(f"skip naive at {batch * args.seq} tokens, V={vocab}: ~{naive_gib:.0f} GiB of [N, V] tensors",
+                  file=sys.stderr)
+            shape_methods = [m for m in methods if m != "naive"]
+        rows = bench_shape(batch, args.seq, args.hidden, vocab, shape_methods, args)
         write_csv(args.csv, rows)
         print(markdown_rows(rows, COLUMNS, header=index == 0), flush=True)
 

@@ -20,30 +20,30 @@ _IGNORE = -100
 
 
 class _TorchChunk:
-    """One chunk's softmax as e = exp(z - max) [n, V] in one fp32 buffer reused by every
-    chunk. With s = sum(e) and E = e @ W [n, H], the chunk needs no other [n, V] pass:
-    sum(p z) = rowdot(h, E) / s (entropy), dL/dh = (g W[t] - (g / s) E) / T and
-    dL/dW = onehot(t)^T (g h) - e^T ((g / s) h), h the chunk's hidden rows divided by T."""
+    """One chunk's softmax as e = exp(z - max), kept transposed, [V, n], in one fp32 buffer
+    reused by every chunk (W @ h^T runs faster on CPU than h @ W^T). With s = sum(e) and
+    E = e^T W [n, H], the chunk needs no other [V, n] pass: sum(p z) = rowdot(h, E) / s
+    (entropy), dL/dh = (g W[t] - (g / s) E) / T and dL/dW = onehot(t)^T (g h) - e ((g / s) h),
+    h the chunk's hidden rows divided by T."""
 
     def __init__(self, rows, weight):
-        vocab = weight.shape[0]
-        self.weight = weight
-        self.exp = torch.empty(rows, vocab, dtype=torch.float32, device=weight.device)
-        self.low = None if weight.dtype == torch.float32 else torch.empty(rows, vocab, dtype=weight.dtype,
-                                                                           device=weight.device)
+        self.weight, self.vocab = weight, weight.shape[0]
+        self.exp = torch.empty(self.vocab * rows, dtype=torch.float32, device=weight.device)
+        self.low = None if weight.dtype == torch.float32 else torch.empty_like(self.exp, dtype=weight.dtype)
 
     def forward(self, hidden_rows, targets, want_entropy):
         """(logprobs [n], entropy [n] or None) in fp32; keeps the softmax for `add_grads`."""
         n = hidden_rows.shape[0]
+        z = self.exp[: self.vocab * n].view(self.vocab, n)  # [V, n]
         if self.low is None:
-            z = torch.mm(hidden_rows, self.weight.T, out=self.exp[:n])  # [n, V]
+            torch.mm(self.weight, hidden_rows.T, out=z)
         else:  # the matmul in the input dtype, as a bf16 lm head computes it; the rest in fp32
-            z = self.exp[:n].copy_(torch.mm(hidden_rows, self.weight.T, out=self.low[:n]))
-        target_z = z.gather(1, targets[:, None]).squeeze(1)
-        row_max = z.amax(1, keepdim=True)
-        self.e = z.sub_(row_max).exp_()  # [n, V], z is gone
-        self.sum_exp = self.e.sum(1)
-        lse = row_max.squeeze(1) + self.sum_exp.log()
+            z.copy_(torch.mm(self.weight, hidden_rows.T, out=self.low[: self.vocab * n].view(self.vocab, n)))
+        target_z = z.gather(0, targets[None, :]).squeeze(0)
+        row_max = z.amax(0)
+        self.e = z.sub_(row_max).exp_()  # [V, n], z is gone
+        self.sum_exp = self.e.sum(0)
+        lse = row_max + self.sum_exp.log()
         self.hidden_rows, self.targets, self._e_weight, self._e_low = hidden_rows, targets, None, None
         entropy = None
         if want_entropy:
@@ -51,15 +51,16 @@ class _TorchChunk:
         return target_z - lse, entropy
 
     def e_low(self):
-        """e in the input dtype, for the matmuls (the fp32 buffer itself for fp32 inputs)."""
+        """e [V, n] in the input dtype, for the matmuls (the fp32 buffer itself for fp32 inputs)."""
         if self._e_low is None:
-            self._e_low = self.e if self.low is None else self.low[: len(self.e)].copy_(self.e)
+            n = self.e.shape[1]
+            self._e_low = self.e if self.low is None else self.low[: self.vocab * n].view(self.vocab, n).copy_(self.e)
         return self._e_low
 
     def e_weight(self):
-        """E = e @ W [n, H], in the input dtype."""
+        """E = e^T W [n, H], in the input dtype."""
         if self._e_weight is None:
-            self._e_weight = self.e_low() @ self.weight
+            self._e_weight = self.e_low().T @ self.weight
         return self._e_weight
 
     def add_grads(self, rows, grad_logprobs, grads):
@@ -71,7 +72,7 @@ class _TorchChunk:
             grads.set_hidden(rows, grad_rows)
         if grads.need_weight:
             hidden = self.hidden_rows.float()
-            grads.add_weight(self.e_low().T, (hidden * -scale[:, None]).to(self.weight.dtype))
+            grads.add_weight(self.e_low(), (hidden * -scale[:, None]).to(self.weight.dtype))
             grads.add_weight_rows(self.targets, hidden * grad_logprobs[:, None])
 
 

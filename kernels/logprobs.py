@@ -207,7 +207,7 @@ class GradAccumulator:
         """grad_weight[index] += values (index [n], values [n, H] fp32)."""
         if self.grad_weight is None:
             self.grad_weight = torch.zeros_like(self.weight, dtype=torch.float32)
-        self.grad_weight.index_add_(0, index, values)
+        self.grad_weight.index_put_((index,), values, accumulate=True)  # index_add_ is 30x slower on CPU
 
     def result(self):
         """(grad_hidden or None, grad_weight or None), in the input dtype."""
