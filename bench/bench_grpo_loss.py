@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.harness import markdown_rows, measure_round_robin, write_csv
-from kernels.grpo_loss import fused_grpo_loss
-from kernels.logprobs import default_chunk_size
+from kernels.grpo_loss import default_chunk_size, fused_grpo_loss
 from kernels.objective import Objective, objective_loss, padded_tokens
 
 TEMPERATURE, EPS_LOW, EPS_HIGH, BETA, LOSS_TYPE = 0.7, 0.2, 0.28, 0.04, "dapo"
@@ -105,22 +104,25 @@ def worker(args):
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     hidden, weight, inputs = make_inputs(args.batch, args.seq, args.hidden, args.vocab, dtype, device)
-    fn = IMPLEMENTATIONS[args.worker]
-    chunk_size = args.chunk_size or default_chunk_size(args.batch * args.seq, args.vocab)
+    name, _, rows = args.worker.partition("@")  # "grailcore@128": 128 rows per chunk
+    fn = IMPLEMENTATIONS[name]
+    chunk_size = int(rows or 0) or args.chunk_size or default_chunk_size(args.batch * args.seq, args.vocab)
+    warmup = max(1, args.warmup) if name == "liger_compiled" else args.warmup  # compilation is not timed
     losses = []
 
     def call():
         loss = fn(hidden, weight, inputs, chunk_size)
         loss.backward()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
 
     def drop_grads(_name):
         hidden.grad = weight.grad = None
 
-    result = measure_round_robin({args.worker: call}, device=device, warmup=args.warmup, repeats=1,
+    result = measure_round_robin({args.worker: call}, device=device, warmup=warmup, repeats=1,
                                  after_each=drop_grads)[args.worker]
+    rows_per_chunk = {"naive": "", "liger": f"{args.seq} (1 seq)", "liger_compiled": f"{args.seq} (1 seq)"}
     print(json.dumps({"wall_s": result.seconds[0], "cpu_s": result.cpu_seconds[0], "peak_mib": result.peak_mib,
-                      "loss": losses[-1], "chunk_size": chunk_size}))
+                      "loss": losses[-1], "chunk_size": rows_per_chunk.get(name, chunk_size)}))
 
 
 def _run_worker(method, batch, seq, hidden_size, vocab, args):
@@ -175,13 +177,16 @@ COLUMNS = ["method", "tokens", "vocab", "chunk_size", "median_s", "wall_range_s"
 
 def available_methods(names, device):
     chosen = []
-    for name in names:
+    for method in names:
+        name = method.partition("@")[0]
+        if name not in IMPLEMENTATIONS:
+            raise SystemExit(f"unknown method {method!r}; choose from {list(IMPLEMENTATIONS)} (name@rows for a chunk size)")
         if name in CUDA_ONLY and device.type != "cuda":
             print(f"skip {name}: needs CUDA", file=sys.stderr)
         elif name.startswith("liger") and importlib.util.find_spec("liger_kernel") is None:
             print(f"skip {name}: liger-kernel is not installed (pip install -e '.[bench]')", file=sys.stderr)
         else:
-            chosen.append(name)
+            chosen.append(method)
     return chosen
 
 
@@ -194,11 +199,12 @@ def parse_args(argv=None):
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--methods", nargs="+", default=["naive", "grailcore", "liger", "liger_compiled", "torch_lce"],
-                        choices=list(IMPLEMENTATIONS))
-    parser.add_argument("--skip-naive-above", type=float, default=12.0,
+                        help=f"of {list(IMPLEMENTATIONS)}; name@rows sets the rows per chunk (grailcore, torch_lce)")
+    parser.add_argument("--skip-naive-above", type=float, default=10.0,
                         help="GiB: skip naive where B*T*V*4 bytes x 3 (its [N, V] tensors) would exceed this")
     parser.add_argument("--chunk-size", type=int, default=None, help="rows per chunk (default: grailcore's policy)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls before the measured one, per process")
+    parser.add_argument("--warmup", type=int, default=0,
+                        help="untimed calls before the measured one, per process (liger_compiled: at least 1)")
     parser.add_argument("--rounds", type=int, default=3, help="processes per method and shape")
     parser.add_argument("--csv", default="bench/results/grpo_loss.csv")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
