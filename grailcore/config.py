@@ -79,7 +79,13 @@ class DataConfig:
     show_ids: bool = False
     """Show video ids in OPTIONS."""
     shuffle_options: bool = True
-    """Shuffle each slate with a seeded RNG (gold index remapped)."""
+    """Shuffle each slate with a seeded RNG (gold index remapped), for every source: synthetic,
+    Decision rows and pre-rendered prompts alike. False shows the order the data stores (logged
+    as a warning: a gold-position bias in the data then reaches training)."""
+    allow_leaks: bool = False
+    """Train even when the leak audit run at build (raw rows and rows as trained, training and
+    eval data) says LEAK; otherwise such a run stops before loading the model. Recorded in
+    the run's config and summary; use it only after reading `python -m grailcore.data.audit PATH`."""
     system_prompt: str | None = None
     """Override the task's default system prompt."""
     skip_bad_rows: bool = False

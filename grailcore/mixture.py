@@ -63,13 +63,17 @@ def _source_cfg(data: DataConfig, src: MixtureSource) -> DataConfig:
 
 
 def _tagged(result: LoadResult, name: str) -> LoadResult:
-    return dataclasses.replace(result, examples=[ex.replace(source=name) for ex in result.examples])
+    raw = None if result.raw_examples is None else [ex.replace(source=name) for ex in result.raw_examples]
+    return dataclasses.replace(result, examples=[ex.replace(source=name) for ex in result.examples],
+                               raw_examples=raw)
 
 
 def _merge(results: Sequence[LoadResult], split: str) -> LoadResult:
+    raw = None if any(r.raw_examples is None for r in results) else [ex for r in results for ex in r.raw_examples]
     return LoadResult(examples=[ex for r in results for ex in r.examples], skipped=sum(r.skipped for r in results),
                       skip_reasons=[why for r in results for why in r.skip_reasons],
-                      source="mixture(" + ",".join(r.examples[0].source for r in results) + ")", split=split)
+                      source="mixture(" + ",".join(r.examples[0].source for r in results) + ")", split=split,
+                      raw_examples=raw)
 
 
 def load_split(data: DataConfig, split: str) -> LoadResult:

@@ -16,7 +16,9 @@ import torch
 from grailcore import checkpoint as ckpt
 from grailcore import dist as gdist
 from grailcore.config import Config, ConfigError
+from grailcore.data.loaders import LoadResult, sample_rows
 from grailcore.data.schema import Example
+from grailcore.data.training_audit import TrainingAudit, check_training_data
 from grailcore.lora import AdapterFreeReference, apply_lora
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
@@ -52,6 +54,8 @@ class Parts:
     start_step: int = 0
     trainer_state: dict = field(default_factory=dict)
     discriminator: Any = None
+    data_audit: TrainingAudit | None = None
+    """The leak audit of the training and eval data made at build (raw and as trained)."""
     last_samples: list = field(default_factory=list)
     engine_stale: bool = False
     """The policy changed since the engine last received its weights."""
@@ -144,10 +148,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.use_deterministic_algorithms(True)
 
 
-def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list[list[int]], list[Example]]:
+def _load_data(cfg: Config, rank0: bool) -> tuple[LoadResult, LoadResult]:
+    """(train, eval) rows as loaded; skipped rows are reported on rank 0."""
     from grailcore.data import load_examples
-    from grailcore.data.loaders import sample_rows
-    from grailcore.data.prompt import encode_prompt
 
     if cfg.data.mixture:
         from grailcore.mixture import load_mixture
@@ -164,6 +167,13 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
         if res.skipped and rank0:
             log.warning("%s: skipped %d bad rows (skip_bad_rows=True): %s", res.source, res.skipped,
                         "; ".join(res.skip_reasons[:5]))
+    return train, evals
+
+
+def _encode_train(cfg: Config, tokenizer, train: LoadResult, rank0: bool) -> tuple[list[Example], list[list[int]]]:
+    """Training examples that fit rollout.max_prompt_tokens, with their prompt token ids."""
+    from grailcore.data.prompt import encode_prompt
+
     examples, ids, too_long = [], [], []
     for ex in train.examples:
         tokens = encode_prompt(tokenizer, ex)
@@ -182,8 +192,7 @@ def _load_data(cfg: Config, tokenizer, rank0: bool) -> tuple[list[Example], list
             log.warning("skipped %s", message)
     if not examples:
         raise ConfigError(f"no usable training examples in {cfg.data.train_path}")
-    # the same rows `grailcore.eval --max-samples N --seed <seed>` scores
-    return examples, ids, sample_rows(evals.examples, cfg.eval.max_samples, cfg.seed)
+    return examples, ids
 
 
 def _hf_engine(policy: PolicyModel, tokenizer, model_dir: Path, cfg: Config, dist: gdist.DistInfo):
@@ -236,14 +245,20 @@ def build(cfg: Config) -> Parts:
         raise ConfigError(f"grpo.prompts_per_step={cfg.grpo.prompts_per_step} must be divisible by "
                           f"the world size {dist.world_size} (whole groups per rank)")
     seed_everything(cfg.seed, cfg.deterministic)
+    # Data and its leak audit come before any model: a LEAK stops the run here.
+    train_data, eval_data = _load_data(cfg, rank0)
+    data_audit = check_training_data({"train": train_data, "eval": eval_data}, cfg.data, cfg.run_dir, rank0)
     model_dir = resolve_model_path(cfg.model.name_or_path)
     tokenizer = load_tokenizer(model_dir)
+    train, train_ids = _encode_train(cfg, tokenizer, train_data, rank0)
+    # the same rows `grailcore.eval --max-samples N --seed <seed>` scores
+    eval_examples = sample_rows(eval_data.examples, cfg.eval.max_samples, cfg.seed)
+    del train_data, eval_data  # the raw rows were only for the audit
     policy = _policy_model(model_dir, cfg, dist, trainable=True)
     reference = None
     if cfg.grpo.beta > 0:
         reference = (AdapterFreeReference(policy) if cfg.model.lora_rank
                      else _policy_model(model_dir, cfg, dist, trainable=False))
-    train, train_ids, eval_examples = _load_data(cfg, tokenizer, rank0)
     total_updates = cfg.optim.max_steps * cfg.grpo.num_iterations
     optimizer, scheduler = build_optimizer(policy, cfg, total_updates)
     from grailcore.mixture import make_sampler
@@ -253,7 +268,7 @@ def build(cfg: Config) -> Parts:
                   optimizer=optimizer, scheduler=scheduler, engine=None,
                   sampler=make_sampler(train, cfg.data), train=train, train_ids=train_ids,
                   eval_examples=eval_examples, scorer=functools.partial(score_completions, cfg=cfg.rewards),
-                  cfg=cfg)
+                  cfg=cfg, data_audit=data_audit)
     if cfg.gail.enabled:
         from grailcore.rewards.discriminator import build_discriminator
 
