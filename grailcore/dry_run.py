@@ -225,9 +225,22 @@ def _summary(parts: Parts, cfg: Config, rollouts, zero_variance_groups: int, upd
         "memory_estimate_bytes": {**dataclasses.asdict(memory), "total": memory.total},
         "peak_rss_bytes": _peak_rss_bytes(),
     }
+    if parts.data_audit is not None:
+        summary["data_audit"] = parts.data_audit.summary()
     if torch.cuda.is_available():
         summary["peak_cuda_allocated_bytes"] = torch.cuda.max_memory_allocated()
     return summary
+
+
+def _audit_lines(audit: dict | None) -> list[str]:
+    """The leak audit's verdicts per dataset (raw / as trained) and the override when used."""
+    if audit is None:
+        return []
+    lines = [f"{'data audit' if i == 0 else '':<19}{dataset}: " + ", ".join(f"{stage} {v}" for stage, v in stages.items())
+             for i, (dataset, stages) in enumerate(audit["verdicts"].items())]
+    if audit["leak_overridden"]:
+        lines.append(f"{'':<19}LEAK allowed by --data.allow-leaks (data.allow_leaks=True): training on leaky data")
+    return lines + [f"{'':<19}details in RUN_DIR/{audit['file']}"] if lines else lines
 
 
 def _print_summary(s: dict, first_prompt: str) -> None:
@@ -254,4 +267,5 @@ def _print_summary(s: dict, first_prompt: str) -> None:
     ]
     if "peak_cuda_allocated_bytes" in s:
         lines.append(f"peak CUDA alloc    {_gib(s['peak_cuda_allocated_bytes'])} (measured)")
+    lines += _audit_lines(s.get("data_audit"))
     print("\n".join(lines), flush=True)

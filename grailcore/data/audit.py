@@ -230,6 +230,8 @@ class AuditReport:
     reasons: list[str]
     """One line per (group, artifact rule) over threshold: point margin above it and beating
     random family-wise (the pairs behind a LEAK or SUSPECT verdict; none when OK)."""
+    flagged: list[tuple[str, str]]
+    """(group, rule) of each line of `reasons`, in the same order."""
     position_notes: list[str]
     """Slate sizes whose gold positions differ from uniform (chi-square, Bonferroni 5%):
     a position prior a model can learn, even when no rule clears the threshold."""
@@ -337,7 +339,7 @@ def audit_examples(
         source=source, n_examples=n_examples, ignored=len(examples) - n_examples,
         threshold=threshold, verdict=verdict, comparisons=comparisons, verdict_confidence=level,
         best_group=best_g.name, best_rule=best_r.name, best_margin=best_r.margin,
-        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons,
+        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons, flagged=[(g.name, r.name) for g, r in suspect],
         position_notes=_position_notes(groups[0].positions), groups=groups,
     )
 

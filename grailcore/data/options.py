@@ -102,14 +102,22 @@ def unreadable(fields: OptionFields) -> str | None:
     return None
 
 
+_META = frozenset({"channel", "duration"})
+
+
 def common_fields(slate: list[OptionFields]) -> tuple[str, ...]:
     """The fields every option of the slate carries with a known value, in the first
-    option's order: the one rendering rule of that slate."""
+    option's order: the one rendering rule of that slate. Channel and duration share one
+    trailing parenthetical, which a title can end with too ('... (Full Segment)'): they are
+    kept only when every option's parenthetical holds the same of them, so a bare title's
+    own parenthetical never passes for a channel beside real ones."""
     if not slate:
         return ()
     shared = set(slate[0].carried())
     for option in slate[1:]:
         shared &= set(option.carried())
+    if len({frozenset(option.carried()) & _META for option in slate}) > 1:
+        shared -= _META
     return tuple(name for name in slate[0].carried() if name in shared)
 
 
@@ -119,5 +127,12 @@ def render_option(fields: OptionFields, keep: tuple[str, ...]) -> str:
             if name in keep and value is not None]
     counts = dict(fields.counts)
     shown = [f"{name} {counts[name]}" for name in keep if name in counts]
-    text = f"{fields.title} ({', '.join(meta)})" if meta else fields.title
+    if meta:
+        text = f"{fields.title} ({', '.join(meta)})"
+    else:
+        # A title's own trailing '(Full Segment)' would read as a channel once the real one
+        # is gone, and only bare-titled options (the appended gold) would lack it: drop it.
+        text = fields.title
+        while (parens := _TRAILING_PARENS.search(text)) and text[: parens.start()].strip():
+            text = text[: parens.start()].strip()
     return text + ENGAGEMENT_SEPARATOR + ", ".join(shown) if shown else text

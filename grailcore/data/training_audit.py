@@ -40,6 +40,14 @@ class StageAudit:
     stage: str
     report: AuditReport
 
+    def rules(self) -> list[str]:
+        """'group/rule' of each pair over threshold (those behind a LEAK or SUSPECT)."""
+        return [f"{group}/{rule}" for group, rule in self.report.flagged]
+
+    def short(self) -> str:
+        """'LEAK (all/always_last, all/odd_rendering)' or 'OK'."""
+        return self.report.verdict + (f" ({', '.join(self.rules())})" if self.rules() else "")
+
     def describe(self) -> str:
         """'LEAK: gun_control/study1: always_last accuracy 1.000 vs random 0.250 (..., n=200); ...'."""
         if not self.report.reasons:
@@ -103,6 +111,13 @@ class TrainingAudit:
             f"{OVERRIDE_FLAG} to train on it anyway (recorded in config.yaml and the run's summary).")
         return "\n".join(lines)
 
+    def summary(self) -> dict:
+        """The verdicts and the override, for a run's summary (dry_run.json)."""
+        return {"verdicts": {dataset: {stage: self.find(dataset, stage).short() for stage in stages}
+                             for dataset, stages in self.verdicts().items()},
+                "allow_leaks": self.allow_leaks, "leak_overridden": bool(self.leaks) and self.allow_leaks,
+                "file": AUDIT_FILE}
+
     def to_json(self) -> dict:
         return {
             "verdicts": self.verdicts(), "allow_leaks": self.allow_leaks,
@@ -120,7 +135,7 @@ def _after_rerendering(shown: StageAudit | None, shuffled: bool) -> str:
         return ""
     if shown.report.leak:
         return f"still a LEAK after {how}."
-    return f"{how} removed it from what training shows (as trained: {shown.report.verdict})."
+    return f"{how} removed it from the rows the model sees (as trained: {shown.report.verdict})."
 
 
 def _viewer_rows(examples: Sequence[Example]) -> list[Example]:

@@ -1,6 +1,7 @@
 """load_examples over every accepted input, malformed rows (errors and skip mode), and caps."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -227,3 +228,42 @@ def test_sample_rows_is_seeded_in_stored_order_and_spread_over_viewers():
     # sessions are stored together: the first 16 rows cover far fewer viewers than a sample
     assert len({ex.viewer_id for ex in picked}) > len({ex.viewer_id for ex in rows[:16]})
     assert sample_rows(rows, None, seed=0) == rows and sample_rows(rows, 10**6, seed=0) == rows
+
+
+def test_the_original_gun_flaw_is_gone_from_the_rows_training_sees():
+    # 200 rows whose clicked video was appended last, without channel, duration and comments.
+    from gun_flaw_fixture import FIXTURE
+
+    shown = load_examples(str(FIXTURE), DataConfig())
+    unshuffled = load_examples(str(FIXTURE), DataConfig(shuffle_options=False))
+    assert all(raw.gold_index == raw.n_options for raw in shown.raw_examples)  # the flaw, as given
+    assert gold_position_p_value(unshuffled.examples) < 1e-30  # the stored order keeps it
+    assert gold_position_p_value(shown.examples) > 0.01
+    for n in {ex.n_options for ex in shown.examples}:  # and no position holds a share far from 1/n
+        rows = [ex for ex in shown.examples if ex.n_options == n]
+        for position in range(1, n + 1):
+            share = sum(ex.gold_index == position for ex in rows) / len(rows)
+            assert abs(share - 1 / n) < 4 * (1 / n * (1 - 1 / n) / len(rows)) ** 0.5, (n, position, share)
+    alike = re.compile(r"^\d+\. [^()]+ — Engagement: views [\d,]+, likes [\d,]+$")
+    for ex, raw in zip(shown.examples, shown.raw_examples):
+        # every option line has the same fields, none the dropped channel, duration or comments
+        lines = ex.prompt.split("\n\nOPTIONS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert len(lines) == ex.n_options and all(alike.match(line) for line in lines), lines
+        # the gold is still the video the viewer clicked: same title (less a trailing
+        # '(Full Segment)', dropped with the channel) and the same counts
+        title, counts = ex.option_texts[ex.gold_index - 1].split(" — Engagement: ")
+        raw_title, raw_counts = raw.option_texts[raw.gold_index - 1].split(" — Engagement: ")
+        assert raw_title.startswith(title) and counts == raw_counts
+        assert ex.meta["shown_order"][ex.gold_index - 1] == raw.gold_index - 1
+        assert ex.meta["dropped_fields"] == ("channel", "comments", "duration")
+
+
+def gold_position_p_value(examples) -> float:
+    """Chi-square p-value of gold positions against uniform, pooled over slate sizes."""
+    from grailcore.data.audit_stats import chi2_sf, position_tests
+
+    by_size: dict[int, list[int]] = {}
+    for ex in examples:
+        by_size.setdefault(ex.n_options, []).append(ex.gold_index)
+    tests = position_tests(by_size)
+    return chi2_sf(sum(t.chi2 for t in tests), sum(t.df for t in tests))
