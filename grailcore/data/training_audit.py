@@ -49,10 +49,16 @@ class StageAudit:
         return self.report.verdict + (f" ({', '.join(self.rules())})" if self.rules() else "")
 
     def describe(self) -> str:
-        """'LEAK: gun_control/study1: always_last accuracy 1.000 vs random 0.250 (..., n=200); ...'."""
-        if not self.report.reasons:
-            return self.report.verdict
-        return f"{self.report.verdict}: " + "; ".join(self.report.reasons)
+        """'LEAK: gun_control/study1: always_last accuracy 1.000 vs random 0.250 (..., n=200); ...',
+        or for an OK whose best rule still clears the threshold at its point value, that rule."""
+        r = self.report
+        if r.reasons:
+            return f"{r.verdict}: " + "; ".join(r.reasons)
+        if r.best_margin > r.threshold:
+            n = next(g.n_examples for g in r.groups if g.name == r.best_group)
+            return (f"{r.verdict} (largest: {r.best_group}/{r.best_rule} {r.best_margin:+.3f} over random on "
+                    f"{n} rows, too few to tell from chance)")
+        return r.verdict
 
 
 @dataclass(frozen=True)
@@ -130,7 +136,8 @@ class TrainingAudit:
 
 
 def _after_rerendering(shown: StageAudit | None, shuffled: bool) -> str:
-    how = "re-rendering and shuffling" if shuffled else "re-rendering (options NOT shuffled: data.shuffle_options=False)"
+    how = ("re-rendering and shuffling" if shuffled
+           else "re-rendering (options NOT shuffled: data.shuffle_options=False)")
     if shown is None:
         return ""
     if shown.report.leak:
@@ -158,8 +165,8 @@ def audit_for_training(datasets: Mapping[str, LoadResult], data_cfg: DataConfig,
             continue
         raw = _viewer_rows(result.raw_examples) if result.raw_examples is not None else shown
         source = result.source or name
-        audits.append(StageAudit(name, RAW, audit_examples(raw, threshold, f"{source} [{name}, {RAW}]")))
-        audits.append(StageAudit(name, AS_TRAINED, audit_examples(shown, threshold, f"{source} [{name}, {AS_TRAINED}]")))
+        for stage, rows in ((RAW, raw), (AS_TRAINED, shown)):
+            audits.append(StageAudit(name, stage, audit_examples(rows, threshold, f"{source} [{name}, {stage}]")))
         if _dropped(shown):
             dropped[name] = _dropped(shown)
     return TrainingAudit(tuple(audits), data_cfg.allow_leaks, data_cfg.shuffle_options, dropped, not_audited)

@@ -70,7 +70,8 @@ def test_check_stops_on_a_leak_writes_the_verdicts_and_allow_leaks_lets_it_pass(
 def test_synthetic_data_passes_without_noise(issue, tmp_path, caplog):
     # The default size: every verdict OK, nothing logged above INFO.
     cfg = DataConfig(train_path=f"synthetic:{issue}")
-    data = {"train": load_examples(cfg.train_path, cfg, "train"), "eval": load_examples(cfg.train_path, cfg, "validation")}
+    data = {"train": load_examples(cfg.train_path, cfg, "train"),
+            "eval": load_examples(cfg.train_path, cfg, "validation")}
     with caplog.at_level("WARNING"):
         audit = check_training_data(data, cfg, tmp_path, rank0=True)
     assert {v for stages in audit.verdicts().values() for v in stages.values()} == {"OK"}, audit.lines()
