@@ -115,3 +115,27 @@ def test_dry_run_with_allow_leaks_runs_and_says_so(tmp_path, capsys):
     assert "LEAK allowed by --data.allow-leaks" in out and "data audit         train: raw LEAK" in out
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["allow_leaks"] is True
     assert json.loads((tmp_path / "run" / "dry_run.json").read_text())["data_audit"]["allow_leaks"] is True
+
+
+def test_unshuffled_options_are_allowed_and_logged(tmp_path, caplog):
+    cfg = DataConfig(train_path="synthetic:gun_control", synthetic_n=200, shuffle_options=False)
+    data = {"train": load_examples(cfg.train_path, cfg, "train")}
+    with caplog.at_level("WARNING"):
+        audit = check_training_data(data, cfg, tmp_path, rank0=True)
+    assert "data.shuffle_options=False" in caplog.text and "reaches training" in caplog.text
+    assert not audit.shuffle_options and json.loads((tmp_path / AUDIT_FILE).read_text())["shuffle_options"] is False
+
+
+def test_a_mixture_keeps_each_sources_raw_rows_for_the_audit():
+    from grailcore.config import MixtureSource
+    from grailcore.mixture import load_mixture
+
+    cfg = DataConfig(mixture=(MixtureSource(path="synthetic:gun_control"), MixtureSource(path=FLAW, eval_path=FLAW)),
+                     synthetic_n=200)
+    train, evals = load_mixture(cfg)
+    assert len(train.raw_examples) == len(train.examples)
+    assert {ex.source for ex in train.raw_examples} == {"gun_control", "gun_flaw_200"}
+    audit = audit_for_training({"train": train, "eval": evals}, cfg)
+    raw = audit.find("train", RAW).report
+    assert raw.leak and raw.best_group == "gun_control/study1"  # the flawed source's rows
+    assert audit.find("train", AS_TRAINED).report.verdict != "LEAK"
