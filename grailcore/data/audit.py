@@ -9,15 +9,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Sequence
 
+from grailcore.data.audit_rules import RULES, Row, RuleFn, credit, parse_option
 from grailcore.data.audit_stats import PositionTest, design_effect, position_tests, wilson_interval
-from grailcore.data.options import parse_option_fields
 from grailcore.data.schema import Example
 
 DEFAULT_THRESHOLD = 0.05
@@ -28,147 +27,6 @@ VERDICT_CONFIDENCE = 0.999
 """Family-wise confidence of a LEAK verdict (Bonferroni over the comparisons made). A LEAK
 stops training, so chance must not cause one: at 95%, 2% of 4-row sets of uniformly random
 golds (all in one position) were called a leak; at 99%, 0.1-0.3% of 6- to 32-row sets."""
-MIN_TITLE_CHARS = 12
-"""Shorter titles match history text by accident too often to count as 'already seen'."""
-_NUMBER_PREFIX = re.compile(r"^\s*\d+[.)]\s+")
-
-
-@dataclass(frozen=True)
-class RenderedOption:
-    """What an option's text shows: its fields (the rendering signature), title and views."""
-
-    title: str
-    signature: tuple[str, ...]
-    views: int | None
-
-
-def parse_option(text: str) -> RenderedOption:
-    """Split a rendered option into title, rendering signature and view count. A field
-    rendered as 'unknown' (e.g. 'channel unknown', 'views unknown') enters the signature
-    as 'channel?' / 'views?': it looks different from a known value, but carries none."""
-    fields = parse_option_fields(_NUMBER_PREFIX.sub("", text.strip()))
-    return RenderedOption(title=fields.title, signature=fields.signature(), views=fields.count("views"))
-
-
-# A rule names, per example, the 1-based options it would pick; an empty tuple means
-# "no idea" and earns the expected credit of a random pick, so fallbacks never borrow
-# accuracy from another rule (e.g. a first-position bias).
-Candidates = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class _Row:
-    gold: int
-    n: int
-    options: tuple[RenderedOption, ...]
-    state: str
-    cluster: str
-    """Viewer id, or the example id when there is none (the row then stands alone)."""
-    has_viewer: bool
-    group: str
-
-
-def _credit(row: _Row, picks: Candidates) -> float:
-    if not picks or len(picks) == row.n:
-        return 1.0 / row.n
-    return (row.gold in picks) / len(picks)
-
-
-def _always_first(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    return [(1,) for _ in rows], ""
-
-
-def _always_last(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    return [(r.n,) for r in rows], ""
-
-
-def _modes(counts: Counter, n: int) -> Candidates:
-    if sum(counts.values()) == 0:
-        return ()
-    best = max(counts[p] for p in range(1, n + 1))
-    return tuple(p for p in range(1, n + 1) if counts[p] == best)
-
-
-def _modal_position(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """Most frequent gold position per slate size, scored leave-one-out so that fitting
-    on the audited rows does not flatter it (with few rows per size it otherwise would)."""
-    counts: dict[int, Counter] = defaultdict(Counter)
-    for r in rows:
-        counts[r.n][r.gold] += 1
-    picks = []
-    for r in rows:
-        counts[r.n][r.gold] -= 1
-        picks.append(_modes(counts[r.n], r.n))
-        counts[r.n][r.gold] += 1
-    fit = ", ".join(f"n={n}->{'/'.join(map(str, _modes(c, n)))}" for n, c in sorted(counts.items()))
-    return picks, fit
-
-
-def _unique_signature_picks(row: _Row, fewest: bool) -> Candidates:
-    seen = Counter(o.signature for o in row.options)
-    unique = [i + 1 for i, o in enumerate(row.options) if seen[o.signature] == 1]
-    if not unique:
-        return ()
-    # Unknown-valued fields ('views?') do not count: they show no information.
-    sizes = {i: sum(not f.endswith("?") for f in row.options[i - 1].signature) for i in unique}
-    target = min(sizes.values()) if fewest else max(sizes.values())
-    return tuple(i for i in unique if sizes[i] == target)
-
-
-def _odd_rendering(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """The option whose rendering signature is unique in its slate. When several are
-    unique (always so in a 2-option slate) pick the one with the fewest fields or the
-    most, a direction fitted leave-one-out; ties in the fit go to 'fewest' (the known
-    flaw: the clicked video appended without channel and duration)."""
-    few = [_unique_signature_picks(r, True) for r in rows]
-    many = [_unique_signature_picks(r, False) for r in rows]
-    credit_few = [_credit(r, p) for r, p in zip(rows, few)]
-    credit_many = [_credit(r, p) for r, p in zip(rows, many)]
-    total_few, total_many = sum(credit_few), sum(credit_many)
-    picks = [
-        f if total_few - cf >= total_many - cm else m
-        for f, m, cf, cm in zip(few, many, credit_few, credit_many)
-    ]
-    if not any(few):
-        return picks, "no slate has a uniquely rendered option"
-    return picks, "fewest fields" if total_few >= total_many else "most fields"
-
-
-def _seen_in_state(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """Options whose title already appears in the viewer state (current video, history):
-    a clicked video showing up there is post-decision information."""
-    picks = []
-    for r in rows:
-        titles = [o.title.rstrip(". …") for o in r.options]
-        picks.append(tuple(
-            i + 1 for i, t in enumerate(titles) if len(t) >= MIN_TITLE_CHARS and t in r.state
-        ))
-    return picks, ""
-
-
-def _most_viewed(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    picks = []
-    for r in rows:
-        views = [o.views for o in r.options]
-        if not r.options or any(v is None for v in views):
-            picks.append(())
-            continue
-        top = max(views)
-        picks.append(tuple(i + 1 for i, v in enumerate(views) if v == top))
-    return picks, ""
-
-
-RuleFn = Callable[[Sequence[_Row]], tuple[list[Candidates], str]]
-RULES: tuple[tuple[str, str, RuleFn], ...] = (
-    ("always_first", "artifact", _always_first),
-    ("always_last", "artifact", _always_last),
-    ("modal_position", "artifact", _modal_position),
-    ("odd_rendering", "artifact", _odd_rendering),
-    ("seen_in_state", "artifact", _seen_in_state),
-    ("most_viewed", "content", _most_viewed),
-)
-"""(name, kind, rule). 'artifact' rules exploit how the data was made and decide the
-verdict; 'content' rules use a real signal (popularity) and are a baseline to beat."""
 
 
 @dataclass(frozen=True)
@@ -245,7 +103,7 @@ class AuditReport:
         return dataclasses.asdict(self)
 
 
-def _to_rows(examples: Sequence[Example]) -> list[_Row]:
+def _to_rows(examples: Sequence[Example]) -> list[Row]:
     rows = []
     for ex in examples:
         if ex.task != "viewer" or ex.gold_index is None or not ex.n_options:
@@ -253,15 +111,15 @@ def _to_rows(examples: Sequence[Example]) -> list[_Row]:
         # Without one text per option the text rules abstain (it shows as lower coverage).
         texts = ex.option_texts if len(ex.option_texts) == ex.n_options else ()
         state = ex.state_text or ex.prompt.split("\nOPTIONS", 1)[0]
-        rows.append(_Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
+        rows.append(Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
                          state, ex.viewer_id or ex.example_id, ex.viewer_id is not None,
                          f"{ex.issue or '-'}/{ex.study or '-'}"))
     return rows
 
 
-def _score_rule(rows: Sequence[_Row], name: str, kind: str, rule: RuleFn, random: float) -> RuleResult:
+def _score_rule(rows: Sequence[Row], name: str, kind: str, rule: RuleFn, random: float) -> RuleResult:
     picks, fit = rule(rows)
-    credits = [_credit(r, p) for r, p in zip(rows, picks)]
+    credits = [credit(r, p) for r, p in zip(rows, picks)]
     covered = [c for r, p, c in zip(rows, picks, credits) if p and len(p) < r.n]
     accuracy = sum(credits) / len(credits)
     deff = design_effect(credits, [r.cluster for r in rows])
@@ -275,7 +133,7 @@ def _score_rule(rows: Sequence[_Row], name: str, kind: str, rule: RuleFn, random
     )
 
 
-def _audit_group(name: str, rows: Sequence[_Row]) -> GroupAudit:
+def _audit_group(name: str, rows: Sequence[Row]) -> GroupAudit:
     random = sum(1.0 / r.n for r in rows) / len(rows)
     golds: dict[int, list[int]] = defaultdict(list)
     for r in rows:
@@ -287,11 +145,11 @@ def _audit_group(name: str, rows: Sequence[_Row]) -> GroupAudit:
     )
 
 
-def _group_rows(examples: Sequence[Example]) -> dict[str, list[_Row]]:
+def _group_rows(examples: Sequence[Example]) -> dict[str, list[Row]]:
     """All rows, plus one group per issue/study when there are several: a leak confined to
     one study (the gun study's appended gold) is diluted in the pooled numbers."""
     rows = _to_rows(examples)
-    groups: dict[str, list[_Row]] = {"all": rows}
+    groups: dict[str, list[Row]] = {"all": rows}
     if len({r.group for r in rows}) > 1:
         for r in sorted(rows, key=lambda r: r.group):
             groups.setdefault(r.group, []).append(r)
