@@ -30,16 +30,16 @@ def validate(cfg: Config, world_size: int = 1, mode: Mode = "grpo") -> None:
 def _model_checks(cfg: Config) -> list[tuple[bool, str]]:
     model = cfg.model
     return [
-        (model.trainable_layers >= 0, f"model.trainable_layers={model.trainable_layers}: must be >= 0 (0 = all)"),
-        (model.lora_rank >= 0, f"model.lora_rank={model.lora_rank}: must be >= 0 (0 = no LoRA: full fine-tuning)"),
+        (model.trainable_layers >= 0, f"model.trainable_layers must be >= 0 (0 = all), got {model.trainable_layers}"),
+        (model.lora_rank >= 0, f"model.lora_rank must be >= 0 (0 = no LoRA: full fine-tuning), got {model.lora_rank}"),
         (not (model.lora_rank and model.trainable_layers),
          f"model.lora_rank={model.lora_rank} and model.trainable_layers={model.trainable_layers} "
          "are alternatives (LoRA freezes every base weight); set one of them to 0"),
-        (not model.lora_rank or model.lora_alpha > 0, f"model.lora_alpha={model.lora_alpha}: must be > 0"),
+        (not model.lora_rank or model.lora_alpha > 0, f"model.lora_alpha must be > 0, got {model.lora_alpha}"),
         (not model.lora_rank or 0 <= model.lora_dropout < 1,
-         f"model.lora_dropout={model.lora_dropout}: must be in [0, 1)"),
+         f"model.lora_dropout must be in [0, 1), got {model.lora_dropout}"),
         (not model.lora_rank or len(model.lora_target_modules) > 0,
-         "model.lora_target_modules is empty: name at least one module when model.lora_rank > 0"),
+         "model.lora_target_modules must name at least one module when model.lora_rank > 0"),
     ]
 
 
