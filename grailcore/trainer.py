@@ -16,6 +16,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,7 +45,8 @@ class Policy:
 
     model: PolicyModel
     reference: PolicyModel | AdapterFreeReference | None
-    tokenizer: object
+    tokenizer: Any
+    """A transformers tokenizer with a chat template."""
 
 
 @dataclass

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
 
+from grailcore.build import load_training_data, policy_model
 from grailcore.config import Config, ConfigError, DataConfig, ModelConfig
 from grailcore.dist import init_distributed
-from grailcore.model import resolve_model_path
-from grailcore.build import load_training_data, policy_model
+from grailcore.model import load_tokenizer, resolve_model_path
 
 
 def test_trainable_layers_freeze_the_bottom_and_keep_grads_on_top():
@@ -33,8 +32,6 @@ def test_too_many_trainable_layers_is_a_config_error():
 
 
 def test_single_file_training_data_needs_an_eval_path(tmp_path):
-    from grailcore.model import load_tokenizer
-
     src = tmp_path / "prompts.jsonl"
     src.write_text((Path(__file__).parent / "data" / "fixtures" /
                     "audit_seed_prompts_sample.jsonl").read_text())

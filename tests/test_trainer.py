@@ -25,9 +25,9 @@ from transformers import AutoModelForCausalLM
 
 import grailcore.trainer
 from grailcore.build import build_trainer
-from grailcore.model import resolve_model_path
 from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GailConfig, GRPOConfig,
                               LoggingConfig, ModelConfig, OptimConfig, RewardsConfig, RolloutConfig, SFTConfig)
+from grailcore.model import resolve_model_path
 from grailcore.optimize import BadStepsError
 from grailcore.rewards import available_rewards, register
 from grailcore.sft import main as sft_main

@@ -67,7 +67,7 @@ class Discriminator(nn.Module):
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "attention_probs_dropout_prob"):
             # Attention dropout sends torch's SDPA to its math path, which keeps every
-            # [heads, T, T] map for backward: +1 GB per 16 MiniLM rows of 256 tokens on CPU.
+            # [heads, T, T] map for backward (memory quadratic in gail.max_tokens).
             config.attention_probs_dropout_prob = 0.0
         self.encoder = AutoModel.from_pretrained(path, config=config)
         positions = getattr(self.encoder.config, "max_position_embeddings", None)
