@@ -85,7 +85,7 @@ class GrailcoreSystem:
 
     def step(self) -> dict:
         # The trainer's own step: exactly what `grailcore.train` runs per step.
-        from grailcore.metrics import StepTimer
+        from grailcore.metrics_log import StepTimer
 
         timer = StepTimer()
         with timer("step"):

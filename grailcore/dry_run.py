@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from grailcore.config import Config
-from grailcore.metrics import StepTimer
+from grailcore.metrics_log import StepTimer
 from grailcore.policy import PolicyModel
 from grailcore.steps import StepOutput, Update
 from grailcore.trainer import Trainer

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from grailcore.metrics import METRICS_FILE, read_metrics  # noqa: E402
+from grailcore.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
 
 REPORT_FILE = "report.md"
 TIME_PHASES = ("time/generation", "time/scoring", "time/training", "time/weight_sync")

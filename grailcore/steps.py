@@ -20,7 +20,7 @@ import torch
 from grailcore.advantages import group_advantages
 from grailcore.batch import micro_batches
 from grailcore.data.schema import Example
-from grailcore.metrics import StepTimer
+from grailcore.metrics_log import StepTimer
 from grailcore.mixture import source_reward_metrics
 from grailcore.optimize import UpdateStats, policy_update
 from grailcore.rollout.collect import Rollouts

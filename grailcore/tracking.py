@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from grailcore.config import Config, ConfigError
-from grailcore.metrics import MetricsLogger
+from grailcore.metrics_log import MetricsLogger
 
 WANDB_ID_FILE = "wandb_run_id"
 """In run_dir: the W&B run id, so a resumed run continues the same W&B run."""

@@ -26,7 +26,7 @@ from grailcore.data.schema import Example
 from grailcore.evaluation.evaluator import Evaluator
 from grailcore.export import export_hf
 from grailcore.lora import AdapterFreeReference
-from grailcore.metrics import MetricsLogger, Progress, StepTimer, peak_memory_mib
+from grailcore.metrics_log import MetricsLogger, Progress, StepTimer, peak_memory_mib
 from grailcore.optimize import BadStepsError
 from grailcore.policy import PolicyModel
 from grailcore.rewards.stack import RewardStack
