@@ -7,8 +7,8 @@ Names: viewer rewards are bare (`slate_accuracy`, `option_accuracy`, `opinion_ac
 `length`: any task; `mathematical_rigor`: math).
 """
 
-from grailcore.rewards import discriminator, math, viewer  # noqa: F401 - importing registers the rewards
-from grailcore.rewards.math import DEFAULT_MATH_REWARDS, VerifyTimeout, VerifyWorker
+from grailcore.rewards import discriminator, math_rewards, viewer  # noqa: F401 - importing registers the rewards
+from grailcore.rewards.math_rewards import DEFAULT_MATH_REWARDS, VerifyTimeout, VerifyWorker
 from grailcore.rewards.parsing import ParsedViewer, extract_answer, original_answer, parse_viewer
 from grailcore.rewards.registry import (
     available_rewards,

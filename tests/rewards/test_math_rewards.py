@@ -9,7 +9,7 @@ import pytest
 from grailcore.config import Config, ConfigError, RewardsConfig
 from grailcore.data.schema import Example
 from grailcore.rewards import registry
-from grailcore.rewards.math import (
+from grailcore.rewards.math_rewards import (
     DEFAULT_MATH_REWARDS,
     VerifyTimeout,
     VerifyWorker,
