@@ -2,7 +2,7 @@
 attached, saved as a `datasets` dataset for SFT warm starts (`--keep correct` keeps the
 completions whose answer is right: rejection-sampled SFT data).
 
-    python -m grailcore.generate --cfg configs/demo_gun.py --out data/gun_k4 --samples-per-row 4 --keep correct
+    python -m grailcore.generate_dataset --cfg configs/demo_gun.py --out data/gun_k4 --samples-per-row 4 --keep correct
 
 Resumable: prompts are done in shards (OUT/shards/*.jsonl, each written atomically); a
 rerun with the same settings skips finished shards, and a rerun with another --keep only
@@ -200,7 +200,7 @@ def _split_prompts(tokenizer, cfg: Config, split: str) -> tuple[list[Example], l
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(prog="python -m grailcore.generate", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m grailcore.generate_dataset", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
     parser.add_argument("--samples-per-row", type=int, default=4, help="completions per prompt (k)")
@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(config_args, description=__doc__)
     dist = gdist.init_distributed()
     if dist.world_size > 1:
-        raise ConfigError("grailcore.generate runs in one process; launch it with python, not torchrun")
+        raise ConfigError("grailcore.generate_dataset runs in one process; launch it with python, not torchrun")
     validate(cfg)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     seed_everything(cfg.seed, cfg.deterministic)
