@@ -61,7 +61,7 @@ def test_total_is_the_weighted_sum_of_every_reward_in_the_table():
     assert stack.metrics() == {"gail/updates": 1.0}
 
 
-def test_without_learned_rewards_it_matches_the_rule_scorer_and_never_runs_them():
+def test_without_learned_rewards_it_matches_score_completions_and_never_runs_them():
     reward = CountingReward()
     rules = _stack(reward)([VIEWER] * 2, [RIGHT, WRONG], learned=False)
     expected = score_completions([VIEWER] * 2, [RIGHT, WRONG],
