@@ -15,6 +15,7 @@ from grailcore import dist as gdist
 from grailcore.config import ConfigError, DataConfig, MixtureSource
 from grailcore.data.loaders import SYNTHETIC_PREFIX, LoadResult, load_examples
 from grailcore.data.schema import Example
+from grailcore.evaluation import evaluate_examples
 from grailcore.sampler import MixtureSampler, PromptSampler
 from grailcore.types import RewardOutput
 
@@ -145,8 +146,6 @@ def source_eval_metrics(examples: Sequence[Example], completions: Sequence[Seque
             if "math_accuracy" in rewards.per_reward:
                 out[f"eval/accuracy/{source}"] = float(rewards.per_reward["math_accuracy"][rows].mean())
         else:
-            from grailcore.evaluation import evaluate_examples
-
             result = evaluate_examples(subset, [completions[i] for i in rows], train)
             if "eval/accuracy" in result:
                 out[f"eval/accuracy/{source}"] = result["eval/accuracy"]
