@@ -3,7 +3,8 @@ clip, KL estimator, engine importance weights, aggregation): from log-probs [B, 
 plain torch (`grpo_loss`, the reference) or straight from the policy's last hidden states
 through the fused kernel (`fused_loss`: no [tokens, vocab] tensor, no recompute).
 
-The loop calls one of them per micro-batch with that micro-batch's `PolicyTerms`.
+The GRPO step (grailcore/steps.py, through optimize.py) calls one of them per micro-batch
+with that micro-batch's `PolicyTerms`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grailcore.logprobs import TokenHidden
+from grailcore.token_logprobs import TokenHidden
 from kernels.grpo_loss import fused_grpo_loss_tokens
 from kernels.objective import (LOSS_TYPES, LossType, Objective, Tokens, aggregation_weights, objective_loss,
                                summarize)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from grailcore.logprobs import TokenHidden, TokenLogprobs, logprob_head, padded_token_hidden
+from grailcore.token_logprobs import TokenHidden, TokenLogprobs, logprob_head, padded_token_hidden
 from grailcore.prefix import shared_token_hidden
 
 

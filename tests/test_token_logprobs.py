@@ -2,7 +2,7 @@ import pytest
 import torch
 import transformers
 
-from grailcore.logprobs import token_logprobs
+from grailcore.token_logprobs import token_logprobs
 from grailcore.loss import PolicyTerms, grpo_loss
 from kernels.objective import Objective
 
