@@ -46,3 +46,12 @@ def test_tracking_and_mixture_settings_are_checked_here_too():
     bad_mixture = dataclasses.replace(Config().data, mixture=({"path": "synthetic:gun_control", "weight": 0.0},))
     with pytest.raises(ConfigError, match=r"data.mixture\[0\].*weight must be > 0"):
         validate(Config(data=bad_mixture))
+
+
+@pytest.mark.parametrize("grpo", [dict(dynamic_sampling=True), dict(reject_threshold=1.0)])
+def test_resampling_without_attempts_is_refused_naming_the_resample_setting(grpo):
+    with pytest.raises(ConfigError, match=r"grpo.max_resample_attempts=0.*>= 1"):
+        validate(Config(grpo=GRPOConfig(**grpo)))
+    validate(Config(grpo=GRPOConfig(**grpo, max_resample_attempts=1)))
+    with pytest.raises(ConfigError, match=r"grpo.max_resample_attempts must be >= 0"):
+        validate(Config(grpo=GRPOConfig(max_resample_attempts=-1)))
