@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from grailcore.advantages import group_advantages
-from grailcore.steps import step_advantages
+from grailcore.steps import prompt_seeds, step_advantages
 from test_dist import torchrun
 
 GROUP = 4
@@ -21,7 +21,7 @@ RANK_REWARDS = [[0.0, 0.1, 0.2, 0.0, 0.3, 0.3, 0.1, 0.2], [0.0, 5.0, 1.0, 3.0, 2
 ADVANTAGE_WORKER = '''
 import json, sys, torch
 from grailcore import dist as gdist
-from grailcore.steps import step_advantages
+from grailcore.steps import prompt_seeds, step_advantages
 
 info = gdist.init_distributed()
 rewards = torch.tensor({rewards!r}[info.rank])
@@ -62,3 +62,16 @@ def test_two_ranks_give_the_advantages_of_one_process_for_every_scale(tmp_path):
     per_rank = torch.cat([group_advantages(torch.tensor(r), GROUP, "batch").advantages for r in RANK_REWARDS])
     assert not torch.allclose(per_rank, group_advantages(whole, GROUP, "batch").advantages, atol=1e-3)
     assert all("every rank must gather the same shape" in r["mismatch"] for r in ranks)
+
+
+def test_prompt_seeds_depend_on_run_step_example_and_slot_only():
+    seeds = prompt_seeds(0, 5, ["a", "a", "b", "c"], first_slot=0)
+    assert seeds == prompt_seeds(0, 5, ["a", "a", "b", "c"], first_slot=0)  # a resumed run: the same
+    # Rank 1 of 2 holds slots 2, 3 of the same global list: its seeds are the global list's.
+    assert prompt_seeds(0, 5, ["b", "c"], first_slot=2) == seeds[2:]
+    others = {*seeds, *prompt_seeds(0, 6, ["a", "a", "b", "c"], 0), *prompt_seeds(1, 5, ["a", "a", "b", "c"], 0)}
+    assert len(others) == 12  # the same example twice in a step, another step, another run seed
+    # vLLM's child k draws seed + k: no two prompts' seeds may lie within a group of each other.
+    ordered = sorted(others)
+    assert min(b - a for a, b in zip(ordered, ordered[1:])) > 1 << 20
+    assert all(0 <= s < 1 << 62 for s in others)

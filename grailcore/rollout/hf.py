@@ -13,6 +13,7 @@ from typing import Iterable
 import torch
 from transformers import GenerationConfig
 
+from grailcore.rng import derive_seed
 from grailcore.types import Completion, SamplingParams
 
 
@@ -41,18 +42,32 @@ class HFEngine:
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
+        if params.seeds is not None and len(params.seeds) != len(prompt_token_ids):
+            raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompt_token_ids)} prompts")
         per_call = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(prompt_token_ids), per_call):
-                results.extend(self._generate_batch(prompt_token_ids[start:start + per_call], params))
+                results.extend(self._generate_batch(prompt_token_ids[start:start + per_call], params,
+                                                    self._call_seed(params, start, per_call)))
         finally:
             self.model.train(was_training)
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    @staticmethod
+    def _call_seed(params: SamplingParams, start: int, per_call: int) -> int | None:
+        """The seed of the generate call over prompts [start, start + per_call): a hash of
+        their own seeds, or of the call's seed and `start`, so no two calls draw one stream.
+        (One call samples all its rows from one stream, so a prompt's samples depend on the
+        prompts batched with it; both are the same again on resume.)"""
+        if params.seeds is not None:
+            return derive_seed(*params.seeds[start:start + per_call])
+        return None if params.seed is None else derive_seed(params.seed, start)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        seed: int | None) -> list[list[Completion]]:
         pad_id = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -62,8 +77,8 @@ class HFEngine:
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention_mask[i, width - len(p):] = 1
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
+        if seed is not None:
+            torch.manual_seed(seed)
         config = self._generation_config(params)  # before the model's own config is set aside: its EOS ids count
         with _without_checkpoint_settings(self.model):
             out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),

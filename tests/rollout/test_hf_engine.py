@@ -161,3 +161,29 @@ def test_sampling_draws_from_the_whole_vocabulary(tiny, prompts):
         for c in group:
             ranks.append(int((logits > logits[c.token_ids[0]]).sum()))
     assert max(ranks) >= 50, ranks
+
+
+def test_identical_prompts_in_separate_calls_get_different_samples(tiny, prompts):
+    """batch_size = n: one generate call per prompt. Each call draws its own stream (one seed
+    for all of them would give two identical prompts identical completions)."""
+    tokenizer, model = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2)
+    same = [prompts[1], prompts[1]]
+    first, second = engine.generate(same, SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=7))
+    assert [c.token_ids for c in first] != [c.token_ids for c in second]
+    first, second = engine.generate(same, SamplingParams(n=2, temperature=1.0, max_tokens=6, seeds=(11, 12)))
+    assert [c.token_ids for c in first] != [c.token_ids for c in second]
+
+
+def test_per_prompt_seeds_repeat_whatever_the_process_rng_did(tiny, prompts):
+    """A resumed run passes the same seeds again, from a process whose torch RNG went elsewhere."""
+    tokenizer, model = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seeds=(3, 4, 5))
+    first = engine.generate(prompts, params)
+    torch.manual_seed(12345)
+    torch.rand(100)
+    again = engine.generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in first]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        engine.generate(prompts, SamplingParams(n=2, seeds=(1, 2)))

@@ -8,6 +8,7 @@ greedy comparisons flip; a trained model is confident, so its greedy path is sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -132,6 +133,22 @@ def test_seeded_batch_larger_than_one_prefill_step(engine, smol):
     assert [len(g) for g in groups] == [2] * 8
     again = engine.generate(prompts, params)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_identical_prompts_get_independent_samples_and_repeat_with_their_seeds(engine, smol):
+    """Two copies of one prompt in one call: with one request seed for both they would draw
+    the same stream (identical groups). A seed per prompt (as training passes) or one call
+    seed (derived per prompt) keeps them apart; the same seeds give the same samples."""
+    _, tokenizer, _ = smol
+    prompt = chat(tokenizer, "Write a long poem about the sea.")
+    for seeding in (dict(seed=5), dict(seeds=(101, 202))):
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=8, **seeding)
+        first, second = engine.generate([prompt, prompt], params)
+        assert [c.token_ids for c in first] != [c.token_ids for c in second], params
+        # A resumed run asks again, in another batch: the first prompt's samples repeat.
+        alone = engine.generate([prompt], dataclasses.replace(params, seeds=params.seeds and params.seeds[:1]))
+        if params.seeds is not None:
+            assert [c.token_ids for c in alone[0]] == [c.token_ids for c in first]
 
 
 def test_greedy_stop_matches_hf_engine(engine, smol):
