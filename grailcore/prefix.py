@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grailcore import dist as gdist
 from grailcore.token_logprobs import IGNORE_INDEX, TokenLogprobs, _naive_logprobs, _output_weight
 from kernels.logprobs import fused_linear_logprobs
 
@@ -180,11 +181,18 @@ def shared_prefix_logprobs(
     weight = _output_weight(model)  # [V, H]
     body = model.get_decoder()
     device = input_ids.device
+    # Under FSDP2 every decoder call all-gathers each layer, so every rank must make the same
+    # number of calls (the pack count depends on this rank's lengths and masks): the ranks
+    # agree on the largest count and the others add empty calls, whose zero-weighted output
+    # joins the result so that backward also passes through them (and through every layer
+    # when nothing is trained here). A collective: every rank calls it with each micro-batch.
+    calls = max(1, int(gdist.all_reduce(torch.tensor([len(packs)]), op="max")))
+    idle = weight.new_zeros((), dtype=torch.float32)
+    for _ in range(calls - len(packs)):
+        idle = idle + body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state.float().sum()
+    idle = 0 * idle
     if not packs:
-        # Nothing trained: zeros, but through every layer as the padded forward would,
-        # so backward reaches each block (FSDP2 ranks must all run the same backward).
-        out = body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state
-        zeros = 0 * (out.sum() + weight.sum()).float() + weight.new_zeros(rows, logits_to_keep, dtype=torch.float32)
+        zeros = idle + 0 * weight.sum().float() + weight.new_zeros(rows, logits_to_keep, dtype=torch.float32)
         return TokenLogprobs(logprobs=zeros, entropy=zeros.detach().clone() if return_entropy else None)
     hidden = []
     for pack in packs:
@@ -206,4 +214,4 @@ def shared_prefix_logprobs(
         flat = values.new_zeros(rows * logits_to_keep).index_put((index,), values)
         return flat.view(rows, logits_to_keep)
 
-    return TokenLogprobs(logprobs=scatter(logprobs), entropy=None if entropy is None else scatter(entropy))
+    return TokenLogprobs(logprobs=scatter(logprobs) + idle, entropy=None if entropy is None else scatter(entropy))
