@@ -137,6 +137,19 @@ def tree_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     return mask[None, None]
 
 
+def _idle_calls(body: torch.nn.Module, input_ids: torch.Tensor, packs: int) -> torch.Tensor:
+    """Under FSDP2 every decoder call all-gathers each layer, so every rank must make the same
+    number of calls, while the pack count depends on this rank's lengths and masks. The ranks
+    agree on the largest count (at least 1) and this rank makes the calls it lacks on one
+    token; the returned 0 (a float32 scalar) carries their outputs, so adding it to the result
+    sends backward through them too. A collective: every rank calls it for each forward."""
+    calls = max(1, int(gdist.all_reduce(torch.tensor([packs]), op="max")))
+    idle = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for _ in range(calls - packs):
+        idle = idle + body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state.float().sum()
+    return 0 * idle
+
+
 def check_supported(model) -> None:
     """Raise unless `model`'s decoder honours a custom 4D mask over every layer."""
     config = model.config
@@ -181,16 +194,7 @@ def shared_prefix_logprobs(
     weight = _output_weight(model)  # [V, H]
     body = model.get_decoder()
     device = input_ids.device
-    # Under FSDP2 every decoder call all-gathers each layer, so every rank must make the same
-    # number of calls (the pack count depends on this rank's lengths and masks): the ranks
-    # agree on the largest count and the others add empty calls, whose zero-weighted output
-    # joins the result so that backward also passes through them (and through every layer
-    # when nothing is trained here). A collective: every rank calls it with each micro-batch.
-    calls = max(1, int(gdist.all_reduce(torch.tensor([len(packs)]), op="max")))
-    idle = weight.new_zeros((), dtype=torch.float32)
-    for _ in range(calls - len(packs)):
-        idle = idle + body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state.float().sum()
-    idle = 0 * idle
+    idle = _idle_calls(body, input_ids, len(packs))  # [] 0, through the padding calls
     if not packs:
         zeros = idle + 0 * weight.sum().float() + weight.new_zeros(rows, logits_to_keep, dtype=torch.float32)
         return TokenLogprobs(logprobs=zeros, entropy=zeros.detach().clone() if return_entropy else None)
