@@ -1,6 +1,6 @@
 """Group-relative advantages: rewards [P*G] float32 (prompt-major, G completions per
-prompt) -> advantages [P*G] float32. Called by the loop on the whole step's rewards
-(all ranks gathered, so every group is complete) before the loss."""
+prompt) -> advantages [P*G] float32. Pure; the step calls it through
+`grailcore.steps.step_advantages`, which gathers every rank's rewards for "batch"."""
 
 from __future__ import annotations
 

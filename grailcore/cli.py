@@ -78,7 +78,37 @@ def parse_config(argv: Sequence[str], description: str = "") -> Config:
             raise ConfigError("--cfg needs a file path")
         base = load_preset(args[i + 1])
         del args[i:i + 2]
-    return tyro.cli(Config, default=base, args=args, description=description)
+    return tyro.cli(Config, default=base, args=_bool_values_as_flags(args), description=description)
+
+
+def _bool_flags(cls: type = Config, prefix: str = "") -> set[str]:
+    """`--section.field-name` of every bool field of `cls`, nested sections included."""
+    flags = set()
+    for f in dataclasses.fields(cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(default):
+            flags |= _bool_flags(type(default), f"{name}.")
+        elif isinstance(default, bool):
+            flags.add("--" + name.replace("_", "-"))
+    return flags
+
+
+def _bool_values_as_flags(args: list[str]) -> list[str]:
+    """tyro makes a bool field a flag pair (`--x` / `--no-x`); also accept `--x True|False`,
+    the form the other fields take, by rewriting it to the flag."""
+    flags, out, i = _bool_flags(), [], 0
+    while i < len(args):
+        flag = args[i].replace("_", "-")
+        value = args[i + 1].lower() if i + 1 < len(args) else ""
+        if flag in flags and value in ("true", "false"):
+            head, _, last = flag[2:].rpartition(".")
+            out.append(flag if value == "true" else f"--{head + '.' if head else ''}no-{last}")
+            i += 2
+        else:
+            out.append(args[i])
+            i += 1
+    return out
 
 
 def save_config(cfg: Config, run_dir: Path) -> Path:

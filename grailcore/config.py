@@ -159,6 +159,8 @@ class GRPOConfig:
     reject_threshold: float | None = None
     """Resample a group whose best reward is below this (reject sampling)."""
     max_resample_attempts: int = 0
+    """Rounds of resampling for `dynamic_sampling` / `reject_threshold`; either needs >= 1
+    (validation refuses the pair with 0, which would resample nothing)."""
     prefix_sharing: bool = True
     """Training forward runs each distinct prompt once, its completions packed behind it
     under a tree attention mask (grailcore/prefix.py): same loss and gradients, no repeated

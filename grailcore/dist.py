@@ -12,7 +12,7 @@ import os
 import sys
 import zlib
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -100,11 +100,58 @@ def barrier() -> None:
         dist.barrier()
 
 
-def _collective_device() -> torch.device:
-    # nccl only moves CUDA tensors; gloo only CPU ones.
-    if dist.get_backend() == "nccl":
+def collective_device() -> torch.device:
+    """The device the default group moves tensors on: nccl only CUDA ones, gloo only CPU ones."""
+    if dist.is_available() and dist.is_initialized() and dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+_REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+_MAX_DIMS = 8
+
+
+def all_reduce(tensor: torch.Tensor, op: Literal["sum", "max"] = "sum") -> torch.Tensor:
+    """`tensor` reduced over ranks (a new tensor on `tensor`'s device; `tensor` is unchanged).
+    Every tensor collective of the trainer goes through this module, which moves it to the
+    group's device first: a CPU tensor on an nccl group fails, a CUDA one on gloo too."""
+    if not _active():
+        return tensor.clone()
+    moved = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(moved, op=_REDUCE_OPS[op])
+    return moved.to(tensor.device)
+
+
+def all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's `tensor` concatenated along dim 0 in rank order, on `tensor`'s device.
+    Every rank must pass the same shape (checked first: a mismatch would garble the result)."""
+    if not _active():
+        return tensor.clone()
+    device = collective_device()
+    if tensor.dim() > _MAX_DIMS:
+        raise ValueError(f"all_gather: at most {_MAX_DIMS} dims, got shape {tuple(tensor.shape)}")
+    shape = torch.full((_MAX_DIMS + 1,), -1, dtype=torch.int64, device=device)  # [ndim, *shape, -1...]
+    shape[0] = tensor.dim()
+    shape[1:tensor.dim() + 1] = torch.tensor(tensor.shape, dtype=torch.int64)
+    shapes = [torch.empty_like(shape) for _ in range(dist.get_world_size())]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(f"all_gather: rank {dist.get_rank()} has shape {tuple(tensor.shape)}, but the ranks' "
+                         f"[ndim, *shape] are {[s[s >= 0].tolist() for s in shapes]}; every rank must gather "
+                         "the same shape")
+    moved = tensor.to(device)
+    parts = [torch.empty_like(moved) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, moved)
+    return torch.cat(parts).to(tensor.device)
+
+
+def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
+    """Overwrite `tensor` in place with rank `src`'s (moved to the group's device and back)."""
+    if not _active():
+        return
+    moved = tensor.to(collective_device(), copy=True)
+    dist.broadcast(moved, src=src)
+    tensor.copy_(moved)
 
 
 def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
@@ -112,19 +159,15 @@ def all_reduce_mean(metrics: dict[str, float]) -> dict[str, float]:
     keys = sorted(metrics)
     if not _active():
         return {k: float(metrics[k]) for k in keys}
-    device = _collective_device()
     # Summing mismatched key lists would silently mix metrics, so compare a fingerprint first.
-    fingerprint = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())],
-                               dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(fingerprint) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, fingerprint)
+    fingerprint = torch.tensor([len(keys), zlib.crc32("\0".join(keys).encode())], dtype=torch.int64)
+    gathered = all_gather(fingerprint).view(-1, 2)
     if any(not torch.equal(g, fingerprint) for g in gathered):
         raise ValueError(
             f"all_reduce_mean: rank {dist.get_rank()} has metric keys {keys}, but other ranks "
             "have different keys; every rank must log the same metric names each step"
         )
-    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=device)
-    dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    values = all_reduce(torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64))
     values /= dist.get_world_size()
     return dict(zip(keys, values.tolist()))
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grailcore import dist as gdist
 from grailcore.batch import Batch
 from grailcore.config import Config
 from grailcore.loss import LossOutput, PolicyTerms, fused_loss, grpo_loss, step_normalizers
@@ -106,9 +107,7 @@ def _global_items(local_items: float, world_size: int) -> float:
     averaged over ranks, so each rank divides by global / world_size."""
     if world_size == 1:
         return local_items
-    t = torch.tensor([local_items], dtype=torch.float64)
-    torch.distributed.all_reduce(t)
-    return float(t) / world_size
+    return float(gdist.all_reduce(torch.tensor([local_items], dtype=torch.float64))) / world_size
 
 
 def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, scheduler, batches: list[Batch], cfg: Config,

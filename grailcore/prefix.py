@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grailcore import dist as gdist
 from grailcore.token_logprobs import TokenHidden, TokenLogprobs, _output_weight, logprob_head
 
 # Families whose decoders take a custom 4D mask as-is (checked by tests/test_prefix.py).
@@ -135,6 +136,19 @@ def tree_attention_mask(segment_ids: torch.Tensor, dtype: torch.dtype) -> torch.
     return mask[None, None]
 
 
+def _idle_calls(body: torch.nn.Module, input_ids: torch.Tensor, packs: int) -> torch.Tensor:
+    """Under FSDP2 every decoder call all-gathers each layer, so every rank must make the same
+    number of calls, while the pack count depends on this rank's lengths and masks. The ranks
+    agree on the largest count (at least 1) and this rank makes the calls it lacks on one
+    token; the returned 0 (a float32 scalar) carries their outputs, so adding it to the result
+    sends backward through them too. A collective: every rank calls it for each forward."""
+    calls = max(1, int(gdist.all_reduce(torch.tensor([packs]), op="max")))
+    idle = torch.zeros((), dtype=torch.float32, device=input_ids.device)
+    for _ in range(calls - packs):
+        idle = idle + body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state.float().sum()
+    return 0 * idle
+
+
 def check_supported(model) -> None:
     """Raise unless `model`'s decoder honours a custom 4D mask over every layer."""
     config = model.config
@@ -176,9 +190,10 @@ def shared_prefix_logprobs(
 
 def shared_token_hidden(model, input_ids, attention_mask, logits_to_keep, completion_mask=None,
                         pair_cost=None) -> TokenHidden:
-    """`TokenHidden` of the trained completion tokens from the packed decoder passes. With
-    nothing trained, one token still runs through every layer, as the padded forward would,
-    so backward reaches each block (FSDP2 ranks must all run the same backward)."""
+    """`TokenHidden` of the trained completion tokens from the packed decoder passes. Every
+    rank makes as many decoder calls as the rank with the most packs (`_idle_calls`), and
+    with nothing trained one token still runs through every layer, so backward reaches each
+    block (FSDP2 ranks must all run the same forwards and backward). A collective."""
     check_supported(model)
     if pair_cost is None:
         pair_cost = attention_pair_cost(model.config)
@@ -187,8 +202,9 @@ def shared_token_hidden(model, input_ids, attention_mask, logits_to_keep, comple
     body = model.get_decoder()
     device = input_ids.device
     shape = (input_ids.shape[0], logits_to_keep)
+    idle = _idle_calls(body, input_ids, len(packs))  # [] 0, through the padding calls
     if not packs:
-        hidden = body(input_ids=input_ids[:1, -1:], use_cache=False).last_hidden_state[0]  # [1, H]
+        hidden = weight.new_zeros(1, weight.shape[1]) + idle.to(weight.dtype)  # [1, H], depends on every layer
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return TokenHidden(hidden=hidden, rows=empty, targets=empty, index=empty, weight=weight, shape=shape)
     hidden = []
@@ -199,7 +215,7 @@ def shared_token_hidden(model, input_ids, attention_mask, logits_to_keep, comple
         hidden.append(out.last_hidden_state[0, pack.hidden_index.to(device)])  # [K_u, H]
     flat_hidden = torch.cat(hidden)  # [K, H]
     return TokenHidden(
-        hidden=flat_hidden, rows=torch.arange(flat_hidden.shape[0], device=device),
+        hidden=flat_hidden + idle.to(flat_hidden.dtype), rows=torch.arange(flat_hidden.shape[0], device=device),
         targets=torch.cat([p.targets for p in packs]).to(device),
         index=torch.cat([p.output_index for p in packs]).to(device), weight=weight, shape=shape,
     )

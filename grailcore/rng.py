@@ -3,11 +3,24 @@ plain containers a checkpoint stores and `torch.load(weights_only=True)` reads b
 
 from __future__ import annotations
 
+import hashlib
 import random
 import warnings
 
 import numpy as np
 import torch
+
+
+SEED_BITS = 62
+"""Derived seeds stay below 2**62: vLLM adds a child's index, torch takes up to 2**64."""
+
+
+def derive_seed(*parts: object) -> int:
+    """A seed that is a hash of `parts` (ints, strings): stable across processes and runs,
+    and far from every other derived seed, so consecutive seeds (vLLM gives child k of a
+    request seed + k) never make two prompts' samples share a stream."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> (64 - SEED_BITS)
 
 
 def capture_rng_state() -> dict:

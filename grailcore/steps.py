@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from grailcore.advantages import group_advantages
+from grailcore import dist as gdist
+from grailcore.advantages import AdvantageOutput, Scale, group_advantages
 from grailcore.batch import micro_batches
 from grailcore.data.schema import Example
 from grailcore.metrics_log import StepTimer
 from grailcore.mixture import source_reward_metrics
 from grailcore.optimize import UpdateStats, policy_update
+from grailcore.rng import derive_seed
 from grailcore.rollout.collect import Rollouts
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
@@ -71,9 +73,9 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     """One GRPO step on this rank's share of grpo.prompts_per_step prompts."""
     cfg, dist, data = trainer.cfg, trainer.dist, trainer.data
     mine = trainer.next_prompts(cfg.grpo.prompts_per_step)  # whole groups per rank
+    seeds = prompt_seeds(cfg.seed, step, [data.train[i].example_id for i in mine], first_slot=dist.rank * len(mine))
     params = SamplingParams(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_completion_tokens,
-                            seed=cfg.seed * 1_000_003 + step * 97 + dist.rank)
+                            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_completion_tokens, seeds=seeds)
     with timer("generation"):
         rollouts = trainer.rollout.collect(
             [data.train[i] for i in mine], [data.train_ids[i] for i in mine], params, trainer.rewards,
@@ -82,7 +84,7 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     with timer("scoring"):
         if update.applied:  # the discriminator learns from this step's rollouts (GRAIL)
             trainer.rewards.update(rollouts.examples, [c.text for c in rollouts.completions], rollouts.rewards)
-        adv = group_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
+        adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
     with timer("training"):
         batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
                                 trainer.policy.tokenizer.pad_token_id, cfg.optim.micro_batch_size,
@@ -106,6 +108,27 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
         sequences_per_step=cfg.grpo.prompts_per_step * cfg.grpo.group_size, rewards=rollouts.rewards,
         zero_variance_groups=adv.zero_variance_groups,
         samples=[(rollouts.examples[0], rollouts.completions[0].text)])
+
+
+def prompt_seeds(run_seed: int, step: int, example_ids: list[str], first_slot: int) -> tuple[int, ...]:
+    """A sampling seed per prompt of a step, from (run seed, step, example id, slot in the
+    step's global prompt list): a prompt's samples are independent of every other prompt's
+    and rank's, and a resumed run, which draws the same prompts at the same step, repeats them."""
+    return tuple(derive_seed(run_seed, step, example_id, first_slot + k) for k, example_id in enumerate(example_ids))
+
+
+def step_advantages(rewards: torch.Tensor, group_size: int, scale: Scale) -> AdvantageOutput:
+    """This rank's advantages [P*G] from its rewards [P*G]. Each rank holds whole groups,
+    so "group" and "none" need nothing from the others; "batch" divides by the std of the
+    whole step's rewards, so every rank's are gathered first (a collective: all ranks call
+    it, each with the same number of groups) and this rank's share is cut back out."""
+    if scale != "batch" or gdist.get_world_size() == 1:
+        return group_advantages(rewards, group_size, scale)
+    everyone = group_advantages(gdist.all_gather(rewards), group_size, scale)  # [world*P*G]
+    rank, groups = gdist.get_rank(), rewards.numel() // group_size
+    mask = everyone.zero_variance_mask[rank * groups:(rank + 1) * groups]  # [P]
+    return AdvantageOutput(advantages=everyone.advantages[rank * rewards.numel():(rank + 1) * rewards.numel()],
+                           zero_variance_groups=int(mask.sum()), zero_variance_mask=mask)
 
 
 def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: int,

@@ -18,6 +18,11 @@ class SamplingParams:
     greedy: bool = False
     """Greedy decoding (requires n == 1)."""
     seed: int | None = None
+    """One seed for the whole call (evaluation); None leaves the engine's own RNG running."""
+    seeds: tuple[int, ...] | None = None
+    """One seed per prompt of the call (training: `grailcore.rng.derive_seed` of run seed,
+    step, example id and slot), overriding `seed`: a prompt's samples then depend on its own
+    seed only, not on the other prompts, the rank or how the engine batches them."""
 
 
 @dataclass(frozen=True)

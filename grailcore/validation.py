@@ -54,6 +54,12 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
         (grpo.beta >= 0, f"grpo.beta must be >= 0, got {grpo.beta} (0 = no KL term)"),
         (grpo.epsilon_low >= 0 and grpo.epsilon_high >= 0,
          f"grpo.epsilon_low/high must be >= 0, got {grpo.epsilon_low}/{grpo.epsilon_high}"),
+        (grpo.max_resample_attempts >= 0,
+         f"grpo.max_resample_attempts must be >= 0, got {grpo.max_resample_attempts}"),
+        (grpo.max_resample_attempts >= 1 or not (grpo.dynamic_sampling or grpo.reject_threshold is not None),
+         f"grpo.max_resample_attempts={grpo.max_resample_attempts} resamples nothing, so "
+         f"grpo.dynamic_sampling={grpo.dynamic_sampling} / grpo.reject_threshold={grpo.reject_threshold} "
+         "would do nothing; set grpo.max_resample_attempts >= 1 or turn resampling off"),
         (optim.lr > 0, f"optim.lr must be > 0, got {optim.lr}"),
         (optim.max_steps >= 1, f"optim.max_steps must be >= 1, got {optim.max_steps}"),
         (optim.micro_batch_size >= 1, f"optim.micro_batch_size must be >= 1, got {optim.micro_batch_size}"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from grailcore.cli import load_preset
+from grailcore.cli import load_preset, parse_config
 from grailcore.config import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,9 +23,11 @@ def _command(module: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("module, args, message", [
     ("grailcore.train", ["--cfg", "configs/no_such_preset.py"], "--cfg configs/no_such_preset.py: no such file"),
     ("grailcore.train", ["--grpo.group-size", "1"], "grpo.group_size must be >= 2, got 1"),
+    ("grailcore.train", ["--grpo.dynamic-sampling", "True", "--grpo.max-resample-attempts", "0", "--dry-run"],
+     "grpo.max_resample_attempts=0"),
     ("grailcore.sft", ["--cfg", "configs/no_such_preset.py"], "no such file"),
     ("grailcore.eval", ["--cfg", "configs/no_such_preset.py"], "no such file"),
-], ids=["train-missing-cfg", "train-group-size", "sft-missing-cfg", "eval-missing-cfg"])
+], ids=["train-missing-cfg", "train-group-size", "train-dynamic-sampling-no-attempts", "sft-missing-cfg", "eval-missing-cfg"])
 def test_a_config_error_is_one_line_and_exit_2(module, args, message):
     proc = _command(module, *args)
     assert proc.returncode == 2, proc.stderr[-3000:]
@@ -45,3 +47,11 @@ def test_old_gail_fields_name_where_their_setting_lives_now(tmp_path):
     preset.write_text("gail:\n  enabled: true\n  weight: 0.5\n")
     with pytest.raises(ConfigError, match=r"gail.enabled: list 'gail' in rewards.names.*gail.weight: give 'gail'"):
         load_preset(str(preset))
+
+
+def test_a_bool_field_takes_true_or_false_as_well_as_the_flag_form():
+    assert parse_config(["--grpo.dynamic-sampling", "True"]).grpo.dynamic_sampling is True
+    assert parse_config(["--grpo.dynamic-sampling"]).grpo.dynamic_sampling is True
+    assert parse_config(["--grpo.prefix-sharing", "false"]).grpo.prefix_sharing is False
+    assert parse_config(["--dry-run", "True", "--resume", "False"]).dry_run is True
+    assert parse_config(["--dry-run", "--optim.lr", "1e-5"]).optim.lr == 1e-5

@@ -102,3 +102,74 @@ def test_exit_finished_worker_flushes_then_skips_finalization_only_in_workers(wo
     assert proc.stdout.startswith("buffered line") and "logged line" in proc.stderr
     # One process returns and goes on; a torchrun worker leaves right there.
     assert ("not reached in a worker" in proc.stdout) == (world_size == "1")
+
+
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
+               "broadcast", "reduce", "gather", "scatter", "all_to_all", "all_to_all_single", "barrier",
+               "all_gather_object", "broadcast_object_list", "gather_object", "scatter_object_list")
+
+CHECKED_RUN = '''
+import json, sys
+from pathlib import Path
+import torch, torch.distributed as tdist
+from grailcore import dist as gdist
+import grailcore.train
+
+PACKAGE, HELPER = str(Path(gdist.__file__).parent), gdist.__file__
+bad, callers = [], set()
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors(v)]
+    return []
+
+
+def _checked(name, real):
+    def call(*args, **kwargs):
+        frame = sys._getframe(1)
+        if frame.f_code.co_filename.startswith(PACKAGE):  # the trainer's own call, not torch's inside FSDP
+            devices = {{str(t.device) for t in _tensors(list(args) + list(kwargs.values()))}}
+            where = f"{{frame.f_code.co_filename}}:{{frame.f_lineno}}"
+            if frame.f_code.co_filename != HELPER or devices - {{str(gdist.collective_device())}}:
+                bad.append(f"{{name}} at {{where}} on {{sorted(devices)}}")
+            while frame.f_code.co_filename == HELPER:
+                frame = frame.f_back
+            callers.add(f"{{Path(frame.f_code.co_filename).stem}}.{{frame.f_code.co_name}}")
+        return real(*args, **kwargs)
+    return call
+
+
+for name in {collectives!r}:
+    setattr(tdist, name, _checked(name, getattr(tdist, name)))
+grailcore.train.main(sys.argv[2:])
+with open(f"{{sys.argv[1]}}/rank{{gdist.get_rank()}}.json", "w") as f:
+    json.dump({{"bad": bad, "callers": sorted(callers)}}, f)
+'''
+
+
+@pytest.mark.slow
+def test_every_collective_of_a_two_rank_run_goes_through_dist_on_the_groups_device(tmp_path):
+    """Each torch.distributed collective is wrapped: one the trainer calls from anywhere but
+    grailcore/dist.py, or with a tensor off the group's device, is recorded as wrong. (On gloo
+    the group's device is the CPU, so here the routing is what fails; on nccl the same route
+    moves every tensor to CUDA.) The run takes the paths with collectives: dapo's global token
+    count, batch-scaled advantages, the discriminator's broadcast, metrics and replay, checkpoints
+    (RNG of every rank), metrics and the final evaluation."""
+    script = tmp_path / "checked_run.py"
+    script.write_text(CHECKED_RUN.format(collectives=COLLECTIVES))
+    torchrun(script, str(tmp_path), "--run-dir", str(tmp_path / "run"), "--model.name-or-path", "micro-llama",
+             "--model.no-gradient-checkpointing", "--data.synthetic-n", "100", "--data.max-history", "1",
+             "--rollout.max-prompt-tokens", "4096", "--rollout.max-completion-tokens", "8",
+             "--grpo.prompts-per-step", "2", "--grpo.group-size", "2", "--grpo.loss-type", "dapo",
+             "--grpo.scale-rewards", "batch", "--rewards.names", "length", "gail", "--rewards.weights", "1.0", "0.5",
+             "--gail.model", "tiny-bert", "--gail.max-tokens", "256", "--gail.replay-size", "8",
+             "--optim.lr", "1e-3", "--optim.max-steps", "2", "--checkpoint.every", "1", "--checkpoint.no-export-final",
+             "--eval.max-samples", "2", "--logging.no-tensorboard", "--logging.no-progress", timeout=600)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for result in ranks:
+        assert result["bad"] == [], result["bad"]
+        assert {"optimize._global_items", "steps.step_advantages", "discriminator._broadcast_from_rank0",
+                "discriminator._extend_replay", "discriminator.metrics", "trainer.reduce"} <= set(result["callers"]), result["callers"]

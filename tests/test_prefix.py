@@ -4,6 +4,7 @@ of every parameter as the padded forward, for every loss type, on Llama and Qwen
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from grailcore.optimize import policy_update
 from grailcore.policy import PolicyModel
 from grailcore.prefix import attention_pair_cost, pack_by_prompt, shared_prefix_logprobs, tree_attention_mask
 from grailcore.types import Completion
+from test_dist import torchrun
 
 GROUP_SIZE = 3
 PROMPT_LENGTHS = [9, 4, 13]  # one prompt per group, left padded to each micro-batch's widest
@@ -239,3 +241,83 @@ def test_refuses_models_a_tree_mask_would_misread(change):
     with pytest.raises(ValueError, match="grpo.prefix_sharing"):
         shared_prefix_logprobs(lm, b.input_ids, b.attention_mask, b.num_completion_tokens)
 
+
+
+FSDP_WORKER = '''
+import json, sys, torch
+from grailcore import dist as gdist
+from grailcore.batch import micro_batches
+from grailcore.config import Config
+from grailcore.model import load_policy, resolve_model_path
+from grailcore.parallel import parallelize
+from grailcore.policy import PolicyModel
+from grailcore.prefix import attention_pair_cost, pack_by_prompt
+from grailcore.types import Completion
+
+info = gdist.init_distributed()
+
+
+def lm():
+    model = load_policy(resolve_model_path("micro-llama"), "float32", "sdpa")
+    model.config.use_cache = False
+    return model.train()
+
+
+def rank_batches(rank, vocab):
+    """Rank 0: one prompt twice (1 pack), then a group cut at max_tokens (0 packs, masked);
+    rank 1: two prompts (2 packs), then one prompt (1 pack). 2 micro-batches of 2 each."""
+    gen = torch.Generator().manual_seed(rank)
+    prompt = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()
+    shapes = [(5, 5, 7, 7), (3, 6, 4, 4)][rank]  # prompt length per sequence (same value = same prompt)
+    prompts = {{n: prompt(n) for n in set(shapes)}}
+    completions = [Completion(text="", token_ids=tuple(torch.randint(1, vocab, (4,), generator=gen).tolist()),
+                              logprobs=None, finish_reason="length" if rank == 0 and k >= 2 else "stop")
+                   for k in range(4)]
+    return micro_batches([prompts[n] for n in shapes], completions, torch.ones(4), pad_id=0,
+                         micro_batch_size=2, mask_truncated=True)
+
+
+def loss(model, batch):
+    out = model(batch.input_ids, batch.attention_mask, batch.num_completion_tokens, temperature=1.0,
+                completion_mask=batch.completion_mask, prefix_sharing=True)
+    weights = torch.linspace(0.5, 1.5, out.logprobs.numel()).view_as(out.logprobs)
+    return (out.logprobs * weights).sum(), out.logprobs.detach()
+
+
+reference = PolicyModel(lm(), "naive")  # the same global batch in one process: both ranks' micro-batches
+vocab = reference.lm.config.vocab_size
+for rank in range(2):
+    for b in rank_batches(rank, vocab):
+        (loss(reference, b)[0] / 2).backward()  # FSDP2 averages the ranks' gradients
+sharded = parallelize(PolicyModel(lm(), "naive"), Config(), info)
+mine = []
+for b in rank_batches(info.rank, vocab):
+    value, logprobs = loss(sharded, b)
+    value.backward()
+    mine.append(logprobs)
+expected = [loss(reference, b)[1] for b in rank_batches(info.rank, vocab)]
+errors = {{name: float((p.grad.full_tensor() - dict(reference.named_parameters())[name].grad).abs().max())
+          for name, p in sharded.named_parameters()}}
+packs = [len(pack_by_prompt(b.input_ids, b.attention_mask, b.num_completion_tokens, b.completion_mask,
+                            attention_pair_cost(reference.lm.config))) for b in rank_batches(info.rank, vocab)]
+result = {{"packs": packs, "grad_error": max(errors.values()), "grad_scale": max(float(p.grad.abs().max()) for p in reference.parameters()),
+          "logprob_error": max(float((a - b).abs().max()) for a, b in zip(mine, expected))}}
+with open(f"{{sys.argv[1]}}/rank{{info.rank}}.json", "w") as f:
+    json.dump(result, f)
+gdist.shutdown()
+'''
+
+
+def test_fsdp2_ranks_with_different_pack_counts_match_one_process(tmp_path):
+    """2 ranks (FSDP2 on gloo) whose micro-batches pack into 1 vs 2 and 0 vs 1 decoder calls:
+    every rank makes the same number of calls, and the gradients and log-probs equal a
+    1-process run of the same global batch. (Unequal calls pair one rank's layer all-gather
+    with another layer's, or hang.)"""
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER.format())
+    torchrun(script, str(tmp_path), timeout=240)
+    for rank, packs in enumerate([[1, 0], [2, 1]]):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["packs"] == packs and result["grad_scale"] > 0
+        assert result["grad_error"] <= 1e-5 * max(result["grad_scale"], 1.0), result
+        assert result["logprob_error"] <= 1e-5, result

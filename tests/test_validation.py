@@ -59,3 +59,12 @@ def test_the_objective_settings_are_checked_naming_the_field(grpo, match):
     with pytest.raises(ConfigError, match=match):
         validate(Config(grpo=GRPOConfig(**grpo)))
     validate(Config(grpo=GRPOConfig(policy_loss="gspo", kl_estimator="k1", engine_is_correction="on", engine_seq_band=None)))
+
+
+@pytest.mark.parametrize("grpo", [dict(dynamic_sampling=True), dict(reject_threshold=1.0)])
+def test_resampling_without_attempts_is_refused_naming_the_resample_setting(grpo):
+    with pytest.raises(ConfigError, match=r"grpo.max_resample_attempts=0.*>= 1"):
+        validate(Config(grpo=GRPOConfig(**grpo)))
+    validate(Config(grpo=GRPOConfig(**grpo, max_resample_attempts=1)))
+    with pytest.raises(ConfigError, match=r"grpo.max_resample_attempts must be >= 0"):
+        validate(Config(grpo=GRPOConfig(max_resample_attempts=-1)))

@@ -10,9 +10,9 @@ import os
 from typing import Sequence
 
 import torch
-import torch.distributed as tdist
 from torch import nn
 
+from grailcore import dist as gdist
 from grailcore.config import Config, ConfigError, GailConfig
 from grailcore.data.schema import Example
 from grailcore.dist import DistInfo
@@ -39,7 +39,7 @@ __all__ = ["ActionTooLongError", "Discriminator", "SAVE_FORMAT", "build_discrimi
 
 
 def _world_size() -> int:
-    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+    return gdist.get_world_size()
 
 
 class Discriminator(nn.Module):
@@ -60,7 +60,7 @@ class Discriminator(nn.Module):
         self.gail, self.seed, self.device = gail, seed, torch.device(device)
         self.weight = weight
         """Its rewards.weights entry: only for the gail/reward_share metric (the stack weighs)."""
-        self.rank = tdist.get_rank() if _world_size() > 1 else 0
+        self.rank = gdist.get_rank() if _world_size() > 1 else 0
         self._train = index_training_examples(train_examples)
         path = resolve_model_path(gail.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -233,7 +233,7 @@ class Discriminator(nn.Module):
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
         flat = torch.cat([g.reshape(-1) for g in grads])
-        tdist.all_reduce(flat, op=tdist.ReduceOp.SUM)
+        flat = gdist.all_reduce(flat)
         offset = 0
         for p in self._trainable:
             p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
@@ -242,9 +242,7 @@ class Discriminator(nn.Module):
     def _sum_over_ranks(self, values: list[int]) -> list[int]:
         if _world_size() == 1:
             return values
-        summed = torch.tensor(values, dtype=torch.int64, device=self.device)
-        tdist.all_reduce(summed, op=tdist.ReduceOp.SUM)
-        return summed.tolist()
+        return gdist.all_reduce(torch.tensor(values, dtype=torch.int64)).tolist()
 
     def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
         """round(replay_ratio * fresh negatives) past negatives, uniformly without
@@ -263,8 +261,7 @@ class Discriminator(nn.Module):
             return
         gathered = [fresh]
         if _world_size() > 1:
-            gathered = [None] * _world_size()
-            tdist.all_gather_object(gathered, fresh)
+            gathered = gdist.all_gather_object(fresh)
         self.replay.extend(item for part in gathered for item in part)
         del self.replay[:max(0, len(self.replay) - self.gail.replay_size)]
 
@@ -283,11 +280,9 @@ class Discriminator(nn.Module):
     def metrics(self) -> dict[str, float]:
         """The gail/* metrics since the last call, summed over ranks (collective: every rank
         calls it, each step), then reset. See `stats.summary` for their meaning."""
-        summed = self.stats.vector().to(self.device)
-        if _world_size() > 1:
-            tdist.all_reduce(summed, op=tdist.ReduceOp.SUM)
+        summed = gdist.all_reduce(self.stats.vector().cpu())
         self.stats.reset()
-        return stats.summary(summed.cpu(), len(self.replay))
+        return stats.summary(summed, len(self.replay))
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """Full training state as plain tensors/lists (CPU copies): weights, optimizer,
@@ -340,7 +335,7 @@ class Discriminator(nn.Module):
     def _broadcast_from_rank0(self) -> None:
         if _world_size() > 1:
             for tensor in [*self.parameters(), *self.buffers()]:
-                tdist.broadcast(tensor.data, src=0)
+                gdist.broadcast_(tensor.data, src=0)
 
     def _check_training_inputs(self) -> None:
         """Fail fast on an option text too long for gail.max_tokens; log how often a state is cut."""

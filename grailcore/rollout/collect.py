@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from grailcore.data.schema import Example
+from grailcore.rng import derive_seed
 from grailcore.rollout.base import RolloutEngine
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
@@ -67,7 +68,8 @@ def collect_rollouts(
         attempts = attempt
         redo = needs.nonzero().flatten().tolist()
         seed = None if params.seed is None else params.seed + 7919 * attempt
-        new_groups = engine.generate([prompt_ids[p] for p in redo], dataclasses.replace(params, seed=seed))
+        seeds = None if params.seeds is None else tuple(derive_seed(params.seeds[p], "resample", attempt) for p in redo)
+        new_groups = engine.generate([prompt_ids[p] for p in redo], dataclasses.replace(params, seed=seed, seeds=seeds))
         new_rewards = scorer([examples[p] for p in redo for _ in range(group_size)],
                              [c.text for g in new_groups for c in g])
         new_totals = new_rewards.total.view(-1, group_size)

@@ -7,11 +7,27 @@ copy and `update_weights` copies new tensors in.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
+from transformers import GenerationConfig
 
+from grailcore.rng import derive_seed
 from grailcore.types import Completion, SamplingParams
+
+
+@contextlib.contextmanager
+def _without_checkpoint_settings(model):
+    """transformers fills every field a `generate` config leaves unset from the model's own
+    `generation_config` (the checkpoint's: a repetition penalty, suppressed tokens, ...);
+    with an empty one there, only transformers' neutral defaults fill them."""
+    own = model.generation_config
+    model.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        model.generation_config = own
 
 
 class HFEngine:
@@ -26,18 +42,32 @@ class HFEngine:
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
+        if params.seeds is not None and len(params.seeds) != len(prompt_token_ids):
+            raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompt_token_ids)} prompts")
         per_call = max(1, self.batch_size // params.n)
         results: list[list[Completion]] = []
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(prompt_token_ids), per_call):
-                results.extend(self._generate_batch(prompt_token_ids[start:start + per_call], params))
+                results.extend(self._generate_batch(prompt_token_ids[start:start + per_call], params,
+                                                    self._call_seed(params, start, per_call)))
         finally:
             self.model.train(was_training)
         return results
 
-    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+    @staticmethod
+    def _call_seed(params: SamplingParams, start: int, per_call: int) -> int | None:
+        """The seed of the generate call over prompts [start, start + per_call): a hash of
+        their own seeds, or of the call's seed and `start`, so no two calls draw one stream.
+        (One call samples all its rows from one stream, so a prompt's samples depend on the
+        prompts batched with it; both are the same again on resume.)"""
+        if params.seeds is not None:
+            return derive_seed(*params.seeds[start:start + per_call])
+        return None if params.seed is None else derive_seed(params.seed, start)
+
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        seed: int | None) -> list[list[Completion]]:
         pad_id = self.tokenizer.pad_token_id
         device = next(self.model.parameters()).device
         width = max(len(p) for p in prompts)
@@ -47,23 +77,31 @@ class HFEngine:
         for i, p in enumerate(prompts):
             input_ids[i, width - len(p):] = torch.tensor(p)
             attention_mask[i, width - len(p):] = 1
-        generator_kwargs = {}
-        if params.seed is not None:
-            torch.manual_seed(params.seed)
-        out = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            do_sample=not params.greedy, temperature=params.temperature if not params.greedy else None,
-            top_p=params.top_p if not params.greedy else None, top_k=None,
-            max_new_tokens=params.max_tokens, num_return_sequences=params.n,
-            pad_token_id=pad_id, eos_token_id=self._stop_ids(),
-            return_dict_in_generate=True, output_logits=True, use_cache=True, **generator_kwargs,
-        )
+        if seed is not None:
+            torch.manual_seed(seed)
+        config = self._generation_config(params)  # before the model's own config is set aside: its EOS ids count
+        with _without_checkpoint_settings(self.model):
+            out = self.model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                      generation_config=config)
         new_tokens = out.sequences[:, width:]  # [P*n, T_new]
         # Raw logits / T: the same distribution the trainer's log-probs use (top-p aside).
         temperature = 1.0 if params.greedy else params.temperature
         logits = torch.stack(out.logits, dim=1).float() / temperature  # [P*n, T_new, V]
         logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         return self._to_completions(new_tokens.cpu(), logprobs.cpu(), len(prompts), params.n)
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        """Every setting that shapes the sampled distribution, set here: plain sampling from
+        softmax(logits / T) (top-p aside), which is what the trainer scores. Unset fields
+        fall back to transformers' neutral defaults (see `_without_checkpoint_settings`);
+        top_k=0 because that default is 50."""
+        sampling = {} if params.greedy else dict(temperature=params.temperature, top_p=params.top_p, top_k=0,
+                                                 typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0)
+        return GenerationConfig(
+            do_sample=not params.greedy, **sampling, repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0,
+            max_new_tokens=params.max_tokens, num_beams=1, num_return_sequences=params.n,
+            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self._stop_ids(),
+            return_dict_in_generate=True, output_logits=True, use_cache=True)
 
     def _stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 
 from grailcore.model import DTYPES
+from grailcore.rng import derive_seed
 from grailcore.types import Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
@@ -168,11 +169,16 @@ class VLLMEngine:
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
+        if params.seeds is not None and len(params.seeds) != len(prompts):
+            raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompts)} prompts")
+        # A request per prompt with its own seed (child k draws seed + k; derived seeds are far apart).
+        seeds = params.seeds or [None if params.seed is None else derive_seed(params.seed, i) for i in range(len(prompts))]
         with _one_torch_thread(self.on_gpu):
-            outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
+            outputs = self.llm.generate(prompts, [self._sampling_params(params, seed) for seed in seeds],
+                                        use_tqdm=False)
         return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
-    def _sampling_params(self, params: SamplingParams):
+    def _sampling_params(self, params: SamplingParams, seed: int | None):
         from vllm import SamplingParams as VllmSamplingParams
 
         return VllmSamplingParams(
@@ -181,7 +187,7 @@ class VLLMEngine:
             top_p=1.0 if params.greedy else params.top_p,
             max_tokens=params.max_tokens,
             # vLLM gives child k of a seeded request seed + k, so a group's samples differ.
-            seed=params.seed,
+            seed=seed,
             logprobs=0,  # only the sampled token's logprob
             # Text is decoded below with HFEngine's rule, so both engines agree on it.
             detokenize=False,

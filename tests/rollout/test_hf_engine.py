@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from transformers import GenerationConfig
+
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.rollout.hf import HFEngine
 from grailcore.types import SamplingParams
@@ -129,3 +131,59 @@ def test_update_weights_is_a_no_op_when_sharing_the_policy(tiny):
     before = {n: p.clone() for n, p in own.named_parameters()}
     engine.update_weights(perturbed_copy(model).named_parameters())
     assert all(torch.equal(p, before[n]) for n, p in own.named_parameters())
+
+
+def test_checkpoint_generation_settings_are_not_inherited(tiny, prompts):
+    """A checkpoint's generation_config (repetition penalty, top-k, n-gram ban) must not change
+    what the engine samples: the trainer scores log_softmax(logits / T), nothing else."""
+    tokenizer, model = tiny
+    biased = copy.deepcopy(model)
+    biased.generation_config = GenerationConfig(repetition_penalty=5.0, top_k=3, no_repeat_ngram_size=1,
+                                                bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    # This random model repeats tokens when sampled cold (and greedily): a penalty would show.
+    for params in (SamplingParams(greedy=True, max_tokens=8), SamplingParams(n=2, temperature=0.05, max_tokens=8, seed=5)):
+        plain = HFEngine(model, tokenizer).generate(prompts, params)
+        got = HFEngine(biased, tokenizer).generate(prompts, params)
+        assert any(len(set(c.token_ids)) < len(c.token_ids) for g in plain for c in g), "no repeats: the test proves nothing"
+        assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in plain]
+    assert biased.generation_config.repetition_penalty == 5.0  # the model's own config is left as it was
+
+
+def test_sampling_draws_from_the_whole_vocabulary(tiny, prompts):
+    """No top-k from transformers' defaults (50): at a high temperature on this random model,
+    first tokens outside the top 50 logits must appear."""
+    tokenizer, model = tiny
+    groups = HFEngine(model, tokenizer).generate(prompts, SamplingParams(n=16, temperature=3.0, max_tokens=1, seed=0))
+    ranks = []
+    for prompt, group in zip(prompts, groups):
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt])).logits[0, -1]  # [V]
+        for c in group:
+            ranks.append(int((logits > logits[c.token_ids[0]]).sum()))
+    assert max(ranks) >= 50, ranks
+
+
+def test_identical_prompts_in_separate_calls_get_different_samples(tiny, prompts):
+    """batch_size = n: one generate call per prompt. Each call draws its own stream (one seed
+    for all of them would give two identical prompts identical completions)."""
+    tokenizer, model = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2)
+    same = [prompts[1], prompts[1]]
+    first, second = engine.generate(same, SamplingParams(n=2, temperature=1.0, max_tokens=6, seed=7))
+    assert [c.token_ids for c in first] != [c.token_ids for c in second]
+    first, second = engine.generate(same, SamplingParams(n=2, temperature=1.0, max_tokens=6, seeds=(11, 12)))
+    assert [c.token_ids for c in first] != [c.token_ids for c in second]
+
+
+def test_per_prompt_seeds_repeat_whatever_the_process_rng_did(tiny, prompts):
+    """A resumed run passes the same seeds again, from a process whose torch RNG went elsewhere."""
+    tokenizer, model = tiny
+    engine = HFEngine(model, tokenizer, batch_size=2)
+    params = SamplingParams(n=2, temperature=1.0, max_tokens=6, seeds=(3, 4, 5))
+    first = engine.generate(prompts, params)
+    torch.manual_seed(12345)
+    torch.rand(100)
+    again = engine.generate(prompts, params)
+    assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in first]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        engine.generate(prompts, SamplingParams(n=2, seeds=(1, 2)))

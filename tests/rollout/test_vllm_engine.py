@@ -8,6 +8,7 @@ greedy comparisons flip; a trained model is confident, so its greedy path is sta
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import subprocess
 import sys
@@ -130,8 +131,27 @@ def test_seeded_batch_larger_than_one_prefill_step(engine, smol):
     params = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=3)
     groups = engine.generate(prompts, params)
     assert [len(g) for g in groups] == [2] * 8
+    # Read from the prefix cache, bf16 logits differ in the last bits and a draw near a tie
+    # can flip a token; the same seeds over the same computation must repeat exactly.
+    engine.llm.reset_prefix_cache()
     again = engine.generate(prompts, params)
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in groups]
+
+
+def test_identical_prompts_get_independent_samples_and_repeat_with_their_seeds(engine, smol):
+    """Two copies of one prompt in one call: with one request seed for both they would draw
+    the same stream (identical groups). A seed per prompt (as training passes) or one call
+    seed (derived per prompt) keeps them apart; the same seeds give the same samples."""
+    _, tokenizer, _ = smol
+    prompt = chat(tokenizer, "Write a long poem about the sea.")
+    for seeding in (dict(seed=5), dict(seeds=(101, 202))):
+        params = SamplingParams(n=2, temperature=1.0, max_tokens=8, **seeding)
+        first, second = engine.generate([prompt, prompt], params)
+        assert [c.token_ids for c in first] != [c.token_ids for c in second], params
+        # A resumed run asks again, in another batch: the first prompt's samples repeat.
+        alone = engine.generate([prompt], dataclasses.replace(params, seeds=params.seeds and params.seeds[:1]))
+        if params.seeds is not None:
+            assert [c.token_ids for c in alone[0]] == [c.token_ids for c in first]
 
 
 def test_greedy_stop_matches_hf_engine(engine, smol):
@@ -176,8 +196,9 @@ def test_hot_swap_logprobs_match_transformers_at_temperature(engine, smol, pertu
     old = torch.cat([hf_logprobs(original, prompt, c.token_ids, TEMPERATURE) for c in samples])
     gap = (ours - new).abs()
     assert gap.mean() < LOGPROB_MEAN_TOL and gap.max() < LOGPROB_MAX_TOL, (gap.mean(), gap.max())
-    # The comparison tells the weights apart: the old model gives the sampled '5' ~ -7.
-    assert (ours - old).abs().max() > 2.0
+    # The comparison tells the weights apart: the old model's scores are far off (~0.2 nats
+    # on average, several nats on a sampled '5', which the old model gives ~ -7).
+    assert (ours - old).abs().mean() > 2 * LOGPROB_MEAN_TOL, (ours - old).abs()
 
 
 def test_swap_resets_prefix_cache(engine, smol, perturbed, restore_original):
