@@ -101,6 +101,12 @@ class RolloutConfig:
     vllm_kv_cache_bytes: int = 1 << 30
     """KV cache size for vLLM (explicit bytes; fractions are fragile on CPU)."""
     vllm_gpu_memory_utilization: float = 0.3
+    engine_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Parameter dtype of the vLLM engine. "auto": bfloat16 where the hardware multiplies in it
+    natively (a CPU with AVX512-BF16 or AMX-BF16, a CUDA GPU with bf16), float32 otherwise
+    (grailcore/rollout/precision.py); the choice and its reason are logged at start and written
+    to config.yaml. The HF engine always samples from the policy in model.dtype. A bf16 engine
+    against an fp32 trainer puts `rollout/logprob_diff` near 0.015 nats instead of ~0."""
     sync_every: int = 1
     """Push trainer weights into the engine every N optimizer steps."""
     fallback_to_hf: bool = False
@@ -281,6 +287,9 @@ def validate(cfg: Config) -> None:
         (cfg.rollout.max_prompt_tokens >= 16, "rollout.max_prompt_tokens must be >= 16"),
         (cfg.rollout.max_completion_tokens >= 1, "rollout.max_completion_tokens must be >= 1"),
         (cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1"),
+        (cfg.rollout.engine != "hf" or cfg.rollout.engine_dtype in ("auto", cfg.model.dtype),
+         f"rollout.engine_dtype={cfg.rollout.engine_dtype} needs rollout.engine=vllm: the HF engine samples "
+         f"from the policy in model.dtype={cfg.model.dtype}; set rollout.engine_dtype=auto"),
         (len(cfg.rewards.names) == len(cfg.rewards.weights),
          f"rewards.names ({len(cfg.rewards.names)}) and rewards.weights ({len(cfg.rewards.weights)}) "
          "must have the same length"),

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     parts = build(cfg)
     logging.basicConfig(level=logging.INFO if parts.dist.rank == 0 else logging.WARNING)
     if parts.dist.rank == 0:
-        save_config(cfg, Path(cfg.run_dir))
+        save_config(cfg, Path(cfg.run_dir), notes=[parts.engine.precision.note()])
     try:
         return run_sft(parts, cfg)
     finally:

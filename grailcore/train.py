@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parts = build(cfg)
     if parts.dist.rank == 0:
-        save_config(cfg, Path(cfg.run_dir))
+        save_config(cfg, Path(cfg.run_dir), notes=[parts.engine.precision.note()])
     try:
         if cfg.dry_run:
             from grailcore.dry_run import dry_run

@@ -15,7 +15,15 @@ log = logging.getLogger(__name__)
 
 def build_engine(cfg, model_dir: Path, dist, hf_engine: Callable[[], RolloutEngine]) -> RolloutEngine:
     """The configured engine: vLLM (`rollout.engine="vllm"`) or `hf_engine()`. A vLLM start
-    failure stops with a clear error, or falls back to HF when `rollout.fallback_to_hf`."""
+    failure stops with a clear error, or falls back to HF when `rollout.fallback_to_hf`.
+    Rank 0 logs the engine's dtype and why (`engine.precision`)."""
+    engine = _start_engine(cfg, model_dir, dist, hf_engine)
+    if dist.rank == 0:
+        log.info("%s: %s", type(engine).__name__, engine.precision.note())
+    return engine
+
+
+def _start_engine(cfg, model_dir: Path, dist, hf_engine: Callable[[], RolloutEngine]) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
         try:
             from grailcore.rollout.vllm_engine import VLLMEngine

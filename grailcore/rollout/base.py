@@ -6,10 +6,14 @@ from typing import Iterable, Protocol
 
 import torch
 
+from grailcore.rollout.precision import EngineDtype
 from grailcore.types import Completion, SamplingParams
 
 
 class RolloutEngine(Protocol):
+    precision: EngineDtype
+    """The dtype the engine samples in, and why (logged at start, noted in config.yaml)."""
+
     def generate(
         self, prompt_token_ids: list[list[int]], params: SamplingParams
     ) -> list[list[Completion]]:

@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from grailcore.rollout.precision import EngineDtype
 from grailcore.types import Completion, SamplingParams
 
 
@@ -21,6 +22,8 @@ class HFEngine:
         self.shares_weights = shares_weights
         self.batch_size = batch_size
         """Max sequences per `generate` call (prompts x n), bounding memory."""
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.precision = EngineDtype(dtype, f"the HF engine samples from the policy's weights (model.dtype={dtype})")
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:

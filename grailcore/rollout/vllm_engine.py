@@ -20,7 +20,7 @@ from typing import Iterable, Iterator
 
 import torch
 
-from grailcore.model import DTYPES
+from grailcore.rollout.precision import EngineDtype, resolve_engine_dtype
 from grailcore.types import Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
@@ -99,10 +99,12 @@ def _checkpoint_names(model_dir: Path) -> frozenset[str]:
 class VLLMEngine:
     """`RolloutEngine` on `vllm.LLM`; build it with `create`, close it last (see `close`)."""
 
-    def __init__(self, llm, dtype: torch.dtype, weight_names: frozenset[str], tied_embeddings: bool,
+    def __init__(self, llm, precision: EngineDtype, weight_names: frozenset[str], tied_embeddings: bool,
                  on_gpu: bool):
         self.llm = llm
-        self.dtype = dtype
+        self.precision = precision
+        """The resolved `rollout.engine_dtype` and why it was chosen."""
+        self.dtype = getattr(torch, precision.name)
         """Engine parameter dtype; swapped-in tensors are cast to it."""
         self.weight_names = weight_names
         """The HF names `update_weights` must receive, every one of them, each time (from the
@@ -118,11 +120,13 @@ class VLLMEngine:
     def create(cls, model_dir: Path | str, cfg, dist) -> VLLMEngine:
         """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`.
 
-        CPU: bfloat16, eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
+        dtype: `rollout.engine_dtype`, "auto" resolved from the hardware (see
+        grailcore/rollout/precision.py: bf16 only where matmuls run natively in it).
+        CPU: eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
         is unreliable on shared CPU hosts); generation runs on one torch thread (see
         `_one_torch_thread`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
         whole process: set the trainer's thread count before this.
-        GPU: `cfg.model.dtype`, CUDA graphs, a fraction of GPU memory, sleep mode on.
+        GPU: CUDA graphs, a fraction of GPU memory, sleep mode on.
         Under torchrun (world > 1) each rank's engine uses vLLM's `external_launcher`
         executor, which joins the trainer's group and takes the LOCAL_RANK device (as TRL's
         colocate mode does); the GPU path is untested here (no vLLM on the GPU machine).
@@ -130,7 +134,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         model_dir = Path(model_dir)
         on_gpu = dist.device.type == "cuda"
-        dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
+        precision = resolve_engine_dtype(cfg.rollout.engine_dtype, dist.device.type)
         max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens
         memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
                   if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})
@@ -143,7 +147,7 @@ class VLLMEngine:
                                         "max_num_batched_tokens": max(max_model_len, 8192)}
         executor = {"distributed_executor_backend": "external_launcher"} if dist.world_size > 1 else {}
         llm = vllm.LLM(
-            model=str(model_dir), dtype=dtype,
+            model=str(model_dir), dtype=precision.name,
             max_model_len=max_model_len,
             enforce_eager=not on_gpu,
             # Sampled-token logprobs after temperature: the distribution the trainer's
@@ -154,7 +158,7 @@ class VLLMEngine:
             enable_prefix_caching=True,
             **memory, **scheduling, **executor,
         )
-        return cls(llm, dtype, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
+        return cls(llm, precision, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt, grouped per prompt in input order.

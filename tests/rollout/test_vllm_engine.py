@@ -22,6 +22,7 @@ from grailcore.config import Config, RolloutConfig  # noqa: E402
 from grailcore.dist import DistInfo  # noqa: E402
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
 from grailcore.rollout.hf import HFEngine  # noqa: E402
+from grailcore.rollout.precision import resolve_engine_dtype  # noqa: E402
 from grailcore.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from grailcore.types import SamplingParams  # noqa: E402
 
@@ -92,6 +93,17 @@ def hf_logprobs(model, prompt: list[int], completion: tuple[int, ...], temperatu
     with torch.no_grad():
         logits = model(ids).logits[0, len(prompt) - 1:-1].float() / temperature  # [T, V]
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+
+
+def _embedding_dtype(model) -> torch.dtype:
+    return model.model.embed_tokens.weight.dtype
+
+
+def test_engine_dtype_is_resolved_from_this_cpu(engine):
+    """The default config ("auto") gives this machine's choice, and vLLM's weights are in it."""
+    expected = resolve_engine_dtype("auto", "cpu")
+    assert engine.precision == expected
+    assert engine.llm.apply_model(_embedding_dtype) == [getattr(torch, expected.name)]
 
 
 def test_generate_groups_shapes_finish_reasons_and_logprobs(engine, smol):
@@ -208,6 +220,8 @@ def test_partial_update_is_an_error(engine, smol, restore_original):
 # Run in a fresh interpreter: the engine's shutdown tears down torch.distributed, which
 # would break the module's engine above. Under torchrun the trainer owns the gloo group.
 LIFECYCLE_SCRIPT = """
+import sys
+import torch
 import torch.distributed as dist
 from grailcore import dist as gdist
 from grailcore.config import Config, RolloutConfig
@@ -216,8 +230,13 @@ from grailcore.rollout.vllm_engine import VLLMEngine
 from grailcore.types import SamplingParams
 
 info = gdist.init_distributed()
-cfg = Config(rollout=RolloutConfig(max_prompt_tokens=64, max_completion_tokens=8, vllm_kv_cache_bytes=1 << 26))
+cfg = Config(rollout=RolloutConfig(max_prompt_tokens=64, max_completion_tokens=8, vllm_kv_cache_bytes=1 << 26,
+                                   engine_dtype=sys.argv[1]))
 engine = VLLMEngine.create(resolve_model_path("tiny-llama"), cfg, info)
+if sys.argv[1] != "auto":  # an explicit setting wins over what this CPU supports
+    assert engine.precision.name == sys.argv[1], engine.precision
+    dtypes = engine.llm.apply_model(lambda model: model.model.embed_tokens.weight.dtype)
+    assert dtypes == [getattr(torch, sys.argv[1])], dtypes
 groups = engine.generate([[1, 2, 3, 4]], SamplingParams(n=2, max_tokens=8, seed=0))
 assert len(groups) == 1 and len(groups[0]) == 2 and all(1 <= len(c.token_ids) <= 8 for c in groups[0]), groups
 # The trainer's collectives still work with an engine up on every rank.
@@ -229,8 +248,9 @@ print("LIFECYCLE OK", info.rank)
 """
 
 
-def run_lifecycle(launcher: list[str]) -> subprocess.CompletedProcess:
-    result = subprocess.run([*launcher, "-c", LIFECYCLE_SCRIPT], capture_output=True, text=True, timeout=600,
+def run_lifecycle(launcher: list[str], engine_dtype: str = "auto") -> subprocess.CompletedProcess:
+    result = subprocess.run([*launcher, "-c", LIFECYCLE_SCRIPT, engine_dtype], capture_output=True, text=True,
+                            timeout=600,
                             cwd=Path(__file__).resolve().parents[2])
     # A shutdown left to exit fails there on the destroyed group, after the script "succeeded".
     assert "Invalid process group" not in result.stderr, result.stderr[-3000:]
@@ -238,8 +258,10 @@ def run_lifecycle(launcher: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def test_close_shuts_down_before_exit_single_process():
-    assert run_lifecycle([sys.executable]).stdout.count("LIFECYCLE OK") == 1
+@pytest.mark.parametrize("engine_dtype", ["float32", "bfloat16"])
+def test_close_shuts_down_before_exit_single_process(engine_dtype):
+    """Also: an explicit rollout.engine_dtype is what vLLM loads, whatever this CPU has."""
+    assert run_lifecycle([sys.executable], engine_dtype).stdout.count("LIFECYCLE OK") == 1
 
 
 def test_engine_per_rank_under_torchrun():
