@@ -108,7 +108,11 @@ class RolloutConfig:
     to config.yaml. The HF engine always samples from the policy in model.dtype. A bf16 engine
     against an fp32 trainer puts `rollout/logprob_diff` near 0.015 nats instead of ~0."""
     sync_every: int = 1
-    """Push trainer weights into the engine every N optimizer steps."""
+    """Push trainer weights into the engine every N optimizer steps. The first push sends every
+    weight, later ones only what training changes (trainable layers, LoRA-merged layers)."""
+    sync_bucket_mib: int = 0
+    """Under FSDP, all-gather the weights to sync this many MiB per collective (flattened
+    buffers); 0 = one collective per tensor. See bench/RESULTS.md (weight sync) for which is faster."""
     fallback_to_hf: bool = False
     """If the vLLM engine fails to start, continue with the HF engine (else stop)."""
 
@@ -287,6 +291,7 @@ def validate(cfg: Config) -> None:
         (cfg.rollout.max_prompt_tokens >= 16, "rollout.max_prompt_tokens must be >= 16"),
         (cfg.rollout.max_completion_tokens >= 1, "rollout.max_completion_tokens must be >= 1"),
         (cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1"),
+        (cfg.rollout.sync_bucket_mib >= 0, "rollout.sync_bucket_mib must be >= 0 (0 = one gather per tensor)"),
         (cfg.rollout.engine != "hf" or cfg.rollout.engine_dtype in ("auto", cfg.model.dtype),
          f"rollout.engine_dtype={cfg.rollout.engine_dtype} needs rollout.engine=vllm: the HF engine samples "
          f"from the policy in model.dtype={cfg.model.dtype}; set rollout.engine_dtype=auto"),

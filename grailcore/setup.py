@@ -55,6 +55,8 @@ class Parts:
     last_samples: list = field(default_factory=list)
     engine_stale: bool = False
     """The policy changed since the engine last received its weights."""
+    engine_has_all_weights: bool = False
+    """The engine received every weight once; later syncs send only what training changes."""
 
     def after_rollouts(self, rollouts: Rollouts) -> None:
         if self.discriminator is not None:
@@ -63,7 +65,9 @@ class Parts:
     def sync_weights(self) -> None:
         from grailcore.rollout.sync import push_weights
 
-        push_weights(self.policy.lm, self.engine)
+        push_weights(self.policy.lm, self.engine, changed_only=self.engine_has_all_weights,
+                     bucket_bytes=self.cfg.rollout.sync_bucket_mib << 20)
+        self.engine_has_all_weights = True
         self.engine_stale = False
 
     def evaluate(self, step: int | None = None) -> dict[str, float]:

@@ -95,7 +95,12 @@ class HFEngine:
             grouped.append(group)
         return grouped
 
+    def load_units(self, names: set[str]) -> set[str]:
+        """Any subset of parameters can be updated on its own here."""
+        return set(names)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the given HF-named tensors (all or some) into the engine's own model."""
         if self.shares_weights:
             return
         params = dict(self.model.named_parameters())

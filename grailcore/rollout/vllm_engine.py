@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -24,6 +25,10 @@ from grailcore.rollout.precision import EngineDtype, resolve_engine_dtype
 from grailcore.types import Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
+_EMBEDDING = "embed_tokens.weight"
+"""Llama / Qwen2 input embedding: with tied embeddings also the lm-head."""
+_EXPECTED_RELOAD_WARNINGS = ("Failed to load weights", "Following weights were not loaded",
+                             "Attempted to load weight %s with dtype")
 
 _set_torch_threads = torch.set_num_threads
 """torch's own setter, kept before vLLM's CPU worker replaces `torch.set_num_threads`
@@ -76,6 +81,44 @@ def _repack_tied_lm_head(model: torch.nn.Module) -> None:
     lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
+def _packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Runs inside the vLLM worker: the model's fused layers, e.g. {"qkv_proj": ["q_proj",
+    "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]} for Llama / Qwen2."""
+    return dict(getattr(model, "packed_modules_mapping", {}))
+
+
+def _fused_groups(names: frozenset[str], packed: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    groups: dict[str, frozenset[str]] = {}
+    for parts in packed.values():
+        for name in names:
+            module, _, leaf = name.rpartition(".")  # "...self_attn.q_proj", "weight"
+            prefix, _, own = module.rpartition(".")
+            if own in parts:
+                groups[name] = frozenset(f"{prefix}.{p}.{leaf}" for p in parts) & names
+    return groups
+
+
+@contextlib.contextmanager
+def _quiet_expected_reload_warnings():
+    """Drop the warnings vLLM's reload prints for what `update_weights` does on purpose, once
+    per tensor or layer at every sync: fp32 tensors handed over for vLLM to cast while copying
+    ("Attempted to load weight ... with dtype"), and layers a partial update leaves as they are
+    ("Failed to load weights", "Following weights were not loaded"; `_check_names` checks
+    that a partial update is whole load units)."""
+    def expected(record: logging.LogRecord) -> bool:
+        return not any(m in str(record.msg) for m in _EXPECTED_RELOAD_WARNINGS)
+
+    loggers = [logging.getLogger(f"vllm.model_executor.{m}")
+               for m in ("model_loader.reload.layerwise", "model_loader.reload.inplace", "models.utils")]
+    for logger in loggers:
+        logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(expected)
+
+
 def _ties_embeddings(model_dir: Path) -> bool:
     from transformers import AutoConfig
 
@@ -107,8 +150,10 @@ class VLLMEngine:
         self.dtype = getattr(torch, precision.name)
         """Engine parameter dtype; swapped-in tensors are cast to it."""
         self.weight_names = weight_names
-        """The HF names `update_weights` must receive, every one of them, each time (from the
-        checkpoint: a tied model's has no `lm_head.weight`; one passed anyway is ignored)."""
+        """The HF names `update_weights` accepts (from the checkpoint: a tied model's has no
+        `lm_head.weight`; one passed anyway is ignored)."""
+        self.fused_groups = _fused_groups(weight_names, llm.apply_model(_packed_modules)[0])
+        """HF name -> the names vLLM loads into the same fused tensor (itself included)."""
         self.tied_embeddings = tied_embeddings
         """The lm-head is the embedding matrix (SmolLM2): the embedding carries its update."""
         self.on_gpu = on_gpu
@@ -200,37 +245,36 @@ class VLLMEngine:
         text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
         return Completion(text=text, token_ids=ids, logprobs=logprobs, finish_reason=output.finish_reason)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the full set of HF-named weights, then drop the prefix cache.
+    def load_units(self, names: set[str]) -> set[str]:
+        """`names` plus the partners vLLM loads with them: q/k/v and gate/up are one fused
+        tensor each, reloaded as a unit (a part alone would leave the rest unwritten)."""
+        return set(names).union(*(self.fused_groups.get(name, ()) for name in names))
 
-        Every name in `weight_names` must come, once: vLLM reloads fused layers (qkv,
-        gate_up) as a unit, so a partial update would leave them half-written. With tied
-        embeddings `model.embed_tokens.weight` also updates the lm-head. Tensors stream to
-        the worker one by one (cast to the engine dtype); nothing holds a second full copy.
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights, every one of the checkpoint or a subset of whole load units
+        (`load_units`), each once; then drop the prefix cache. Layers not sent keep their
+        weights. With tied embeddings `model.embed_tokens.weight` also updates the lm-head.
+
+        Tensors stream to the worker one by one, as given: vLLM's loaders cast them to the
+        engine dtype while copying into place (a separate cast was one more full pass).
         """
         seen: list[str] = []
 
-        def cast() -> Iterator[tuple[str, torch.Tensor]]:
+        def recorded() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in named_tensors:
                 seen.append(name)
-                yield name, tensor.detach().to(self.dtype)
+                yield name, tensor.detach()
 
         try:
-            with _one_torch_thread(self.on_gpu):
-                self._reload(cast())
+            with _one_torch_thread(self.on_gpu), _quiet_expected_reload_warnings():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
+                if self.tied_embeddings and any(name.endswith(_EMBEDDING) for name in seen):
+                    self.llm.apply_model(_repack_tied_lm_head)
         finally:
             # vLLM keeps cached prompt keys/values across weight changes; without this reset a
             # re-sent prompt is answered with the OLD weights' prefix (GRPO re-sends prompts).
             self._reset_prefix_cache()
         self._check_names(seen)
-
-    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        # The worker's public reload entry point (vllm 0.32: Worker.reload_weights ->
-        # model_runner.reload_weights); the model's own load_weights fails on CPU because
-        # its weights were repacked after loading. In-process, the iterator is passed as is.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        if self.tied_embeddings:
-            self.llm.apply_model(_repack_tied_lm_head)
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -240,14 +284,14 @@ class VLLMEngine:
     def _check_names(self, seen: list[str]) -> None:
         # vLLM's loaders skip a tied model's lm_head.weight (state_dict() lists it).
         known = self.weight_names | ({"lm_head.weight"} if self.tied_embeddings else set())
-        missing = sorted(self.weight_names - set(seen))
         unknown = sorted(set(seen) - known)
+        partial = sorted(self.load_units(set(seen)) - set(seen))
         repeated = len(seen) - len(set(seen))
-        if missing or unknown or repeated:
+        if partial or unknown or repeated:
             raise ValueError(
-                f"update_weights needs every weight of the checkpoint exactly once; missing "
-                f"{missing[:5]} ({len(missing)}), unknown {unknown[:5]} ({len(unknown)}), repeated {repeated}. "
-                "The engine's weights are now inconsistent: push the full state (rollout.sync.iter_full_params)"
+                f"update_weights needs whole load units, each weight once; missing fused partners "
+                f"{partial[:5]} ({len(partial)}), unknown {unknown[:5]} ({len(unknown)}), repeated {repeated}. "
+                "The engine's weights are now inconsistent: push the full state (rollout.sync.push_weights)"
             )
 
     def sleep(self, level: int = 1) -> None:

