@@ -5,7 +5,7 @@ round-robin on the same engine:
 
 - `per_tensor`: every weight, one gather (under FSDP) per tensor: the first sync of a run;
 - `bucketed_<N>mib`: every weight, gathered N MiB at a time through one flat buffer
-  (`--bucket-mib`, several sizes side by side);
+  (`--bucket-mib`, several sizes side by side; under torchrun only: one process gathers nothing);
 - `changed_only`: what an optimizer step can change with the bottom layers frozen
   (`--trainable-layers`, as `model.trainable_layers`): every later sync of such a run.
 
@@ -59,7 +59,8 @@ def bench_model(name: str, info, args) -> dict:
     pushes = {"per_tensor": dict(changed_only=False, bucket_bytes=0),
               **{f"bucketed_{mib}mib": dict(changed_only=False, bucket_bytes=mib << 20) for mib in args.bucket_mib},
               "changed_only": dict(changed_only=True, bucket_bytes=0)}
-    methods = [m for m in pushes if m.split("_")[0] in {a.split("_")[0] for a in args.methods}]
+    methods = [m for m in pushes if m.split("_")[0] in {a.split("_")[0] for a in args.methods}
+               and not (m.startswith("bucketed") and info.world_size == 1)]  # nothing to gather in one process
 
     def call(method):
         def push():

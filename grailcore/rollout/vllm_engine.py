@@ -148,7 +148,7 @@ class VLLMEngine:
         self.precision = precision
         """The resolved `rollout.engine_dtype` and why it was chosen."""
         self.dtype = getattr(torch, precision.name)
-        """Engine parameter dtype; swapped-in tensors are cast to it."""
+        """Engine parameter dtype; vLLM's loaders cast swapped-in tensors to it."""
         self.weight_names = weight_names
         """The HF names `update_weights` accepts (from the checkpoint: a tied model's has no
         `lm_head.weight`; one passed anyway is ignored)."""
