@@ -27,12 +27,12 @@ import torch
 from bench import machine
 from bench.harness import markdown_rows, measure_round_robin, write_csv
 from grailcore import dist as gdist
+from grailcore.build import _freeze_below
 from grailcore.config import Config, ModelConfig, RolloutConfig
 from grailcore.model import load_policy, resolve_model_path
 from grailcore.policy import PolicyModel
 from grailcore.rollout.sync import changed_names, push_weights
 from grailcore.rollout.vllm_engine import VLLMEngine
-from grailcore.setup import _freeze_below
 
 METHODS = ("per_tensor", "bucketed", "changed_only")
 

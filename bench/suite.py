@@ -67,11 +67,23 @@ def step_bench(tmp: Path, args) -> dict:
             "sync_share": ours["sync_share"], "step_s": ours["step_s"], "trl_step_s": trl["step_s"]}
 
 
+def _help(module: str) -> str:
+    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return result.stdout
+
+
 def loss_bench(tmp: Path, args) -> dict:
-    """Every method of bench/bench_grpo_loss.py at one small shape: its *_vs_naive ratios."""
+    """bench/bench_grpo_loss.py at one small shape: each method's *_vs_naive ratios. With the
+    process-per-method bench (`--rounds`): naive, grailcore, Liger (not compiled: torch.compile
+    alone takes minutes on CPU) and torch's linear_cross_entropy; otherwise every method it has."""
     out = tmp / "loss.csv"
-    command = _run("bench.bench_grpo_loss", ["--batch", "4", "--seq", "256", "--hidden", "576", "--vocab", "49152",
-                                             "--warmup", "1", "--repeats", "2", "--csv", str(out)])
+    shape = ["--batch", "4", "--seq", "256", "--hidden", "576", "--vocab", "49152", "--csv", str(out)]
+    if "--rounds" in _help("bench.bench_grpo_loss"):
+        repeat = ["--rounds", "1", "--methods", "naive", "grailcore", "liger", "torch_lce"]
+    else:
+        repeat = ["--warmup", "1", "--repeats", "2"]
+    command = _run("bench.bench_grpo_loss", shape + repeat)
     methods = {}
     for row in _rows(out):
         methods[row["method"]] = {k: _number(v) for k, v in row.items() if k.endswith("_vs_naive") and v != ""}

