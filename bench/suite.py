@@ -108,9 +108,10 @@ def commit() -> dict:
     return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": bool(changed)}
 
 
-def record(results: dict, began: float) -> dict:
-    """The history line: when, which code, which machine, what was measured."""
-    return {"date": time.strftime("%Y-%m-%d %H:%M", time.localtime(began)), **commit(),
+def record(results: dict, began: float, code: dict) -> dict:
+    """The history line: when, which code (`code`: commit() at the start), which machine, what
+    was measured."""
+    return {"date": time.strftime("%Y-%m-%d %H:%M", time.localtime(began)), **code,
             "machine": machine.describe(), "load_avg_1m_start": results.pop("_load"),
             "wall_s": round(time.time() - began), **results}
 
@@ -124,14 +125,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--sync-model", default="smollm2-135m-instruct")
     parser.add_argument("--out", default=str(HISTORY))
     args = parser.parse_args(argv)
-    began = time.time()
+    began, code = time.time(), commit()  # the code that runs, even if HEAD moves meanwhile
     results = {"_load": os.getloadavg()[0]}
     runners = {"step": step_bench, "loss": loss_bench, "sync": sync_bench}
     with tempfile.TemporaryDirectory(prefix="bench-suite-") as tmp:
         for name in args.only:
             results[name] = runners[name](Path(tmp), args)
             print(f"{name}: {json.dumps(results[name])}", flush=True)
-    line = record(results, began)
+    line = record(results, began, code)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out.open("a") as handle:

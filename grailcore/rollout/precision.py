@@ -12,6 +12,7 @@ CPU's flags are read from /proc/cpuinfo.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def read_cpu_info(path: Path = CPUINFO) -> CpuInfo:
 
 def native_bf16_flags(flags: frozenset[str]) -> list[str]:
     return [f for f in NATIVE_BF16_FLAGS if f in flags]
+
+
+def cpu_note(cpu: CpuInfo | None = None) -> str:
+    """One line naming the CPU a run's timings come from (written atop its config.yaml)."""
+    cpu = read_cpu_info() if cpu is None else cpu
+    native = native_bf16_flags(cpu.flags)
+    return (f"cpu: {cpu.model or 'unknown'}, {os.cpu_count()} logical cores, avx512f: "
+            f"{'yes' if 'avx512f' in cpu.flags else 'no'}, native bf16 matmul: {', '.join(native) or 'no'}")
 
 
 def resolve_engine_dtype(setting: str, device_type: str, cpu: CpuInfo | None = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from grailcore.rollout.precision import CpuInfo, read_cpu_info, resolve_engine_dtype
+from grailcore.rollout.precision import CpuInfo, cpu_note, read_cpu_info, resolve_engine_dtype
 
 AVX2_ONLY = "fpu vme sse sse2 ssse3 fma sse4_1 sse4_2 avx f16c avx2 bmi1 bmi2"
 # AVX-512 without BF16 (Skylake-SP): torch's mkldnn bf16 check says yes here; the engine must not.
@@ -81,3 +81,10 @@ def test_this_machine_is_resolved_from_its_own_flags():
     info = read_cpu_info()
     has_native = bool({"avx512_bf16", "amx_bf16"} & info.flags)
     assert resolve_engine_dtype("auto", "cpu").name == ("bfloat16" if has_native else "float32")
+
+
+def test_cpu_note_names_the_model_and_its_bf16_support():
+    assert cpu_note(CpuInfo("AMD EPYC", frozenset(ZEN4.split()))).startswith("cpu: AMD EPYC, ")
+    assert cpu_note(CpuInfo("AMD EPYC", frozenset(ZEN4.split()))).endswith("avx512f: yes, native bf16 matmul: avx512_bf16")
+    assert cpu_note(CpuInfo("", frozenset(AVX2_ONLY.split()))).endswith("avx512f: no, native bf16 matmul: no")
+    assert "cpu: unknown" in cpu_note(CpuInfo("", frozenset()))
