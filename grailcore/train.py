@@ -13,6 +13,7 @@ from grailcore import cli
 from grailcore import dist as gdist
 from grailcore.build import build_trainer
 from grailcore.dry_run import dry_run
+from grailcore.rollout.precision import cpu_note
 from grailcore.validation import Mode, validate
 
 
@@ -27,7 +28,7 @@ def launch(argv: list[str], mode: Mode, description: str) -> dict:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     trainer = build_trainer(cfg, mode)
     if dist.rank == 0:
-        cli.save_config(cfg, Path(cfg.run_dir))
+        cli.save_config(cfg, Path(cfg.run_dir), notes=[cpu_note(), trainer.rollout.engine.precision.note()])
     try:
         result = dry_run(trainer) if cfg.dry_run else trainer.run()
         # Only after a clean run (a failed rank would leave its peers waiting here): no rank

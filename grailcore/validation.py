@@ -71,6 +71,11 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
         (rollout.max_completion_tokens >= 1,
          f"rollout.max_completion_tokens must be >= 1, got {rollout.max_completion_tokens}"),
         (rollout.sync_every >= 1, f"rollout.sync_every must be >= 1, got {rollout.sync_every}"),
+        (rollout.sync_bucket_mib >= 0,
+         f"rollout.sync_bucket_mib must be >= 0, got {rollout.sync_bucket_mib} (0 = one gather per tensor)"),
+        (rollout.engine != "hf" or rollout.engine_dtype in ("auto", cfg.model.dtype),
+         f"rollout.engine_dtype={rollout.engine_dtype} needs rollout.engine=vllm: the HF engine samples "
+         f"from the policy in model.dtype={cfg.model.dtype}; set rollout.engine_dtype=auto"),
         (cfg.sft.batch_size >= 1, f"sft.batch_size must be >= 1, got {cfg.sft.batch_size}"),
         (cfg.eval.samples_per_row >= 1, f"eval.samples_per_row must be >= 1, got {cfg.eval.samples_per_row}"),
         (cfg.eval.permutations >= 0,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from grailcore.cli import load_preset, parse_config
+from grailcore.cli import load_preset, parse_config, save_config
 from grailcore.config import ConfigError
 from grailcore.validation import validate
 
@@ -30,6 +30,7 @@ def test_overrides_reach_nested_fields():
     (["--optim.lr", "-1"], "optim.lr must be > 0"),
     (["--rewards.names", "nope", "--rewards.weights", "1"], "unknown reward"),
     (["--rewards.names", "format", "--rewards.weights", "1", "2"], "same length"),
+    (["--rollout.engine", "hf", "--rollout.engine-dtype", "bfloat16"], "rollout.engine_dtype=bfloat16 needs"),
 ])
 def test_invalid_settings_fail_with_the_field_named(args, message):
     with pytest.raises(ConfigError, match=message):
@@ -48,3 +49,11 @@ def test_yaml_preset_round_trip(tmp_path):
     preset.write_text("run_dir: runs/y\ngrpo:\n  group_size: 6\nrewards:\n  names: [format]\n  weights: [1.0]\n")
     cfg = load_preset(str(preset))
     assert cfg.grpo.group_size == 6 and cfg.rewards.names == ("format",)
+
+
+def test_saved_config_notes_resolved_settings_and_loads_back(tmp_path):
+    cfg = parse_config(["--rollout.engine", "vllm", "--grpo.group-size", "6"])
+    out = save_config(cfg, tmp_path, notes=["rollout engine dtype: float32 (auto: no native bf16)"])
+    assert out.read_text().startswith("# rollout engine dtype: float32 (auto: no native bf16)\n")
+    again = load_preset(str(out))
+    assert again == cfg and again.rollout.engine_dtype == "auto"  # re-resolved on the next machine

@@ -23,7 +23,14 @@ log = logging.getLogger(__name__)
 def build_engine(cfg: Config, model_dir: Path, dist: DistInfo, policy_lm: torch.nn.Module, tokenizer) -> RolloutEngine:
     """The configured engine: vLLM (`rollout.engine="vllm"`) or transformers `generate` on
     `policy_lm`. A vLLM start failure stops with a clear error, or falls back to HF when
-    `rollout.fallback_to_hf`."""
+    `rollout.fallback_to_hf`. Rank 0 logs the engine's dtype and why (`engine.precision`)."""
+    engine = _start_engine(cfg, model_dir, dist, policy_lm, tokenizer)
+    if dist.rank == 0:
+        log.info("%s: %s", type(engine).__name__, engine.precision.note())
+    return engine
+
+
+def _start_engine(cfg: Config, model_dir: Path, dist: DistInfo, policy_lm: torch.nn.Module, tokenizer) -> RolloutEngine:
     if cfg.rollout.engine == "vllm":
         try:
             # Optional and heavy: vLLM is imported only when configured.

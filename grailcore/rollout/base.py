@@ -6,18 +6,27 @@ from typing import Iterable, Protocol
 
 import torch
 
+from grailcore.rollout.precision import EngineDtype
 from grailcore.types import Completion, SamplingParams
 
 
 class RolloutEngine(Protocol):
+    precision: EngineDtype
+    """The dtype the engine samples in, and why (logged at start, noted in config.yaml)."""
+
     def generate(
         self, prompt_token_ids: list[list[int]], params: SamplingParams
     ) -> list[list[Completion]]:
         """For each prompt (already chat-templated token ids), `params.n` completions."""
         ...
 
+    def load_units(self, names: set[str]) -> set[str]:
+        """`names` completed to what the engine must receive together (fused layers)."""
+        ...
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load new policy weights (HF names) into the engine; must reset any cache."""
+        """Load new policy weights (HF names: all, or whole `load_units`) into the engine;
+        weights not given stay; must reset any cache."""
         ...
 
     def close(self) -> None: ...

@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 from grailcore.rng import derive_seed
+from grailcore.rollout.precision import EngineDtype
 from grailcore.types import Completion, SamplingParams
 
 
@@ -37,6 +38,8 @@ class HFEngine:
         self.shares_weights = shares_weights
         self.batch_size = batch_size
         """Max sequences per `generate` call (prompts x n), bounding memory."""
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.precision = EngineDtype(dtype, f"the HF engine samples from the policy's weights (model.dtype={dtype})")
 
     @torch.no_grad()
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
@@ -130,7 +133,12 @@ class HFEngine:
             grouped.append(group)
         return grouped
 
+    def load_units(self, names: set[str]) -> set[str]:
+        """Any subset of parameters can be updated on its own here."""
+        return set(names)
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy the given HF-named tensors (all or some) into the engine's own model."""
         if self.shares_weights:
             return
         params = dict(self.model.named_parameters())

@@ -1,14 +1,28 @@
-"""Weight sync trainer -> rollout engine: full HF-named tensors, gathered from FSDP
-shards one parameter at a time so no second full copy of the model is built. A LoRA
-policy is sent merged (W + scale * B @ A) under the base model's names."""
+"""Weight sync trainer -> rollout engine: HF-named full tensors, streamed one at a time.
+
+What is sent: the first push after the engine starts sends every weight; later pushes
+(`changed_only`) send only what training can change (`changed_names`): the trainable
+parameters, and under LoRA the base weights its adapters fold into (merged W + scale * B @ A,
+under the base model's names), completed to the engine's load units (vLLM loads q/k/v and
+gate/up as one fused tensor). Frozen layers are then neither gathered nor sent again.
+
+How: FSDP2 (DTensor) shards are all-gathered per parameter, or `bucket_bytes` at a time in one
+collective over a flattened buffer. Every rank must run the same push (the gathers are
+collectives; `changed_names` is the same on every rank).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
+import torch.distributed as dist
 
 from grailcore.lora import BASE_LAYER, is_adapter_param, merged_weight
+
+_Entry = tuple[str, str, torch.Tensor]
+"""(HF name, the model's own parameter name, parameter)."""
 
 
 def _full(param: torch.Tensor) -> torch.Tensor:
@@ -18,25 +32,116 @@ def _full(param: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def iter_full_params(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, full tensor) per parameter of the base model; DTensor shards are all-gathered
-    one by one. LoRA adapters are folded into their layer's weight (a new tensor: the model
-    is not modified) and never sent themselves.
+def _hf_name(name: str) -> str:
+    return name.replace(BASE_LAYER, ".").replace("_checkpoint_wrapped_module.", "")
 
-    Every rank must consume the iterator (the gathers are collectives)."""
+
+def _entries(model: torch.nn.Module, names: set[str] | None) -> list[_Entry]:
+    """The base model's parameters (adapters are folded in later), restricted to `names`."""
+    out = []
     for name, param in model.named_parameters():
         if is_adapter_param(name):
-            continue  # folded into its base weight below
-        tensor = _full(param)
-        if BASE_LAYER in name:
-            layer_name, leaf = name.split(BASE_LAYER)
-            if leaf == "weight":
-                tensor = merged_weight(model.get_submodule(layer_name), tensor, _full)
-            name = f"{layer_name}.{leaf}"
-        yield name.replace("_checkpoint_wrapped_module.", ""), tensor
+            continue
+        hf = _hf_name(name)
+        if names is None or hf in names:
+            out.append((hf, name, param))
+    return out
 
 
-def push_weights(model: torch.nn.Module, engine) -> None:
+def changed_names(model: torch.nn.Module) -> set[str]:
+    """HF names of the weights an optimizer step can change: trainable parameters, and the
+    base weight of every LoRA layer (the merged weight moves with its adapters)."""
+    changed = set()
+    for name, param in model.named_parameters():
+        if is_adapter_param(name):
+            continue
+        if param.requires_grad or (BASE_LAYER in name and name.endswith(".weight")):
+            changed.add(_hf_name(name))
+    return changed
+
+
+def _shard0_mesh(tensors: list[torch.Tensor]):
+    """The 1-D mesh every tensor is Shard(0)-sharded on (FSDP2's layout), else None."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not tensors or not all(isinstance(t, DTensor) for t in tensors):
+        return None
+    mesh = tensors[0].device_mesh
+    if mesh.ndim != 1 or any(t.device_mesh != mesh or tuple(t.placements) != (Shard(0),) for t in tensors):
+        return None
+    return mesh
+
+
+def _gather_bucket(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Full tensors of FSDP2 shards through ONE all-gather of a flat buffer.
+
+    Shard(0) splits dim 0 like torch.chunk: every rank holds ceil(d0 / world) rows but the
+    last ones (possibly none). Each local shard is padded to that size in the buffer, so
+    rank r's rows of a parameter sit at the same offset in every rank's part."""
+    params = [p.detach() for p in params]
+    mesh = _shard0_mesh(params)
+    if mesh is None or len(params) == 1:
+        return [_full(p) for p in params]
+    world = mesh.size()
+    rows = [-(-p.shape[0] // world) for p in params]
+    sizes = [r * math.prod(p.shape[1:]) for r, p in zip(rows, params)]
+    local = torch.zeros(sum(sizes), dtype=params[0].dtype, device=params[0].to_local().device)
+    offset = 0
+    for p, size in zip(params, sizes):
+        shard = p.to_local().reshape(-1)
+        local[offset:offset + shard.numel()].copy_(shard)
+        offset += size
+    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
+    dist.all_gather_into_tensor(gathered, local, group=mesh.get_group())
+    gathered = gathered.view(world, -1)  # [world, sum(sizes)]
+    out, offset = [], 0
+    for p, r, size in zip(params, rows, sizes):
+        # [world, size] -> [world * rows, ...] (a copy: contiguous), minus the padding rows
+        out.append(gathered[:, offset:offset + size].reshape(world * r, *p.shape[1:])[:p.shape[0]])
+        offset += size
+    return out
+
+
+def _buckets(entries: list[_Entry], bucket_bytes: int) -> Iterator[list[_Entry]]:
+    """Consecutive entries of at most `bucket_bytes` (a larger tensor alone); 0: one each."""
+    bucket: list[_Entry] = []
+    size = 0
+    for entry in entries:
+        nbytes = entry[2].numel() * entry[2].element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(entry)
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def iter_full_params(model: torch.nn.Module, names: set[str] | None = None,
+                     bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor) per parameter of the base model (or of `names` only); LoRA
+    adapters are folded into their layer's weight (a new tensor: the model is not
+    modified) and never sent themselves. Every rank must consume the iterator."""
+    for bucket in _buckets(_entries(model, names), bucket_bytes):
+        for (hf, name, _), tensor in zip(bucket, _gather_bucket([p for _, _, p in bucket])):
+            if BASE_LAYER in name and name.endswith(".weight"):
+                tensor = merged_weight(model.get_submodule(name.split(BASE_LAYER)[0]), tensor, _full)
+            yield hf, tensor
+
+
+def push_weights(model: torch.nn.Module, engine, changed_only: bool = False, bucket_bytes: int = 0) -> int:
+    """Send the policy's weights to `engine` (every weight, or with `changed_only` what
+    `changed_names` lists, completed to the engine's load units); returns the tensors sent."""
     if getattr(engine, "shares_weights", False):
-        return
-    engine.update_weights(iter_full_params(model))
+        return 0
+    names = engine.load_units(changed_names(model)) if changed_only else None
+    sent = 0
+
+    def counted():
+        nonlocal sent
+        for item in iter_full_params(model, names, bucket_bytes):
+            sent += 1
+            yield item
+
+    engine.update_weights(counted())
+    return sent

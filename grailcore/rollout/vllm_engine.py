@@ -14,17 +14,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 
-from grailcore.model import DTYPES
 from grailcore.rng import derive_seed
+from grailcore.rollout.precision import EngineDtype, resolve_engine_dtype
 from grailcore.types import Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
+_EMBEDDING = "embed_tokens.weight"
+"""Llama / Qwen2 input embedding: with tied embeddings also the lm-head."""
+_EXPECTED_RELOAD_WARNINGS = ("Failed to load weights", "Following weights were not loaded",
+                             "Attempted to load weight %s with dtype")
 
 _set_torch_threads = torch.set_num_threads
 """torch's own setter, kept before vLLM's CPU worker replaces `torch.set_num_threads`
@@ -77,6 +82,44 @@ def _repack_tied_lm_head(model: torch.nn.Module) -> None:
     lm_head.quant_method.process_weights_after_loading(lm_head)
 
 
+def _packed_modules(model: torch.nn.Module) -> dict[str, list[str]]:
+    """Runs inside the vLLM worker: the model's fused layers, e.g. {"qkv_proj": ["q_proj",
+    "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]} for Llama / Qwen2."""
+    return dict(getattr(model, "packed_modules_mapping", {}))
+
+
+def _fused_groups(names: frozenset[str], packed: dict[str, list[str]]) -> dict[str, frozenset[str]]:
+    groups: dict[str, frozenset[str]] = {}
+    for parts in packed.values():
+        for name in names:
+            module, _, leaf = name.rpartition(".")  # "...self_attn.q_proj", "weight"
+            prefix, _, own = module.rpartition(".")
+            if own in parts:
+                groups[name] = frozenset(f"{prefix}.{p}.{leaf}" for p in parts) & names
+    return groups
+
+
+@contextlib.contextmanager
+def _quiet_expected_reload_warnings():
+    """Drop the warnings vLLM's reload prints for what `update_weights` does on purpose, once
+    per tensor or layer at every sync: fp32 tensors handed over for vLLM to cast while copying
+    ("Attempted to load weight ... with dtype"), and layers a partial update leaves as they are
+    ("Failed to load weights", "Following weights were not loaded"; `_check_names` checks
+    that a partial update is whole load units)."""
+    def expected(record: logging.LogRecord) -> bool:
+        return not any(m in str(record.msg) for m in _EXPECTED_RELOAD_WARNINGS)
+
+    loggers = [logging.getLogger(f"vllm.model_executor.{m}")
+               for m in ("model_loader.reload.layerwise", "model_loader.reload.inplace", "models.utils")]
+    for logger in loggers:
+        logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        for logger in loggers:
+            logger.removeFilter(expected)
+
+
 def _ties_embeddings(model_dir: Path) -> bool:
     from transformers import AutoConfig
 
@@ -100,14 +143,18 @@ def _checkpoint_names(model_dir: Path) -> frozenset[str]:
 class VLLMEngine:
     """`RolloutEngine` on `vllm.LLM`; build it with `create`, close it last (see `close`)."""
 
-    def __init__(self, llm, dtype: torch.dtype, weight_names: frozenset[str], tied_embeddings: bool,
+    def __init__(self, llm, precision: EngineDtype, weight_names: frozenset[str], tied_embeddings: bool,
                  on_gpu: bool):
         self.llm = llm
-        self.dtype = dtype
-        """Engine parameter dtype; swapped-in tensors are cast to it."""
+        self.precision = precision
+        """The resolved `rollout.engine_dtype` and why it was chosen."""
+        self.dtype = getattr(torch, precision.name)
+        """Engine parameter dtype; vLLM's loaders cast swapped-in tensors to it."""
         self.weight_names = weight_names
-        """The HF names `update_weights` must receive, every one of them, each time (from the
-        checkpoint: a tied model's has no `lm_head.weight`; one passed anyway is ignored)."""
+        """The HF names `update_weights` accepts (from the checkpoint: a tied model's has no
+        `lm_head.weight`; one passed anyway is ignored)."""
+        self.fused_groups = _fused_groups(weight_names, llm.apply_model(_packed_modules)[0])
+        """HF name -> the names vLLM loads into the same fused tensor (itself included)."""
         self.tied_embeddings = tied_embeddings
         """The lm-head is the embedding matrix (SmolLM2): the embedding carries its update."""
         self.on_gpu = on_gpu
@@ -119,11 +166,13 @@ class VLLMEngine:
     def create(cls, model_dir: Path | str, cfg, dist) -> VLLMEngine:
         """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`.
 
-        CPU: bfloat16, eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
+        dtype: `rollout.engine_dtype`, "auto" resolved from the hardware (see
+        grailcore/rollout/precision.py: bf16 only where matmuls run natively in it).
+        CPU: eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
         is unreliable on shared CPU hosts); generation runs on one torch thread (see
         `_one_torch_thread`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
         whole process: set the trainer's thread count before this.
-        GPU: `cfg.model.dtype`, CUDA graphs, a fraction of GPU memory, sleep mode on.
+        GPU: CUDA graphs, a fraction of GPU memory, sleep mode on.
         Under torchrun (world > 1) each rank's engine uses vLLM's `external_launcher`
         executor, which joins the trainer's group and takes the LOCAL_RANK device (as TRL's
         colocate mode does); the GPU path is untested here (no vLLM on the GPU machine).
@@ -131,7 +180,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         model_dir = Path(model_dir)
         on_gpu = dist.device.type == "cuda"
-        dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
+        precision = resolve_engine_dtype(cfg.rollout.engine_dtype, dist.device.type)
         max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens
         memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
                   if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})
@@ -144,7 +193,7 @@ class VLLMEngine:
                                         "max_num_batched_tokens": max(max_model_len, 8192)}
         executor = {"distributed_executor_backend": "external_launcher"} if dist.world_size > 1 else {}
         llm = vllm.LLM(
-            model=str(model_dir), dtype=dtype,
+            model=str(model_dir), dtype=precision.name,
             max_model_len=max_model_len,
             enforce_eager=not on_gpu,
             # Sampled-token logprobs after temperature: the distribution the trainer's
@@ -155,7 +204,7 @@ class VLLMEngine:
             enable_prefix_caching=True,
             **memory, **scheduling, **executor,
         )
-        return cls(llm, dtype, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
+        return cls(llm, precision, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt, grouped per prompt in input order.
@@ -202,37 +251,36 @@ class VLLMEngine:
         text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
         return Completion(text=text, token_ids=ids, logprobs=logprobs, finish_reason=output.finish_reason)
 
-    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Load the full set of HF-named weights, then drop the prefix cache.
+    def load_units(self, names: set[str]) -> set[str]:
+        """`names` plus the partners vLLM loads with them: q/k/v and gate/up are one fused
+        tensor each, reloaded as a unit (a part alone would leave the rest unwritten)."""
+        return set(names).union(*(self.fused_groups.get(name, ()) for name in names))
 
-        Every name in `weight_names` must come, once: vLLM reloads fused layers (qkv,
-        gate_up) as a unit, so a partial update would leave them half-written. With tied
-        embeddings `model.embed_tokens.weight` also updates the lm-head. Tensors stream to
-        the worker one by one (cast to the engine dtype); nothing holds a second full copy.
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load HF-named weights, every one of the checkpoint or a subset of whole load units
+        (`load_units`), each once; then drop the prefix cache. Layers not sent keep their
+        weights. With tied embeddings `model.embed_tokens.weight` also updates the lm-head.
+
+        Tensors stream to the worker one by one, as given: vLLM's loaders cast them to the
+        engine dtype while copying into place (a separate cast was one more full pass).
         """
         seen: list[str] = []
 
-        def cast() -> Iterator[tuple[str, torch.Tensor]]:
+        def recorded() -> Iterator[tuple[str, torch.Tensor]]:
             for name, tensor in named_tensors:
                 seen.append(name)
-                yield name, tensor.detach().to(self.dtype)
+                yield name, tensor.detach()
 
         try:
-            with _one_torch_thread(self.on_gpu):
-                self._reload(cast())
+            with _one_torch_thread(self.on_gpu), _quiet_expected_reload_warnings():
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
+                if self.tied_embeddings and any(name.endswith(_EMBEDDING) for name in seen):
+                    self.llm.apply_model(_repack_tied_lm_head)
         finally:
             # vLLM keeps cached prompt keys/values across weight changes; without this reset a
             # re-sent prompt is answered with the OLD weights' prefix (GRPO re-sends prompts).
             self._reset_prefix_cache()
         self._check_names(seen)
-
-    def _reload(self, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
-        # The worker's public reload entry point (vllm 0.32: Worker.reload_weights ->
-        # model_runner.reload_weights); the model's own load_weights fails on CPU because
-        # its weights were repacked after loading. In-process, the iterator is passed as is.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
-        if self.tied_embeddings:
-            self.llm.apply_model(_repack_tied_lm_head)
 
     def _reset_prefix_cache(self) -> None:
         if not self.llm.reset_prefix_cache():
@@ -242,14 +290,14 @@ class VLLMEngine:
     def _check_names(self, seen: list[str]) -> None:
         # vLLM's loaders skip a tied model's lm_head.weight (state_dict() lists it).
         known = self.weight_names | ({"lm_head.weight"} if self.tied_embeddings else set())
-        missing = sorted(self.weight_names - set(seen))
         unknown = sorted(set(seen) - known)
+        partial = sorted(self.load_units(set(seen)) - set(seen))
         repeated = len(seen) - len(set(seen))
-        if missing or unknown or repeated:
+        if partial or unknown or repeated:
             raise ValueError(
-                f"update_weights needs every weight of the checkpoint exactly once; missing "
-                f"{missing[:5]} ({len(missing)}), unknown {unknown[:5]} ({len(unknown)}), repeated {repeated}. "
-                "The engine's weights are now inconsistent: push the full state (rollout.sync.iter_full_params)"
+                f"update_weights needs whole load units, each weight once; missing fused partners "
+                f"{partial[:5]} ({len(partial)}), unknown {unknown[:5]} ({len(unknown)}), repeated {repeated}. "
+                "The engine's weights are now inconsistent: push the full state (rollout.sync.push_weights)"
             )
 
     def sleep(self, level: int = 1) -> None:

