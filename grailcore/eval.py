@@ -5,7 +5,7 @@ Writes metrics.json, report.md and PNG plots into `--out`."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import tyro
@@ -51,7 +51,14 @@ class EvalArgs:
     n_boot: int = 1000
     """Bootstrap replicates of the viewer-clustered 95% intervals (0 = none)."""
     smoothing_alpha: float = 1.0
-    """Additive smoothing of choice probabilities estimated from k samples."""
+    """Additive smoothing of the histogram fallback (completions files without answer-slot
+    distributions, or --no-exact)."""
+    exact: bool | None = None
+    """Read each completion's answer-slot distribution for the fidelity metrics (default: the preset's
+    eval.exact_distributions, True); --no-exact keeps the sampled answers only (histogram fallback)."""
+    layout: Literal["think", "direct"] | None = None
+    """Answer layout the rows are rendered in (default: the preset's data.layout): 'direct' asks for
+    `<answer>k</answer><opinion>..</opinion>` with no reasoning and reads each row's distribution once."""
     seed: int = 0
 
 
@@ -60,6 +67,8 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
     from grailcore.cli import load_preset
 
     cfg = load_preset(args.cfg) if args.cfg else Config()
+    if args.layout is not None:
+        cfg = replace(cfg, data=replace(cfg.data, layout=args.layout))
     if args.completions is None and args.model is None and args.cfg is None:
         raise SystemExit("give --completions F.jsonl, or --model (and --data) to sample a model, or --cfg")
     job = EvalJob(
@@ -76,6 +85,7 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
         max_tokens=args.max_tokens or cfg.rollout.max_completion_tokens,
         permutations=args.permutations if args.permutations is not None else cfg.eval.permutations,
         temperatures=tuple(args.temperatures),
+        exact=args.exact if args.exact is not None else cfg.eval.exact_distributions,
     )
     if job.permutations < 0:
         raise SystemExit(f"--permutations must be >= 0, got {job.permutations}")

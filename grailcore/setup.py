@@ -78,13 +78,14 @@ class Parts:
             self.sync_weights()
 
         cfg = self.cfg
-        completions = self._sample_eval(self.eval_examples)
+        samples = self._sample_eval(self.eval_examples)
+        completions = samples.texts
         if step is not None and self.dist.rank == 0:
             from grailcore.evaluation.completions_io import write_completions
 
             out = Path(cfg.run_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            write_completions(out / f"step_{step:06d}.jsonl", self.eval_examples, completions)
+            write_completions(out / f"step_{step:06d}.jsonl", samples)
         # every sample is scored: with k > 1 the reward is the sampled policy's mean, not one draw's
         flat_examples = [ex for ex, row in zip(self.eval_examples, completions) for _ in row]
         flat = (self.rule_scorer or self.scorer)(flat_examples, [text for row in completions for text in row])
@@ -96,9 +97,9 @@ class Parts:
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
         else:
-            permuted = [(copy, self._sample_eval(copy))  # orders seeded like `grailcore.eval --seed`
+            permuted = [self._sample_eval(copy)  # orders seeded like `grailcore.eval --seed`
                         for copy in permuted_copies(self.eval_examples, cfg.eval.permutations, cfg.seed)]
-            result = evaluate_examples(self.eval_examples, completions, self.train, permuted)
+            result = evaluate_examples(self.eval_examples, completions, self.train, permuted, samples.slots)
         result["eval/reward/total"] = float(rewards.total.mean())
         if cfg.data.mixture:
             from grailcore.mixture import source_eval_metrics
@@ -106,22 +107,26 @@ class Parts:
             result.update(source_eval_metrics(self.eval_examples, completions, rewards, self.train))
         return result
 
-    def _sample_eval(self, examples: list[Example]) -> list[list[str]]:
-        """eval.samples_per_row completions of every row: each rank samples a strided share,
-        then all ranks gather every row's."""
+    def _sample_eval(self, examples: list[Example]):
+        """eval.samples_per_row completions of every row and (viewer rows, eval.exact_distributions)
+        their answer-slot distributions: each rank samples a strided share, then all ranks
+        gather every row's (an `evaluation.completions_io.EvalSamples`)."""
         from grailcore.evaluation import generate_completions
+        from grailcore.evaluation.completions_io import EvalSamples
 
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         mine = list(range(rank, len(examples), world))
-        completions = generate_completions(
+        exact = cfg.eval.exact_distributions and all(ex.task == "viewer" for ex in examples)
+        drawn = generate_completions(
             self.engine, self.tokenizer, [examples[i] for i in mine], cfg.eval.samples_per_row,
-            cfg.eval.temperature, cfg.rollout.max_completion_tokens,
+            cfg.eval.temperature, cfg.rollout.max_completion_tokens, exact=exact,
         )
-        by_index = dict(zip(mine, completions))
+        by_index = {i: (drawn.texts[j], drawn.slots[j] if exact else None) for j, i in enumerate(mine)}
         if world > 1:
             for part in gdist.all_gather_object(by_index):
                 by_index.update(part)
-        return [by_index[i] for i in range(len(examples))]
+        rows = [by_index[i] for i in range(len(examples))]
+        return EvalSamples(list(examples), [texts for texts, _ in rows], [s for _, s in rows] if exact else None)
 
     def extra_state(self) -> dict:
         return {"discriminator": self.discriminator.state_dict()} if self.discriminator else {}

@@ -92,7 +92,8 @@ def test_evaluate_at_a_step_keeps_its_completions_for_paired_comparison(tmp_path
     finally:
         parts.engine.close()
     first, last = tmp_path / "run" / "eval" / "step_000005.jsonl", tmp_path / "run" / "eval" / "step_000012.jsonl"
-    examples, completions = read_completions(first)
+    samples = read_completions(first)
+    examples, completions = samples.examples, samples.texts
     assert [ex.example_id for ex in examples] == [ex.example_id for ex in parts.eval_examples]
     assert [len(row) for row in completions] == [2, 2, 2]
     assert examples[0].true_choice_probs == parts.eval_examples[0].true_choice_probs

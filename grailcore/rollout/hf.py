@@ -11,6 +11,7 @@ from typing import Iterable
 
 import torch
 
+from grailcore.rollout.next_token import trie_next_token_logprobs
 from grailcore.types import Completion, SamplingParams
 
 
@@ -91,6 +92,12 @@ class HFEngine:
                                         finish_reason=finish))
             grouped.append(group)
         return grouped
+
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[list[int]],
+                            temperature: float) -> list[list[float]]:
+        """The protocol's scoring pass, on the module this engine samples from (sequences
+        sharing a prompt run as one packed trie, see `grailcore.rollout.next_token`)."""
+        return trie_next_token_logprobs(self.model, sequences, token_ids, temperature)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         if self.shares_weights:

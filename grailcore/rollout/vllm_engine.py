@@ -24,6 +24,11 @@ from grailcore.model import DTYPES
 from grailcore.types import Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
+SCORING_MARGIN_TOKENS = 64
+"""Room beyond prompt + completion in the context: a scoring pass appends a forced answer
+slot and a candidate answer to a full-length completion (`next_token_logprobs`)."""
+_MAX_IDS_PER_REQUEST = 128
+"""vLLM 0.32's cap on `SamplingParams.logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)."""
 
 _set_torch_threads = torch.set_num_threads
 """torch's own setter, kept before vLLM's CPU worker replaces `torch.set_num_threads`
@@ -131,7 +136,7 @@ class VLLMEngine:
         model_dir = Path(model_dir)
         on_gpu = dist.device.type == "cuda"
         dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
-        max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens
+        max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens + SCORING_MARGIN_TOKENS
         memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
                   if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})
         # CPU: no chunked prefill. A request whose prefill is split over engine steps has its
@@ -171,6 +176,37 @@ class VLLMEngine:
         with _one_torch_thread(self.on_gpu):
             outputs = self.llm.generate(prompts, self._sampling_params(params), use_tqdm=False)
         return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[list[int]],
+                            temperature: float) -> list[list[float]]:
+        """The protocol's scoring pass: one max_tokens=1 request per (sequence, up to 128
+        ids), reading `logprob_token_ids` of the one decode step. The engine runs with
+        `logprobs_mode="processed_logprobs"`, so these are log_softmax(logits / temperature)
+        (top_p = 1 here); prompt logprobs would ignore the temperature. Sequences that
+        extend a sampled completion reuse its cached KV blocks (prefix caching); only the
+        last partial block and the new tokens are computed."""
+        from vllm import SamplingParams as VllmSamplingParams
+        from vllm import TokensPrompt
+
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        prompts, requests, owners = [], [], []
+        for i, (seq, ids) in enumerate(zip(sequences, token_ids, strict=True)):
+            for start in range(0, len(ids), _MAX_IDS_PER_REQUEST):
+                chunk = list(ids[start:start + _MAX_IDS_PER_REQUEST])
+                prompts.append(TokensPrompt(prompt_token_ids=list(seq)))
+                requests.append(VllmSamplingParams(n=1, temperature=temperature, top_p=1.0, max_tokens=1,
+                                                   logprob_token_ids=chunk, detokenize=False))
+                owners.append((i, chunk))
+        out: list[list[float]] = [[] for _ in sequences]
+        if not prompts:
+            return out
+        with _one_torch_thread(self.on_gpu):
+            results = self.llm.generate(prompts, requests, use_tqdm=False)
+        for (i, chunk), result in zip(owners, results):
+            step = result.outputs[0].logprobs[0]  # {token id: Logprob} of the one decode step
+            out[i].extend(step[t].logprob for t in chunk)
+        return out
 
     def _sampling_params(self, params: SamplingParams):
         from vllm import SamplingParams as VllmSamplingParams

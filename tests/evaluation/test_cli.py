@@ -8,7 +8,7 @@ import pytest
 
 from grailcore.data.schema import SchemaError
 from grailcore.eval import main
-from grailcore.evaluation.completions_io import example_row, read_completions, write_completions
+from grailcore.evaluation.completions_io import EvalSamples, example_row, read_completions, write_completions
 
 from .helpers import REPO, completion, example
 
@@ -26,13 +26,14 @@ def rendered(i: int, gold: int, viewer: str, opinion: str):
 def tiny_file(tmp_path):
     examples = [rendered(0, 2, "a", "increase"), rendered(1, 3, "a", "no_change"), rendered(2, 2, "b", "decrease")]
     completions = [[completion(2, "increase")], [completion(1, "no_change")], [completion(2, "increase")]]
-    path = write_completions(tmp_path / "completions.jsonl", examples, completions)
+    path = write_completions(tmp_path / "completions.jsonl", EvalSamples(examples, completions))
     return path, examples
 
 
 def test_completions_file_round_trip(tmp_path):
     path, examples = tiny_file(tmp_path)
-    loaded, completions = read_completions(path)
+    samples = read_completions(path)
+    loaded, completions = samples.examples, samples.texts
     assert completions == [[completion(2, "increase")], [completion(1, "no_change")], [completion(2, "increase")]]
     for a, b in zip(examples, loaded):
         assert example_row(a) == example_row(b)

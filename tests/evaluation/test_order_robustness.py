@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from grailcore.evaluation import evaluate, flatten
+from grailcore.evaluation.completions_io import EvalSamples
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.order import permute_example, permuted_copies, recover_permutation, row_permutations
 
@@ -19,7 +20,7 @@ def rows(n_rows: int = 40, n: int = 4):
 
 def run(model, examples, permutations=R, n_boot=200):
     copies = permuted_copies(examples, permutations, seed=0)
-    permuted = [(copy, [model(ex) for ex in copy]) for copy in copies]
+    permuted = [EvalSamples(copy, [model(ex) for ex in copy]) for copy in copies]
     return evaluate(examples, [model(ex) for ex in examples], options=EvalOptions(n_boot=n_boot), permuted=permuted)
 
 
@@ -98,13 +99,13 @@ def test_flatten_names():
 
 def test_cli_rescores_permuted_completion_files(tmp_path):
     from grailcore.eval import main
-    from grailcore.evaluation.completions_io import write_completions
+    from grailcore.evaluation.completions_io import EvalSamples, write_completions
     from grailcore.evaluation.run import permuted_path
 
     examples = [viewer_example(i, gold=i % 3 + 1, n=3) for i in range(6)]
-    path = write_completions(tmp_path / "completions.jsonl", examples, [always_first(ex) for ex in examples])
+    path = write_completions(tmp_path / "completions.jsonl", EvalSamples(examples, [always_first(ex) for ex in examples]))
     for r, copy in enumerate(permuted_copies(examples, 2), 1):
-        write_completions(permuted_path(path, r), copy, [always_first(ex) for ex in copy])
+        write_completions(permuted_path(path, r), EvalSamples(copy, [always_first(ex) for ex in copy]))
     out = str(tmp_path / "out")
     results = main(["--completions", str(path), "--out", out, "--n-boot", "0", "--permutations", "2"])
     block = results["order_robustness"]

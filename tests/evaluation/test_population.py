@@ -6,6 +6,7 @@ import pytest
 
 from grailcore.evaluation import evaluate, flatten
 from grailcore.evaluation import population as pop
+from grailcore.evaluation.completions_io import EvalSamples
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.rows import build_rows, opinion_code
 
@@ -119,7 +120,7 @@ def test_report_shows_order_and_population_sections(tmp_path):
     from .order_helpers import always_first
 
     examples = [viewer_example(i, gold=i % 3 + 1, n=3, stances=STANCES, opinion="no_change") for i in range(12)]
-    permuted = [(copy, [always_first(ex) for ex in copy]) for copy in permuted_copies(examples, 2)]
+    permuted = [EvalSamples(copy, [always_first(ex) for ex in copy]) for copy in permuted_copies(examples, 2)]
     results = evaluate(examples, [always_first(ex) for ex in examples], None, EvalOptions(n_boot=20), permuted)
     paths = write_report(results, tmp_path, {"model": "fake"})
     text = paths["report"].read_text()
