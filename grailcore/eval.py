@@ -53,9 +53,9 @@ class EvalArgs:
     smoothing_alpha: float = 1.0
     """Additive smoothing of the histogram fallback (completions files without answer-slot
     distributions, or --no-exact)."""
-    exact: bool | None = None
-    """Read each completion's answer-slot distribution for the fidelity metrics (default: the preset's
-    eval.exact_distributions, True); --no-exact keeps the sampled answers only (histogram fallback)."""
+    no_exact: bool = False
+    """Keep the sampled answers only and score fidelity with the histogram fallback, instead of reading
+    each completion's answer-slot distribution (also off when the preset sets eval.exact_distributions False)."""
     layout: Literal["think", "direct"] | None = None
     """Answer layout the rows are rendered in (default: the preset's data.layout): 'direct' asks for
     `<answer>k</answer><opinion>..</opinion>` with no reasoning and reads each row's distribution once."""
@@ -85,7 +85,7 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
         max_tokens=args.max_tokens or cfg.rollout.max_completion_tokens,
         permutations=args.permutations if args.permutations is not None else cfg.eval.permutations,
         temperatures=tuple(args.temperatures),
-        exact=args.exact if args.exact is not None else cfg.eval.exact_distributions,
+        exact=cfg.eval.exact_distributions and not args.no_exact,
     )
     if job.permutations < 0:
         raise SystemExit(f"--permutations must be >= 0, got {job.permutations}")

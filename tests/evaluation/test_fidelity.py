@@ -91,3 +91,32 @@ def test_histograms_follow_bootstrap_row_weights():
     np.testing.assert_allclose(gold, [1, 0, 0])
     model, gold = fd.opinion_histograms(rows, dropped_second)
     np.testing.assert_allclose(gold, [1, 0, 0, 0])
+
+
+def test_ece_splits_ties_without_favouring_a_position():
+    # two rows whose top options tie (0.4, 0.4, 0.2): gold 1 and gold 2. Breaking ties toward
+    # option 1 would call the first right and the second wrong; a uniform tie-break is half right on both.
+    probs = np.array([[0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.2, 0.3, 0.5]])
+    confidence, correct = fd.top_choice(probs, np.array([1, 2, 3]))
+    np.testing.assert_allclose(confidence, [0.4, 0.4, 0.5])
+    np.testing.assert_allclose(correct, [0.5, 0.5, 1.0])
+    # through the metric: a histogram row 1,2 ties at k = 2 whichever option is gold
+    examples = [example(0, 1, 3), example(1, 2, 3)]
+    rows = build_rows(examples, [[1, 2], [1, 2]])
+    out = fd.choice_fidelity(rows, fit_position_prior([1], [3], 1.0, "t"), alpha=0.0, plan=None)
+    assert out["reliability"][0]["accuracy"] == pytest.approx(0.5)
+
+
+def test_sampling_floor_uses_each_rows_parsed_samples():
+    true = np.array([[0.6, 0.3, 0.1]] * 200)
+    n = np.full(200, 3)
+    per_row = fd.sampling_floor_tv(true, n, k=np.array([1] * 100 + [16] * 100), alpha=0.0)
+    assert per_row[:100].mean() > 2 * per_row[100:].mean()
+    # a row whose 4 samples are all unparsed rests on 0 draws: its floor is the uniform's TV, not k = 4's
+    examples = [example(0, 1, 3, true_probs=(0.6, 0.3, 0.1)), example(1, 1, 3, true_probs=(0.6, 0.3, 0.1))]
+    rows = build_rows(examples, [[1, 1, 2, 1], [NONE] * 4])
+    floor = fd.choice_fidelity(rows, fit_position_prior([1], [3], 1.0, "t"), alpha=1.0, plan=None)[
+        "tv_choice_sampling_floor"]
+    uniform_tv = 0.5 * (abs(0.6 - 1 / 3) + abs(0.3 - 1 / 3) + abs(0.1 - 1 / 3))
+    four_draws = fd.sampling_floor_tv(true[:1], n[:1], k=4, alpha=1.0, repeats=400).mean()
+    assert floor == pytest.approx((uniform_tv + four_draws) / 2, abs=0.03)
