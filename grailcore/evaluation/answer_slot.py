@@ -4,24 +4,29 @@ What is computed, exactly. For a completion sampled at temperature T the *answer
 the token position right after its first `<answer>` tag and any whitespace-only tokens the
 model wrote there. The probability of option k is
 
-    p(k) = sum over the variants v of k of  p_T(v | prompt, completion up to the slot)
+    p(k) = sum over the candidates c of k of  p_T(c | prompt, completion up to the slot)
 
-where the variants of k are the token sequences that write k's decimal number, as is or
-after one space, followed by the first token of `</answer>` (`"3</"` and `" 3</"` in the
-tokenizer's own tokenization), and p_T is the product of the next-token probabilities
-under softmax(logits / T). Ending the candidate with the closing tag's first token is what
-tells option 1 from option 12; no variant is a prefix of another (checked), so the
-events are disjoint and sum(p) <= 1. The rest, 1 - sum(p), is *off-slate*: no number, a
-number outside 1..n, other text or spacing before `</answer>`. The opinion slot is the
-same after `<opinion>`, with the words `increase`, `decrease`, `no_change` (and the
-parser's spellings `no change`, `no-change`) followed by the first token of `</opinion>`.
+where p_T multiplies next-token probabilities under softmax(logits / T), and the
+candidates of k are the token sequences that start writing k's number (as is, or after
+one space) just far enough that no other option of the slate can follow: the digit alone
+when no other option's number starts with it ('3' on a 4-option slate), else the number
+and the first token of `</answer>` ('1' then '</' on a 12-option slate, where '1' also
+starts 10, 11, 12). In the tokenizer's own tokenization. So on slates of up to 9 options
+p(k) is the next-token probability of k's digit (plus ' ' then the digit), and what the
+model writes after a committed option (`3</answer>`, `3 or 4`) does not move its mass.
+No candidate starts another's (checked), so the events are disjoint and sum(p) <= 1; the
+rest, 1 - sum(p), is *off-slate*: no number, a number that is no option's, other text or
+spacing. The opinion slot is the same after `<opinion>`, with the whole words
+`increase`, `decrease`, `no_change` (and the parser's spellings `no change`, `no-change`),
+as is or after one space: a word's first pieces ('in', 'no') could start other words.
 
 Where a completion has no `<answer>` (it never answered, or was cut off) the slot is
-*forced*: the layout's missing text (`</think>\\n<answer>`, or `<answer>` in the direct
+*forced*: the layout's missing text (`</think>\n<answer>`, or `<answer>` in the direct
 layout) is appended and read the same way; such samples are counted. A completion without
 `<opinion>` gets a forced opinion slot after its closed answer, or, when its answer is not
-closed, the exact mixture sum_k p_T(`k</answer><opinion>`) p(opinion | that). The direct
-layout has no reasoning, so a row's distribution is one read at prompt + `<answer>`.
+closed, the mixture sum_k p(k) p(opinion | slot + `k</answer><opinion>`) over the options
+it could name (the closing text appended as in a forced slot). The direct layout has no
+reasoning, so a row's distribution is one read at prompt + `<answer>`.
 
 Because the slot is a stopping time of the sampled sequence, the mean of these per-sample
 distributions over a row's k samples is an unbiased (Rao-Blackwellised) estimate of the
@@ -115,9 +120,9 @@ class SlotVocabulary:
         self.tokenizer = tokenizer
         self.special = frozenset(tokenizer.all_special_ids)
         self._choices: dict[int, list[tuple[tuple[int, ...], ...]]] = {}
-        self.opinions = [tuple(v for spelling in OPINION_SPELLINGS[d] for v in self.variants(spelling, OPINION_CLOSE))
-                         for d in OPINION_DIRECTIONS]
-        _check_prefix_free([v for vs in self.opinions for v in vs], "opinion words")
+        self.opinions = distinguishing([[v for spelling in OPINION_SPELLINGS[d] for v in self.variants(spelling)]
+                                        for d in OPINION_DIRECTIONS], "opinion words")
+        """[3] the candidates of each direction (whole words), OPINION_DIRECTIONS order."""
 
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -125,8 +130,11 @@ class SlotVocabulary:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
-    def variants(self, label: str, closing: str) -> tuple[tuple[int, ...], ...]:
-        """`label` and ` label`, each up to the token that starts `closing`."""
+    def variants(self, label: str, closing: str = "") -> tuple[tuple[int, ...], ...]:
+        """`label` and ` label`, each up to the token that starts `closing` (the longest a
+        number candidate can be; `distinguishing` shortens them), or whole without one."""
+        if not closing:
+            return tuple(dict.fromkeys((self.encode(label), self.encode(" " + label))))
         out = []
         for text in (label, " " + label):
             ids = self.encode(text + closing)
@@ -138,11 +146,11 @@ class SlotVocabulary:
         return tuple(dict.fromkeys(out))
 
     def choices(self, n_options: int) -> list[tuple[tuple[int, ...], ...]]:
-        """[n] the variants of each option number."""
+        """[n] the candidates of each option number on an n-option slate."""
         if n_options not in self._choices:
-            options = [self.variants(str(k), ANSWER_CLOSE) for k in range(1, n_options + 1)]
-            _check_prefix_free([v for vs in options for v in vs], f"option numbers 1..{n_options}")
-            self._choices[n_options] = options
+            self._choices[n_options] = distinguishing(
+                [self.variants(str(k), ANSWER_CLOSE) for k in range(1, n_options + 1)], f"option numbers 1..{n_options}",
+                self.decode)
         return self._choices[n_options]
 
     def strip_special(self, ids: Sequence[int]) -> tuple[int, ...]:
@@ -171,10 +179,33 @@ class SlotVocabulary:
         return tuple(ids[:j])
 
 
-def _check_prefix_free(sequences: list[tuple[int, ...]], what: str) -> None:
-    """Disjoint events need that no candidate starts another."""
+def distinguishing(variants: Sequence[Sequence[tuple[int, ...]]], what: str,
+                   decode: Callable[[Sequence[int]], str] | None = None) -> list[tuple[tuple[int, ...], ...]]:
+    """Each label's candidates: given `decode`, its variants cut to their shortest prefix
+    that writes a non-space character and starts no other label's variant (the reads that
+    decide the label, and no more); a candidate that starts another of its own label
+    absorbs it."""
+    out = []
+    for label, own in enumerate(variants):
+        others = [w for j, ws in enumerate(variants) if j != label for w in ws]
+        _check_prefix_free([*own, *others], what, own)
+
+        def decides(v: tuple[int, ...], m: int) -> bool:
+            return not any(w[:m] == v[:m] for w in others) and bool(decode(v[:m]).strip())
+
+        cut = {v[:next(m for m in range(1, len(v) + 1) if decides(v, m))] if decode else v for v in own}
+        out.append(tuple(sorted(c for c in cut if not any(d != c and c[:len(d)] == d for d in cut))))
+    _check_prefix_free([c for cs in out for c in cs], what)
+    return out
+
+
+def _check_prefix_free(sequences: list[tuple[int, ...]], what: str, among: Sequence = ()) -> None:
+    """Disjoint events need that no candidate starts another (only pairs with one side in
+    `among` when given: a label's own variants may start each other, they merge)."""
     for a in sequences:
         for b in sequences:
+            if among and (a in among) == (b in among):
+                continue
             if a is not b and len(a) <= len(b) and b[:len(a)] == a:
                 raise ValueError(f"{what}: candidate tokens {a} start {b}; their probabilities would overlap")
 
@@ -196,7 +227,7 @@ class _Plan:
     """The opinion slot; None = the mixture over options (`mixture_paths`)."""
     opinion_slot: str
     mixture_paths: tuple[tuple[int, ...], ...] = ()
-    """`k</answer><opinion>` per option k, read after `answer`."""
+    """`k</answer><opinion>` per option k: the opinion is read after `answer` + each."""
 
 
 def _plan(vocab: SlotVocabulary, prompt: Sequence[int], completion: Sequence[int], n_options: int,
@@ -233,7 +264,7 @@ def sequence_logprobs(score: Scorer, queries: Sequence[tuple[tuple[int, ...], Se
             for prefix, candidates in queries]
 
 
-def _mass(logprobs: Sequence[float], groups: Sequence[Sequence[Any]]) -> tuple[float, ...]:
+def candidate_mass(logprobs: Sequence[float], groups: Sequence[Sequence[Any]]) -> tuple[float, ...]:
     """Probability of each group of candidates (logprobs flattened group by group)."""
     out, at = [], 0
     for group in groups:
@@ -263,19 +294,17 @@ def slot_distributions(score: Scorer, vocab: SlotVocabulary, prompts: Sequence[S
             if plan.opinion is not None:
                 queries.append((plan.opinion, flat_opinions))
             else:
-                queries.append((plan.answer, plan.mixture_paths))
                 queries.extend((plan.answer + path, flat_opinions) for path in plan.mixture_paths)
     results = iter(sequence_logprobs(score, queries, temperature))
     out = []
     for plans_of_row, n in zip(plans, n_options):
         samples = []
         for plan in plans_of_row:
-            choice = _mass(next(results), vocab.choices(n))
+            choice = candidate_mass(next(results), vocab.choices(n))
             if plan.opinion is not None:
-                opinion = np.array(_mass(next(results), vocab.opinions))
-            else:
-                weights = np.exp(next(results))  # [n] p(k</answer><opinion>)
-                opinion = sum(w * np.array(_mass(next(results), vocab.opinions)) for w in weights)
+                opinion = np.array(candidate_mass(next(results), vocab.opinions))
+            else:  # weighted by p(k); the rest of the closing text is appended, as in a forced slot
+                opinion = sum(w * np.array(candidate_mass(next(results), vocab.opinions)) for w in choice)
             samples.append(SampleSlots(choice, tuple(float(p) for p in opinion), plan.choice_slot, plan.opinion_slot))
         estimator = DIRECT if plans_of_row[0].choice_slot == "direct" else EXACT
         out.append(RowSlots(estimator, float(temperature), tuple(samples)))

@@ -120,8 +120,9 @@ class VLLMEngine:
         self._tokenizer = llm.get_tokenizer()
 
     @classmethod
-    def create(cls, model_dir: Path | str, cfg, dist) -> VLLMEngine:
-        """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`.
+    def create(cls, model_dir: Path | str, cfg, dist, dtype: torch.dtype | None = None) -> VLLMEngine:
+        """An engine for `model_dir` on this rank's device, sized by `cfg.rollout`; `dtype`
+        overrides the parameter dtype chosen below (tests compare an fp32 engine with fp32 HF).
 
         CPU: bfloat16, eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
         is unreliable on shared CPU hosts); generation runs on one torch thread (see
@@ -135,7 +136,7 @@ class VLLMEngine:
         vllm = _import_vllm()
         model_dir = Path(model_dir)
         on_gpu = dist.device.type == "cuda"
-        dtype = DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16
+        dtype = dtype or (DTYPES[cfg.model.dtype] if on_gpu else torch.bfloat16)
         max_model_len = cfg.rollout.max_prompt_tokens + cfg.rollout.max_completion_tokens + SCORING_MARGIN_TOKENS
         memory = ({"gpu_memory_utilization": cfg.rollout.vllm_gpu_memory_utilization, "enable_sleep_mode": True}
                   if on_gpu else {"kv_cache_memory_bytes": cfg.rollout.vllm_kv_cache_bytes})

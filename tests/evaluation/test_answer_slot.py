@@ -42,18 +42,25 @@ def encode(tokenizer, text: str) -> list[int]:
 def test_candidates_cover_leading_space_and_two_digit_numbers(micro, smol_tokenizer):
     micro_vocab, smol_vocab = slot.SlotVocabulary(micro[0]), slot.SlotVocabulary(smol_tokenizer)
     # micro-llama has ' 3' tokens, SmolLM2 writes ' ' then '3': both variants are candidates
-    assert [micro_vocab.decode(v) for v in micro_vocab.choices(4)[2]] == ["3</", " 3</"]
-    assert [smol_vocab.decode(v) for v in smol_vocab.choices(4)[2]] == ["3</", " 3</"]
-    assert smol_vocab.choices(4)[2][1][0] == encode(smol_tokenizer, " ")[0]
+    assert [micro_vocab.decode(v) for v in micro_vocab.choices(4)[2]] == ["3", " 3"]
+    assert [len(v) for v in micro_vocab.choices(4)[2]] == [1, 1]
+    assert sorted(smol_vocab.decode(v) for v in smol_vocab.choices(4)[2]) == [" 3", "3"]
+    assert sorted(len(v) for v in smol_vocab.choices(4)[2]) == [1, 2]  # ' ' alone decides nothing
+    # on a 12-option slate '1' also starts 10, 11, 12: option 1 needs the closing tag's first token
     twelve = smol_vocab.choices(12)
-    assert [smol_vocab.decode(v) for v in twelve[0]] == ["1</", " 1</"]
-    assert [smol_vocab.decode(v) for v in twelve[11]] == ["12</", " 12</"]
-    assert twelve[11][0][:1] == twelve[0][0][:1]  # '1' starts both: the closing tag tells them apart
-    spellings = [smol_vocab.decode(v) for v in smol_vocab.opinions[OPINION_DIRECTIONS.index("no_change")]]
-    assert set(spellings) == {"no_change</", " no_change</", "no change</", " no change</", "no-change</",
-                              " no-change</"}
+    assert sorted(smol_vocab.decode(v) for v in twelve[0]) == [" 1</", "1</"]
+    assert sorted(smol_vocab.decode(v) for v in twelve[11]) == [" 12", "12"]
+    assert sorted(smol_vocab.decode(v) for v in twelve[1]) == [" 2", "2"]  # no other option starts with 2
+    # opinions are whole words: 'no' alone could start another word
+    no_change = smol_vocab.opinions[OPINION_DIRECTIONS.index("no_change")]
+    assert {smol_vocab.decode(v) for v in no_change} == {"no_change", " no_change", "no change", " no change",
+                                                         "no-change", " no-change"}
     with pytest.raises(ValueError, match="overlap"):
         slot._check_prefix_free([(1, 2), (1, 2, 3)], "test")
+    # a same-label candidate that starts another absorbs it; across labels the cut is the shortest deciding one
+    assert slot.distinguishing([[(5, 6, 7), (5, 6)], [(5, 8)]], "t") == [((5, 6),), ((5, 8),)]
+    with pytest.raises(ValueError, match="overlap"):
+        slot.distinguishing([[(5, 6)], [(5, 6, 7)]], "t")
 
 
 def test_the_slot_is_after_the_first_answer_tag_and_its_whitespace(micro):
@@ -70,14 +77,17 @@ def test_the_slot_is_after_the_first_answer_tag_and_its_whitespace(micro):
     assert vocab.slot_after(straddle, "<answer>") == tuple(encode(tokenizer, "<answer") + encode(tokenizer, ">"))
 
 
+@functools.lru_cache(maxsize=None)
+def plain_next_logprobs(model, sequence: tuple[int, ...], temperature: float) -> torch.Tensor:
+    """[V] log_softmax(logits / T) after `sequence`, one plain full forward (no cache, no packing)."""
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([list(sequence)])).logits[0, -1].float() / temperature, -1)
+
+
 def brute_force(model, prefix: tuple[int, ...], candidate: tuple[int, ...], temperature: float) -> float:
-    """p_T(candidate | prefix) as a product of plain full forwards, one per token."""
-    logp = 0.0
-    for i, token in enumerate(candidate):
-        with torch.no_grad():
-            logits = model(torch.tensor([list(prefix + candidate[:i])])).logits[0, -1].float() / temperature
-        logp += float(torch.log_softmax(logits, -1)[token])
-    return float(np.exp(logp))
+    """p_T(candidate | prefix) as a product of plain forwards, one per token."""
+    return float(np.exp(sum(float(plain_next_logprobs(model, prefix + candidate[:i], temperature)[token])
+                            for i, token in enumerate(candidate))))
 
 
 def option_mass(model, vocab, prefix, candidates, temperature) -> np.ndarray:
@@ -114,8 +124,7 @@ def test_every_probability_equals_a_brute_force_product_of_forwards(micro):
     mixture = np.zeros(3)
     for k in range(1, 5):
         path = tuple(encode(tokenizer, f"{k}</answer><opinion>"))
-        mixture += brute_force(model, answer_slots[2], path, t) * option_mass(
-            model, vocab, answer_slots[2] + path, vocab.opinions, t)
+        mixture += row.samples[2].choice[k - 1] * option_mass(model, vocab, answer_slots[2] + path, vocab.opinions, t)
     np.testing.assert_allclose(row.samples[2].opinion, mixture, rtol=1e-4)
 
 
@@ -176,8 +185,10 @@ def test_exact_mean_converges_to_the_marginal_enumerated_over_reasoning_prefixes
     vocab = slot.SlotVocabulary(tokenizer)
     score = functools.partial(trie_next_token_logprobs, model)
     n = example.n_options
-    row, = slot.slot_distributions(score, vocab, [prompt], [[[t] for t in tokens.tolist()]], [n], ["think"], 1.0)
-    per_prefix = np.array([s.choice for s in row.samples])  # [48, n]
+    forced = vocab.encode(slot.forced_suffix("think", ""))
+    queries = [(tuple(prompt) + (t,) + forced, tuple(c for cs in vocab.choices(n) for c in cs)) for t in tokens.tolist()]
+    per_prefix = np.array([slot.candidate_mass(lps, vocab.choices(n)) for lps in slot.sequence_logprobs(score, queries, 1.0)])
+    assert per_prefix.shape == (48, n)
     marginal = weights @ per_prefix
     assert marginal.sum() > 0.05  # the forced slot puts real mass on the options
     rng = np.random.default_rng(0)
