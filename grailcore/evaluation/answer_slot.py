@@ -16,9 +16,10 @@ p(k) is the next-token probability of k's digit (plus ' ' then the digit), and w
 model writes after a committed option (`3</answer>`, `3 or 4`) does not move its mass.
 No candidate starts another's (checked), so the events are disjoint and sum(p) <= 1; the
 rest, 1 - sum(p), is *off-slate*: no number, a number that is no option's, other text or
-spacing. The opinion slot is the same after `<opinion>`, with the whole words
-`increase`, `decrease`, `no_change` (and the parser's spellings `no change`, `no-change`),
-as is or after one space: a word's first pieces ('in', 'no') could start other words.
+spacing. The opinion slot is the same after `<opinion>`, with the words `increase`,
+`decrease`, `no_change` (and the parser's spellings `no change`, `no-change`), cut where
+they decide the direction but not before their first 3 characters ('incre', 'no_'):
+'no' or 'in' alone could start other words.
 
 Where a completion has no `<answer>` (it never answered, or was cut off) the slot is
 *forced*: the layout's missing text (`</think>\n<answer>`, or `<answer>` in the direct
@@ -54,6 +55,9 @@ OPINION_OPEN, OPINION_CLOSE = "<opinion>", "</opinion>"
 OPINION_SPELLINGS = {"increase": ("increase",), "decrease": ("decrease",),
                      "no_change": ("no_change", "no change", "no-change")}
 """What the strict parser reads as each direction (rewards/parsing.py)."""
+OPINION_MIN_CHARS = 3
+"""A direction's candidate writes at least this much of its word: 'no' alone (or a
+tokenizer's 'in') could start other words, 'no_' / 'incre' cannot."""
 
 Scorer = Callable[[list[list[int]], list[list[int]], float], list[list[float]]]
 """`RolloutEngine.next_token_logprobs`: (sequences, token ids per sequence, temperature)
@@ -121,8 +125,8 @@ class SlotVocabulary:
         self.special = frozenset(tokenizer.all_special_ids)
         self._choices: dict[int, list[tuple[tuple[int, ...], ...]]] = {}
         self.opinions = distinguishing([[v for spelling in OPINION_SPELLINGS[d] for v in self.variants(spelling)]
-                                        for d in OPINION_DIRECTIONS], "opinion words")
-        """[3] the candidates of each direction (whole words), OPINION_DIRECTIONS order."""
+                                        for d in OPINION_DIRECTIONS], "opinion words", self.decode, OPINION_MIN_CHARS)
+        """[3] the candidates of each direction, OPINION_DIRECTIONS order."""
 
     def encode(self, text: str) -> tuple[int, ...]:
         return tuple(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -180,20 +184,21 @@ class SlotVocabulary:
 
 
 def distinguishing(variants: Sequence[Sequence[tuple[int, ...]]], what: str,
-                   decode: Callable[[Sequence[int]], str] | None = None) -> list[tuple[tuple[int, ...], ...]]:
-    """Each label's candidates: given `decode`, its variants cut to their shortest prefix
-    that writes a non-space character and starts no other label's variant (the reads that
-    decide the label, and no more); a candidate that starts another of its own label
-    absorbs it."""
+                   decode: Callable[[Sequence[int]], str], min_chars: int = 1) -> list[tuple[tuple[int, ...], ...]]:
+    """Each label's candidates: its variants cut to their shortest prefix that writes at
+    least `min_chars` non-space characters (or the whole variant) and starts no other
+    label's variant (the reads that decide the label, and no more); a candidate that
+    starts another of its own label absorbs it."""
     out = []
     for label, own in enumerate(variants):
         others = [w for j, ws in enumerate(variants) if j != label for w in ws]
         _check_prefix_free([*own, *others], what, own)
 
         def decides(v: tuple[int, ...], m: int) -> bool:
-            return not any(w[:m] == v[:m] for w in others) and bool(decode(v[:m]).strip())
+            written = len(decode(v[:m]).strip())
+            return not any(w[:m] == v[:m] for w in others) and (written >= min_chars or m == len(v)) and written > 0
 
-        cut = {v[:next(m for m in range(1, len(v) + 1) if decides(v, m))] if decode else v for v in own}
+        cut = {v[:next(m for m in range(1, len(v) + 1) if decides(v, m))] for v in own}
         out.append(tuple(sorted(c for c in cut if not any(d != c and c[:len(d)] == d for d in cut))))
     _check_prefix_free([c for cs in out for c in cs], what)
     return out

@@ -51,16 +51,21 @@ def test_candidates_cover_leading_space_and_two_digit_numbers(micro, smol_tokeni
     assert sorted(smol_vocab.decode(v) for v in twelve[0]) == [" 1</", "1</"]
     assert sorted(smol_vocab.decode(v) for v in twelve[11]) == [" 12", "12"]
     assert sorted(smol_vocab.decode(v) for v in twelve[1]) == [" 2", "2"]  # no other option starts with 2
-    # opinions are whole words: 'no' alone could start another word
+    # opinions: cut where the direction is decided, but not before 3 characters ('no' could start 'not')
     no_change = smol_vocab.opinions[OPINION_DIRECTIONS.index("no_change")]
-    assert {smol_vocab.decode(v) for v in no_change} == {"no_change", " no_change", "no change", " no change",
-                                                         "no-change", " no-change"}
+    assert {smol_vocab.decode(v) for v in no_change} == {"no_", " no_", "no change", " no change", "no-", " no-"}
+    increase = micro_vocab.opinions[OPINION_DIRECTIONS.index("increase")]
+    assert {micro_vocab.decode(v) for v in increase} == {"increase", " increase"}  # micro-llama's 'in' decides nothing
     with pytest.raises(ValueError, match="overlap"):
         slot._check_prefix_free([(1, 2), (1, 2, 3)], "test")
     # a same-label candidate that starts another absorbs it; across labels the cut is the shortest deciding one
-    assert slot.distinguishing([[(5, 6, 7), (5, 6)], [(5, 8)]], "t") == [((5, 6),), ((5, 8),)]
+    letters = dict(zip(range(5, 9), "abcd"))
+    decode = lambda ids: "".join(letters[i] for i in ids)  # noqa: E731
+    assert slot.distinguishing([[(5, 6, 7), (5, 6)], [(5, 8)]], "t", decode) == [((5, 6),), ((5, 8),)]
+    assert slot.distinguishing([[(5, 6, 7)], [(6, 8)]], "t", decode) == [((5,),), ((6,),)]
+    assert slot.distinguishing([[(5, 6, 7)], [(6, 8)]], "t", decode, min_chars=3) == [((5, 6, 7),), ((6, 8),)]
     with pytest.raises(ValueError, match="overlap"):
-        slot.distinguishing([[(5, 6)], [(5, 6, 7)]], "t")
+        slot.distinguishing([[(5, 6)], [(5, 6, 7)]], "t", decode)
 
 
 def test_the_slot_is_after_the_first_answer_tag_and_its_whitespace(micro):
