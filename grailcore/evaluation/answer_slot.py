@@ -55,6 +55,10 @@ OPINION_OPEN, OPINION_CLOSE = "<opinion>", "</opinion>"
 OPINION_SPELLINGS = {"increase": ("increase",), "decrease": ("decrease",),
                      "no_change": ("no_change", "no change", "no-change")}
 """What the strict parser reads as each direction (rewards/parsing.py)."""
+PRUNE_BELOW = 1e-6
+"""A candidate branch whose probability so far is below this is not read further (its
+probability counts as 0, off-slate): each probability is exact to within this per
+branch left out, and a vLLM scoring pass skips requests nobody could notice."""
 OPINION_MIN_CHARS = 3
 """A direction's candidate writes at least this much of its word: 'no' alone (or a
 tokenizer's 'in') could start other words, 'no_' / 'incre' cannot."""
@@ -254,19 +258,36 @@ def _plan(vocab: SlotVocabulary, prompt: Sequence[int], completion: Sequence[int
 
 
 def sequence_logprobs(score: Scorer, queries: Sequence[tuple[tuple[int, ...], Sequence[tuple[int, ...]]]],
-                      temperature: float) -> list[list[float]]:
-    """log p_T(candidate | prefix) for every (prefix, candidates) query, from one call of
-    `score` over the distinct trie nodes of all candidates (each read once)."""
-    reads: dict[tuple[int, ...], dict[int, None]] = {}
-    for prefix, candidates in queries:
-        for cand in candidates:
-            for i, token in enumerate(cand):
-                reads.setdefault(prefix + cand[:i], {})[token] = None
-    nodes = list(reads)
-    values = score([list(n) for n in nodes], [list(reads[n]) for n in nodes], temperature)
-    table = {(node, token): lp for node, lps in zip(nodes, values) for token, lp in zip(reads[node], lps)}
-    return [[sum(table[(prefix + cand[:i], token)] for i, token in enumerate(cand)) for cand in candidates]
-            for prefix, candidates in queries]
+                      temperature: float, weights: Sequence[float] | None = None,
+                      prune_below: float = 0.0) -> list[list[float]]:
+    """log p_T(candidate | prefix) for every (prefix, candidates) query, read depth by depth:
+    one call of `score` per depth over the distinct trie nodes (each read once). A candidate
+    whose probability so far, times its query's weight, is below `prune_below` is not read
+    further and gets -inf: it could add at most `prune_below` to any probability."""
+    weights = weights if weights is not None else [1.0] * len(queries)
+    floor = np.log(prune_below) if prune_below > 0 else -np.inf
+    logp = [[0.0] * len(cands) for _, cands in queries]
+    alive = [(q, c) for q, (_, cands) in enumerate(queries) for c in range(len(cands))]
+    depth = 0
+    while alive:
+        reads: dict[tuple[int, ...], dict[int, None]] = {}
+        for q, c in alive:
+            prefix, cand = queries[q][0], queries[q][1][c]
+            reads.setdefault(prefix + cand[:depth], {})[cand[depth]] = None
+        nodes = list(reads)
+        values = score([list(n) for n in nodes], [list(reads[n]) for n in nodes], temperature)
+        table = {(node, token): lp for node, lps in zip(nodes, values) for token, lp in zip(reads[node], lps)}
+        survivors = []
+        for q, c in alive:
+            prefix, cand = queries[q][0], queries[q][1][c]
+            logp[q][c] += table[(prefix + cand[:depth], cand[depth])]
+            if depth + 1 < len(cand):
+                if logp[q][c] + np.log(max(weights[q], 1e-300)) >= floor:
+                    survivors.append((q, c))
+                else:
+                    logp[q][c] = -np.inf
+        alive, depth = survivors, depth + 1
+    return logp
 
 
 def candidate_mass(logprobs: Sequence[float], groups: Sequence[Sequence[Any]]) -> tuple[float, ...]:
@@ -283,33 +304,40 @@ def slot_distributions(score: Scorer, vocab: SlotVocabulary, prompts: Sequence[S
                        layouts: Sequence[str], temperature: float) -> list[RowSlots]:
     """Per row, the slot distributions of each of its completions (token ids, as sampled
     after `prompts[i]`, in layout `layouts[i]`). A 'direct' row given no completions
-    reads its one direct slot (estimator DIRECT). All reads go to `score` in one call."""
+    reads its one direct slot (estimator DIRECT). Reads go to `score` depth by depth,
+    first the answer and opinion slots, then the opinion mixtures weighted by p(k)
+    (`sequence_logprobs`, branches below PRUNE_BELOW not followed)."""
     plans = []
     for prompt, rows, n, layout in zip(prompts, completions, n_options, layouts, strict=True):
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
         direct = layout == "direct" and not rows
         plans.append([_plan(vocab, prompt, c, n, layout, direct) for c in (rows or [()])])
+    flat_opinions = tuple(v for vs in vocab.opinions for v in vs)
     queries = []
     for plans_of_row, n in zip(plans, n_options):
         flat_choices = tuple(v for vs in vocab.choices(n) for v in vs)
-        flat_opinions = tuple(v for vs in vocab.opinions for v in vs)
         for plan in plans_of_row:
             queries.append((plan.answer, flat_choices))
-            if plan.opinion is not None:
-                queries.append((plan.opinion, flat_opinions))
-            else:
-                queries.extend((plan.answer + path, flat_opinions) for path in plan.mixture_paths)
-    results = iter(sequence_logprobs(score, queries, temperature))
+            queries.append((plan.opinion, flat_opinions) if plan.opinion is not None else (plan.answer, ()))
+    first = iter(sequence_logprobs(score, queries, temperature, prune_below=PRUNE_BELOW))
+    reads = [(candidate_mass(next(first), vocab.choices(n)), next(first))
+             for plans_of_row, n in zip(plans, n_options) for _ in plans_of_row]
+    mixtures, weights = [], []  # opinion after each option k a mixture sample could name, weighted by p(k)
+    for plan, (choice, _) in zip((p for row in plans for p in row), reads):
+        mixtures.extend((plan.answer + path, flat_opinions) for path in plan.mixture_paths)
+        weights.extend(choice[:len(plan.mixture_paths)])
+    second = iter(sequence_logprobs(score, mixtures, temperature, weights, PRUNE_BELOW))
+    per_sample = iter(reads)
     out = []
-    for plans_of_row, n in zip(plans, n_options):
+    for plans_of_row in plans:
         samples = []
         for plan in plans_of_row:
-            choice = candidate_mass(next(results), vocab.choices(n))
+            choice, opinion_logp = next(per_sample)
             if plan.opinion is not None:
-                opinion = np.array(candidate_mass(next(results), vocab.opinions))
+                opinion = np.array(candidate_mass(opinion_logp, vocab.opinions))
             else:  # weighted by p(k); the rest of the closing text is appended, as in a forced slot
-                opinion = sum(w * np.array(candidate_mass(next(results), vocab.opinions)) for w in choice)
+                opinion = sum(w * np.array(candidate_mass(next(second), vocab.opinions)) for w in choice)
             samples.append(SampleSlots(choice, tuple(float(p) for p in opinion), plan.choice_slot, plan.opinion_slot))
         estimator = DIRECT if plans_of_row[0].choice_slot == "direct" else EXACT
         out.append(RowSlots(estimator, float(temperature), tuple(samples)))

@@ -99,7 +99,8 @@ def option_mass(model, vocab, prefix, candidates, temperature) -> np.ndarray:
     return np.array([sum(brute_force(model, prefix, v, temperature) for v in variants) for variants in candidates])
 
 
-def test_every_probability_equals_a_brute_force_product_of_forwards(micro):
+def test_every_probability_equals_a_brute_force_product_of_forwards(micro, monkeypatch):
+    monkeypatch.setattr(slot, "PRUNE_BELOW", 0.0)  # a random model's words are rarer than the default cut
     tokenizer, model = micro
     vocab, t = slot.SlotVocabulary(tokenizer), 0.8
     prompt = tuple(encode(tokenizer, "viewer prompt"))
@@ -131,6 +132,32 @@ def test_every_probability_equals_a_brute_force_product_of_forwards(micro):
         path = tuple(encode(tokenizer, f"{k}</answer><opinion>"))
         mixture += row.samples[2].choice[k - 1] * option_mass(model, vocab, answer_slots[2] + path, vocab.opinions, t)
     np.testing.assert_allclose(row.samples[2].opinion, mixture, rtol=1e-4)
+
+
+def test_pruned_branches_cost_no_reads_and_at_most_the_cut(micro, monkeypatch):
+    tokenizer, model = micro
+    vocab = slot.SlotVocabulary(tokenizer)
+    prompt = tuple(encode(tokenizer, "viewer prompt"))
+    completions = [[encode(tokenizer, "<think>x</think><answer>2</answer><opinion>no_change</opinion>"),
+                    encode(tokenizer, "<think>never answers")]]
+    calls = []
+
+    def score(sequences, token_ids, temperature):
+        calls.append(len(sequences))
+        return trie_next_token_logprobs(model, sequences, token_ids, temperature)
+
+    def read(cut: float):
+        monkeypatch.setattr(slot, "PRUNE_BELOW", cut)
+        calls.clear()
+        row, = slot.slot_distributions(score, vocab, [prompt], completions, [4], ["think"], 1.0)
+        return np.array([s.choice + s.opinion for s in row.samples]), sum(calls)
+
+    exact, all_reads = read(0.0)
+    pruned, fewer_reads = read(1e-4)
+    assert fewer_reads < all_reads
+    branches = 2 * len([c for cs in vocab.choices(4) for c in cs]) + 5 * len([c for cs in vocab.opinions for c in cs])
+    assert np.all(pruned <= exact + 1e-12) and np.all(exact - pruned <= branches * 1e-4)
+    assert np.any(pruned < exact)  # this random model's multi-token words were cut
 
 
 def test_direct_layout_reads_one_slot_at_the_prompt(micro):
