@@ -10,6 +10,7 @@ from typing import Literal, Sequence
 
 import tyro
 
+from grailcore.cli import command, load_preset
 from grailcore.config import Config
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.run import EvalJob, run
@@ -64,8 +65,6 @@ class EvalArgs:
 
 def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
     """Fill unset arguments from the preset (or the config defaults)."""
-    from grailcore.cli import load_preset
-
     cfg = load_preset(args.cfg) if args.cfg else Config()
     if args.layout is not None:
         cfg = replace(cfg, data=replace(cfg.data, layout=args.layout))
@@ -99,4 +98,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

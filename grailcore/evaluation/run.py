@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from grailcore.config import Config
+from grailcore.data.audit import audit_examples
 from grailcore.data.schema import Example
 from grailcore.evaluation.completions_io import EvalSamples, read_completions, write_completions
 from grailcore.evaluation.evaluate import EvalOptions, evaluate
@@ -49,6 +50,11 @@ def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] |
     examples = sample_rows(result.examples, job.max_samples or None, job.options.seed)
     meta = {"data": job.data, "split": result.split, "rows_loaded": len(result.examples),
             "rows_skipped_as_malformed": result.skipped}
+    raw = [ex for ex in result.raw_examples or () if ex.task == "viewer"]
+    if raw:  # what the file carries before re-rendering and shuffling (the scored rows' audit is in results)
+        report = audit_examples(raw)
+        meta["leak_audit_of_the_file_as_given"] = (f"{report.verdict} on {report.n_examples} rows"
+                                                   + "".join(f"; {reason}" for reason in report.reasons))
     return examples, load_train(job, cfg, eval_has_splits=result.split != "all"), meta
 
 
@@ -72,20 +78,19 @@ def check_disjoint(examples: list[Example], train: list[Example] | None) -> None
 
 
 def build_engine(cfg: Config, model_dir: Path, tokenizer):
-    """The configured rollout engine over a freshly loaded policy (HF by default), on the
-    GPU when there is one."""
+    """The configured rollout engine (`rollout.build_engine`), on the GPU when there is one; the
+    HF engine (or vLLM's HF fallback) samples a freshly loaded copy of the model."""
     from grailcore.dist import init_distributed
     from grailcore.model import load_policy
     from grailcore.rollout import build_engine as configured_engine
-    from grailcore.rollout.hf import HFEngine
 
     dist = init_distributed()
-
-    def hf_engine() -> HFEngine:
+    needs_hf = cfg.rollout.engine != "vllm" or cfg.rollout.fallback_to_hf
+    policy = None
+    if needs_hf:  # vLLM loads its own weights; HF samples this copy
         policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
-        return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
-
-    return configured_engine(cfg, model_dir, dist, hf_engine)
+        policy.eval().requires_grad_(False)
+    return configured_engine(cfg, model_dir, dist, policy, tokenizer)
 
 
 def permuted_path(completions: Path, r: int) -> Path:
@@ -144,6 +149,8 @@ def score(job: EvalJob, samples: EvalSamples, train: list[Example] | None,
     results = evaluate(samples.examples, samples.texts, train, job.options, permuted, samples.slots)
     paths = write_report(results, out, meta)
     print(summary_table(results))
+    if "leak_audit_of_the_file_as_given" in meta:
+        print(f"leak audit of the file as given: {meta['leak_audit_of_the_file_as_given']}")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return results
 

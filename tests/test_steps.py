@@ -1,9 +1,9 @@
-"""SFT targets (grailcore/sft.py) in both answer layouts."""
+"""The steps (grailcore/steps.py): SFT targets in both answer layouts."""
 
 from grailcore.config import DataConfig
 from grailcore.data.loaders import load_examples
 from grailcore.rewards.parsing import parse_viewer
-from grailcore.sft import sft_target
+from grailcore.steps import sft_target
 
 
 def test_targets_follow_the_rows_layout_and_parse_in_it():
