@@ -68,7 +68,8 @@ def collect(labels: list[str], temperatures: list[float], eval_dir: Callable[[st
             table[f"{t:g}"][label] = {key: leaf(metrics, path) for key, _, path in COLUMNS}
             references = references or {**{k: leaf(metrics, p) for k, p in REFERENCES.items()},
                                         "rows": metrics["n_rows"], "bootstrap": metrics.get("bootstrap"),
-                                        "samples_per_row": metrics["samples_per_row"]}
+                                        "samples_per_row": metrics["samples_per_row"],
+                                        "estimator": metrics["fidelity"].get("estimator", "histogram_fallback")}
     return {"table": table, "references": references}
 
 
@@ -162,14 +163,18 @@ def _gap_closed(table: dict, floor: dict | None) -> str | None:
             "temperature; negative = further from the humans): " + ", ".join(parts) + ".")
 
 
-def _parse_warnings(table: dict) -> list[str]:
-    """Choice distributions of rarely parsed samples are mostly the smoothing prior."""
+def _parse_warnings(table: dict, estimator: str) -> list[str]:
+    """Choice distributions of rarely parsed samples are mostly the smoothing prior (histogram)
+    or read at forced slots (exact)."""
     out = []
     for arm, (t, _) in best_temperatures(table, "tv").items():
         rates = [row["parsed"]["value"] for label, row in table[t].items() if arm_of(label) == arm and row["parsed"]]
         if rates and min(rates) < 0.5:
-            out.append(f"{arm} parses only {min(rates):.0%} of its samples at T={t}: its choice distribution is "
-                       "mostly the smoothing prior, so its TV/NLL say little about its simulation.")
+            out.append(f"{arm} parses only {min(rates):.0%} of its samples at T={t}: " + (
+                "its choice distribution is mostly the smoothing prior, so its TV/NLL say little about its "
+                "simulation." if estimator == "histogram_fallback" else
+                "most of its answer slots are forced (read after appending `</think><answer>`), so its TV/NLL "
+                "describe what it would answer if made to, more than what it writes."))
     return out
 
 
@@ -180,9 +185,12 @@ def verdict(table: dict, references: dict, matched: str, paired: Paired | None =
     floor, uniform, true = (references.get(k) for k in ("tv_floor", "nll_uniform", "nll_true"))
     gap = _gap_closed(table, floor)
     lines += [gap] if gap else []
-    if floor and uniform and true:
-        lines.append(f"For scale: with k={references['samples_per_row']} samples a row, even the true model's TV "
-                     f"would be about {floor['value']:.3f} (the sampling floor); NLL is {uniform['value']:.3f} for a "
+    if uniform and true:
+        floor_words = (f"with k={references['samples_per_row']} samples a row, even the true model's TV would be "
+                       f"about {floor['value']:.3f} (the histogram's sampling floor); " if floor else
+                       f"choice distributions by {references.get('estimator')} (no sampling floor: a model answering "
+                       "from the truth scores TV 0); ")
+        lines.append(f"For scale: {floor_words}NLL is {uniform['value']:.3f} for a "
                      f"uniform guess and {true['value']:.3f} for the true probabilities.")
     acc = {label: row["acc"] for label, row in table.get(matched, {}).items() if row["acc"] is not None}
     if acc:
@@ -190,7 +198,7 @@ def verdict(table: dict, references: dict, matched: str, paired: Paired | None =
         bayes = references.get("bayes_accuracy")
         lines.append(f"Next-video accuracy at the matched temperature T={matched}: highest {top} "
                      f"{cell(acc[top])}" + (f" (Bayes-optimal {bayes['value']:.3f})" if bayes else "") + ".")
-    lines += _parse_warnings(table)
+    lines += _parse_warnings(table, references.get("estimator", "histogram_fallback"))
     lines.append("Caveat: each arm's best temperature is picked on the same rows it is reported on, which "
                  "flatters every arm alike; the tables' intervals are per model, the differences above "
                  + ("paired (one viewer bootstrap over the same rows, seed-0 models)." if paired else
@@ -305,7 +313,7 @@ def write_results(args: argparse.Namespace, out: Path, info: dict, runs: list[di
         from grailcore.evaluation.compare import paired_differences
 
         dir_a, dir_b = eval_dir(label_a, float(t_a)), eval_dir(label_b, float(t_b))
-        alpha = json.loads((dir_a / "metrics.json").read_text())["fidelity"]["smoothing_alpha"]
+        alpha = json.loads((dir_a / "metrics.json").read_text())["fidelity"].get("smoothing_alpha", 1.0)
         return paired_differences(dir_a / "completions.jsonl", dir_b / "completions.jsonl", alpha,
                                   n_boot=args.n_boot, seed=args.eval_seed)
 

@@ -89,6 +89,10 @@ class DataConfig:
     the run's config and summary; use it only after reading `python -m grailcore.data.audit PATH`."""
     system_prompt: str | None = None
     """Override the task's default system prompt."""
+    layout: Literal["think", "direct"] = "think"
+    """Viewer answer layout: 'think' asks for `<think>..</think><answer>k</answer><opinion>..</opinion>`;
+    'direct' for `<answer>k</answer><opinion>..</opinion>` with no reasoning, whose exact choice
+    distribution is one forward pass (no sampling). Rewards, SFT targets and evaluation follow it."""
     skip_bad_rows: bool = False
     """Count and report malformed rows instead of stopping at the first one."""
     max_train_samples: int | None = None
@@ -245,6 +249,10 @@ class EvalConfig:
     permutations: int = 0
     """Order robustness (eval/order/*): also sample every eval row under R seeded option
     permutations (seeded by `seed`); each evaluation then samples R + 1 times as many rows."""
+    exact_distributions: bool = True
+    """Read the model's own choice/opinion distribution at the answer slot of every sampled
+    completion (one extra scoring pass, docs/evaluation.md); False = sampled answers only, and
+    the fidelity metrics fall back to a smoothed histogram of them."""
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ Writes metrics.json, report.md and PNG plots into `--out`."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Sequence
 
 import tyro
@@ -52,13 +52,22 @@ class EvalArgs:
     n_boot: int = 1000
     """Bootstrap replicates of the viewer-clustered 95% intervals (0 = none)."""
     smoothing_alpha: float = 1.0
-    """Additive smoothing of choice probabilities estimated from k samples."""
+    """Additive smoothing of the histogram fallback (completions files without answer-slot
+    distributions, or --no-exact)."""
+    no_exact: bool = False
+    """Keep the sampled answers only and score fidelity with the histogram fallback, instead of reading
+    each completion's answer-slot distribution (also off when the preset sets eval.exact_distributions False)."""
+    layout: Literal["think", "direct"] | None = None
+    """Answer layout the rows are rendered in (default: the preset's data.layout): 'direct' asks for
+    `<answer>k</answer><opinion>..</opinion>` with no reasoning and reads each row's distribution once."""
     seed: int = 0
 
 
 def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
     """Fill unset arguments from the preset (or the config defaults)."""
     cfg = load_preset(args.cfg) if args.cfg else Config()
+    if args.layout is not None:
+        cfg = replace(cfg, data=replace(cfg.data, layout=args.layout))
     if args.completions is None and args.model is None and args.cfg is None:
         raise SystemExit("give --completions F.jsonl, or --model (and --data) to sample a model, or --cfg")
     job = EvalJob(
@@ -75,6 +84,7 @@ def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
         max_tokens=args.max_tokens or cfg.rollout.max_completion_tokens,
         permutations=args.permutations if args.permutations is not None else cfg.eval.permutations,
         temperatures=tuple(args.temperatures),
+        exact=cfg.eval.exact_distributions and not args.no_exact,
     )
     if job.permutations < 0:
         raise SystemExit(f"--permutations must be >= 0, got {job.permutations}")

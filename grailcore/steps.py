@@ -170,8 +170,10 @@ def sft_target(example: Example, rationale: str) -> str:
     """The completion a perfect simulator writes for `example` (viewer or math)."""
     if example.task == "math":
         return f"<think>\nThe answer is {example.answer}.\n</think>\n<answer>{example.answer}</answer>"
-    think = rationale.format(answer=example.gold_index)
     opinion = f"<opinion>{example.opinion_direction}</opinion>" if example.opinion_direction else ""
+    if example.meta.get("layout") == "direct":  # data.layout="direct": no reasoning, no rationale
+        return f"<answer>{example.gold_index}</answer>{opinion}"
+    think = rationale.format(answer=example.gold_index)
     return f"<think>\n{think}\n</think>\n<answer>{example.gold_index}</answer>{opinion}"
 
 

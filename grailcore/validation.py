@@ -80,6 +80,12 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
         (cfg.eval.samples_per_row >= 1, f"eval.samples_per_row must be >= 1, got {cfg.eval.samples_per_row}"),
         (cfg.eval.permutations >= 0,
          f"eval.permutations must be >= 0, got {cfg.eval.permutations} (0 = shown order only)"),
+        (cfg.data.layout == "think" or cfg.data.task == "viewer",
+         f"data.layout='direct' is a viewer answer layout, got data.task={cfg.data.task!r}; math answers "
+         "keep <think> (set data.layout='think')"),
+        (not cfg.eval.exact_distributions or cfg.eval.temperature > 0,
+         f"eval.exact_distributions reads softmax(logits / eval.temperature): eval.temperature must be > 0, "
+         f"got {cfg.eval.temperature} (or set eval.exact_distributions=False)"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
     ]
 

@@ -1,5 +1,5 @@
-"""The GRPO step's distributed edges (grailcore/steps.py): advantages with
-scale_rewards="batch" divide by the whole step's std, so 2 ranks equal 1 process."""
+"""The steps (grailcore/steps.py): advantages with scale_rewards="batch" divide by the
+whole step's std, so 2 ranks equal 1 process; prompt seeds; SFT targets in both answer layouts."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from grailcore.advantages import group_advantages
-from grailcore.steps import prompt_seeds, step_advantages
+from grailcore.config import DataConfig
+from grailcore.data.loaders import load_examples
+from grailcore.rewards.parsing import parse_viewer
+from grailcore.steps import prompt_seeds, sft_target, step_advantages
 from test_dist import torchrun
 
 GROUP = 4
@@ -75,3 +78,16 @@ def test_prompt_seeds_depend_on_run_step_example_and_slot_only():
     ordered = sorted(others)
     assert min(b - a for a, b in zip(ordered, ordered[1:])) > 1 << 20
     assert all(0 <= s < 1 << 62 for s in others)
+
+
+def test_targets_follow_the_rows_layout_and_parse_in_it():
+    think = load_examples("synthetic:gun_control", DataConfig(synthetic_n=60), split="train").examples[0]
+    direct = load_examples("synthetic:gun_control", DataConfig(synthetic_n=60, layout="direct"),
+                           split="train").examples[0]
+    rationale = "Option {answer} fits."
+    assert sft_target(think, rationale).startswith(f"<think>\nOption {think.gold_index} fits.\n</think>")
+    assert sft_target(direct, rationale) == (f"<answer>{direct.gold_index}</answer>"
+                                             f"<opinion>{direct.opinion_direction}</opinion>")
+    for ex in (think, direct):
+        parsed = parse_viewer(sft_target(ex, rationale), ex.n_options, ex.meta["layout"])
+        assert parsed.format_ok and parsed.answer == ex.gold_index

@@ -7,7 +7,9 @@ import dataclasses
 
 import pytest
 
-from grailcore.config import CheckpointConfig, Config, ConfigError, GailConfig, GRPOConfig, RewardsConfig, SFTConfig
+from grailcore.config import (
+    CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, GailConfig, GRPOConfig, RewardsConfig, SFTConfig,
+)
 from grailcore.validation import validate
 
 
@@ -68,3 +70,12 @@ def test_resampling_without_attempts_is_refused_naming_the_resample_setting(grpo
     validate(Config(grpo=GRPOConfig(**grpo, max_resample_attempts=1)))
     with pytest.raises(ConfigError, match=r"grpo.max_resample_attempts must be >= 0"):
         validate(Config(grpo=GRPOConfig(max_resample_attempts=-1)))
+
+
+def test_the_answer_layout_and_exact_distributions_are_checked_here():
+    validate(Config(data=DataConfig(layout="direct")))
+    with pytest.raises(ConfigError, match=r"data.layout='direct' is a viewer answer layout, got data.task='math'"):
+        validate(Config(data=DataConfig(task="math", layout="direct")))
+    with pytest.raises(ConfigError, match=r"eval.temperature must be > 0, got 0.0"):
+        validate(Config(eval=EvalConfig(temperature=0.0)))
+    validate(Config(eval=EvalConfig(temperature=0.0, exact_distributions=False)))  # greedy, histogram only

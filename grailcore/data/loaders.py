@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 
 from grailcore.config import DataConfig
 from grailcore.data.options import common_fields, parse_option_fields, render_option, unreadable
-from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT, build_example, option_order
+from grailcore.data.prompt import LAYOUT_SYSTEM_PROMPTS, build_example, option_order
 from grailcore.data.schema import (
     ISSUES, OPINION_DIRECTIONS, Example, SchemaError, decision_from_dict, validate_example,
 )
@@ -100,7 +100,7 @@ def _load_math(path: str, data_cfg: DataConfig, split: str) -> LoadResult:
 def _render_options(data_cfg: DataConfig, source: str) -> dict[str, Any]:
     return dict(max_history=data_cfg.max_history, show_ids=data_cfg.show_ids,
                 shuffle_options=data_cfg.shuffle_options, seed=data_cfg.seed,
-                system_prompt=data_cfg.system_prompt, source=source)
+                system_prompt=data_cfg.system_prompt, source=source, layout=data_cfg.layout)
 
 
 def _load_synthetic(path: str, data_cfg: DataConfig, split: str) -> LoadResult:
@@ -138,7 +138,7 @@ def _to_examples(row: Any, where: str, data_cfg: DataConfig, source: str) -> tup
         raise row
     # Decision rows have no 'prompt' and no 'n_options'; either marks a pre-rendered row.
     if isinstance(row, Mapping) and ("prompt" in row or "n_options" in row):
-        given = prerendered_example(row, where, data_cfg.system_prompt, source)
+        given = prerendered_example(row, where, data_cfg.system_prompt, source, data_cfg.layout)
         validate_example(given, where)
         shown = rerender_prerendered(given, data_cfg.seed, data_cfg.shuffle_options)
     else:
@@ -199,10 +199,11 @@ def _source_name(path: str) -> str:
 
 
 def prerendered_example(row: Mapping[str, Any], where: str, system_prompt: str | None = None,
-                        source: str = "") -> Example:
+                        source: str = "", layout: str = "think") -> Example:
     """An Example from a row like the seed sample, exactly as the file wrote it (options parsed
     from OPTIONS). Training and evaluation show it through `rerender_prerendered`; scoring a
-    completions file keeps it as-is (the completions answered that prompt)."""
+    completions file keeps it as-is (the completions answered that prompt). `layout` picks
+    the default system prompt (`data.layout`)."""
     unknown = sorted(set(row) - _PRERENDERED_KEYS)
     if unknown:
         raise SchemaError(f"{where}: unknown field(s) {unknown}; pre-rendered rows have {sorted(_PRERENDERED_KEYS)}")
@@ -219,11 +220,11 @@ def prerendered_example(row: Mapping[str, Any], where: str, system_prompt: str |
     return Example(
         example_id=str(row.get("example_id") or row.get("id") or f"{source}:{where.rsplit(':', 1)[-1]}"),
         task="viewer",
-        messages=({"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT},
+        messages=({"role": "system", "content": system_prompt or LAYOUT_SYSTEM_PROMPTS[layout]},
                   {"role": "user", "content": prompt}),
         gold_index=gold, n_options=n_options, opinion_direction=direction, option_texts=options,
         state_text=state, issue=_typed(row, "issue", str, where), study=_typed(row, "study", str, where),
-        source=source, meta={"where": where},
+        source=source, meta={"where": where, "layout": layout},
     )
 
 

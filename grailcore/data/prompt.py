@@ -17,6 +17,16 @@ DEFAULT_SYSTEM_PROMPT = (
     "<think>...</think><answer>k</answer><opinion>increase|decrease|no_change</opinion>\n"
     "where k is the option number."
 )
+DIRECT_SYSTEM_PROMPT = (
+    "You simulate a survey participant on a YouTube-like platform. From the viewer's profile, "
+    "what they are watching now, what they watched before and the recommended options, predict "
+    "which option they will watch next and how their opinion on the issue will move.\n"
+    "Answer at once, exactly in this format and nothing else:\n"
+    "<answer>k</answer><opinion>increase|decrease|no_change</opinion>\n"
+    "where k is the option number."
+)
+LAYOUT_SYSTEM_PROMPTS = {"think": DEFAULT_SYSTEM_PROMPT, "direct": DIRECT_SYSTEM_PROMPT}
+"""The default system prompt of each answer layout (`data.layout`)."""
 UNKNOWN = "unknown"
 """How a missing field is shown, the same way for every option and history entry."""
 
@@ -105,8 +115,9 @@ def option_order(row_id: str, n: int, seed: int, shuffle: bool) -> list[int]:
 
 def build_example(decision: Decision, *, max_history: int = 12, show_ids: bool = False,
                   shuffle_options: bool = True, seed: int = 0, system_prompt: str | None = None,
-                  source: str = "") -> Example:
-    """The prompt a model sees for `decision`, with gold index and true probabilities in the SHOWN order."""
+                  source: str = "", layout: str = "think") -> Example:
+    """The prompt a model sees for `decision`, with gold index and true probabilities in the SHOWN
+    order; `layout` picks the default system prompt and is kept in meta['layout'] for rewards."""
     order = option_order(decision.row_id, decision.n_options, seed, shuffle_options)
     options = tuple(option_text(decision.slate[i], show_ids) for i in order)
     state = state_text(decision, max_history)
@@ -115,7 +126,7 @@ def build_example(decision: Decision, *, max_history: int = 12, show_ids: bool =
     probs = decision.true_choice_probs
     return Example(
         example_id=decision.row_id, task="viewer",
-        messages=({"role": "system", "content": system_prompt or DEFAULT_SYSTEM_PROMPT},
+        messages=({"role": "system", "content": system_prompt or LAYOUT_SYSTEM_PROMPTS[layout]},
                   {"role": "user", "content": prompt}),
         gold_index=order.index(decision.gold_index - 1) + 1, n_options=decision.n_options,
         opinion_direction=decision.opinion_direction, option_texts=options, state_text=state,
@@ -124,7 +135,8 @@ def build_example(decision: Decision, *, max_history: int = 12, show_ids: bool =
         viewer_id=decision.viewer.viewer_id, source=source,
         meta={"session_id": decision.session_id, "step": decision.step, "slate_design": decision.slate_design,
               "shown_order": tuple(order), "option_stances": tuple(decision.slate[i].stance for i in order),
-              "viewer_ideology": decision.viewer.ideology, "initial_viewpoint": decision.initial_viewpoint},
+              "viewer_ideology": decision.viewer.ideology, "initial_viewpoint": decision.initial_viewpoint,
+              "layout": layout},
     )
 
 

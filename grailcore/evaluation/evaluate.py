@@ -12,7 +12,9 @@ from grailcore.data.audit import audit_examples
 from grailcore.data.schema import Example
 from grailcore.evaluation import baselines as bl
 from grailcore.evaluation import fidelity, metrics, order, population
+from grailcore.evaluation.answer_slot import RowSlots
 from grailcore.evaluation.bootstrap import Estimate, make_plan, mean_estimate
+from grailcore.evaluation.completions_io import EvalSamples
 from grailcore.evaluation.rows import ScoredRows, score_completions
 
 
@@ -22,7 +24,8 @@ class EvalOptions:
     """Bootstrap replicates for the 95% intervals (0 = point values only)."""
     confidence: float = 0.95
     smoothing_alpha: float = 1.0
-    """Additive smoothing of per-row choice probabilities estimated from k samples (1 = Laplace)."""
+    """Additive smoothing of the histogram fallback (rows without answer-slot distributions;
+    1 = Laplace)."""
     n_bins: int = 10
     """Equal-width confidence bins of the calibration error."""
     seed: int = 0
@@ -82,24 +85,24 @@ def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples:
     }
 
 
-def score_permuted(examples: Sequence[Example],
-                   permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]]) -> list[order.OrderRun]:
-    """Parse each (permuted copy of `examples`, its completions) pair into an `OrderRun`."""
+def score_permuted(examples: Sequence[Example], permuted: Sequence[EvalSamples]) -> list[order.OrderRun]:
+    """Parse each permuted copy of `examples` (with its completions) into an `OrderRun`."""
     runs = []
-    for copy, texts in permuted:
-        if len(copy) != len(examples):
-            raise ValueError(f"a permuted copy has {len(copy)} rows for {len(examples)} examples")
-        runs.append(order.OrderRun(score_completions(copy, texts),
-                                   [order.recover_permutation(a, b) for a, b in zip(examples, copy)]))
+    for copy in permuted:
+        if len(copy.examples) != len(examples):
+            raise ValueError(f"a permuted copy has {len(copy.examples)} rows for {len(examples)} examples")
+        runs.append(order.OrderRun(score_completions(copy.examples, copy.texts, copy.slots),
+                                   [order.recover_permutation(a, b) for a, b in zip(examples, copy.examples)]))
     return runs
 
 
 def evaluate(examples: Sequence[Example], completions: Sequence[Sequence[str]],
              train_examples: Sequence[Example] | None = None, options: EvalOptions = EvalOptions(),
-             permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]] = ()) -> dict[str, Any]:
-    """Parse `completions[i]` (samples of `examples[i]`) and compute every metric; `permuted`
-    holds (copy of `examples` with reordered options, its completions) pairs (`order.permuted_copies`)."""
-    return evaluate_rows(score_completions(examples, completions), examples, train_examples, options,
+             permuted: Sequence[EvalSamples] = (), slots: Sequence[RowSlots] | None = None) -> dict[str, Any]:
+    """Parse `completions[i]` (samples of `examples[i]`, with answer-slot distributions
+    `slots[i]` when known) and compute every metric; `permuted` holds the same rows under
+    reordered options (`order.permuted_copies`), each with its completions."""
+    return evaluate_rows(score_completions(examples, completions, slots), examples, train_examples, options,
                          score_permuted(examples, permuted))
 
 
@@ -130,11 +133,16 @@ def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
     fid = results["fidelity"]
     for key in ("tv_choice", "tv_choice_sampling_floor", "tv_position_histogram", "ece", "unparsed_sample_share"):
         put(key, fid.get(key))
+    for key in ("forced_slot_share", "off_slate_mass"):
+        put(key, fid.get("answer_slot", {}).get(key))
     for name, est in fid["nll"].items():
         put(f"nll_choice/{name}", est)
     if results["opinion_fidelity"]:
-        put("opinion_tv", results["opinion_fidelity"]["tv_model"])
-        put("opinion_tv_always_no_change", results["opinion_fidelity"]["tv_always_no_change"])
+        opinion = results["opinion_fidelity"]
+        put("opinion_tv", opinion["tv_model"])
+        put("opinion_tv_always_no_change", opinion["tv_always_no_change"])
+        put("opinion_nll", opinion["nll_model"])
+        put("opinion_tv_rows", opinion.get("tv_opinion_rows"))
     for name, value in order.flat_order(results["order_robustness"]).items():
         put(f"order/{name}", value)
     for name, value in population.flat_population(results["population"]).items():
@@ -143,7 +151,7 @@ def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
 
 
 def evaluate_examples(examples: Sequence[Example], completions: Sequence[Sequence[str]],
-                      train_examples: Sequence[Example] | None = None,
-                      permuted: Sequence[tuple[Sequence[Example], Sequence[Sequence[str]]]] = ()) -> dict[str, float]:
+                      train_examples: Sequence[Example] | None = None, permuted: Sequence[EvalSamples] = (),
+                      slots: Sequence[RowSlots] | None = None) -> dict[str, float]:
     """Trainer hook: flat `eval/...` metrics, no bootstrap (it runs every few steps)."""
-    return flatten(evaluate(examples, completions, train_examples, EvalOptions(n_boot=0), permuted))
+    return flatten(evaluate(examples, completions, train_examples, EvalOptions(n_boot=0), permuted, slots))

@@ -12,7 +12,7 @@ import torch
 from grailcore import dist as gdist
 from grailcore.config import Config
 from grailcore.data.schema import Example
-from grailcore.evaluation.completions_io import write_completions
+from grailcore.evaluation.completions_io import EvalSamples, write_completions
 from grailcore.evaluation.evaluate import evaluate_examples
 from grailcore.evaluation.generate import generate_completions
 from grailcore.evaluation.order import permuted_copies
@@ -46,19 +46,20 @@ class Evaluator:
         same order: a paired comparison)."""
         self.rollout.sync_if_stale()  # evaluate the current policy, whatever rollout.sync_every says
         cfg, examples = self.cfg, self.examples
-        completions = self._sample(examples)
+        samples = self._sample(examples)
+        completions = samples.texts
         if step is not None and self.dist.rank == 0:
             out = Path(cfg.run_dir) / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            write_completions(out / f"step_{step:06d}.jsonl", examples, completions)
+            write_completions(out / f"step_{step:06d}.jsonl", samples)
         rewards = self._row_rewards(completions)
         if examples and examples[0].task == "math":
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
         else:
-            permuted = [(copy, self._sample(copy))  # orders seeded like `grailcore.eval --seed`
+            permuted = [self._sample(copy)  # orders seeded like `grailcore.eval --seed`
                         for copy in permuted_copies(examples, cfg.eval.permutations, cfg.seed)]
-            result = evaluate_examples(examples, completions, self.train_examples, permuted)
+            result = evaluate_examples(examples, completions, self.train_examples, permuted, samples.slots)
         result["eval/reward/total"] = float(rewards.total.mean())
         if cfg.data.mixture:
             result.update(source_eval_metrics(examples, completions, rewards, self.train_examples))
@@ -75,20 +76,23 @@ class Evaluator:
                             per_reward={k: row_means(v, owner, rows) for k, v in flat.per_reward.items()},
                             errors=flat.errors)
 
-    def _sample(self, examples: list[Example]) -> list[list[str]]:
-        """eval.samples_per_row completions of every row: each rank samples a strided share,
-        then all ranks gather every row's."""
+    def _sample(self, examples: list[Example]) -> EvalSamples:
+        """eval.samples_per_row completions of every row and (viewer rows, eval.exact_distributions)
+        their answer-slot distributions: each rank samples a strided share, then all ranks
+        gather every row's."""
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         mine = list(range(rank, len(examples), world))
-        completions = generate_completions(
+        exact = cfg.eval.exact_distributions and all(ex.task == "viewer" for ex in examples)
+        drawn = generate_completions(
             self.rollout.engine, self.tokenizer, [examples[i] for i in mine], cfg.eval.samples_per_row,
-            cfg.eval.temperature, cfg.rollout.max_completion_tokens,
+            cfg.eval.temperature, cfg.rollout.max_completion_tokens, exact=exact,
         )
-        by_index = dict(zip(mine, completions))
+        by_index = {i: (drawn.texts[j], drawn.slots[j] if exact else None) for j, i in enumerate(mine)}
         if world > 1:
             for part in gdist.all_gather_object(by_index):
                 by_index.update(part)
-        return [by_index[i] for i in range(len(examples))]
+        rows = [by_index[i] for i in range(len(examples))]
+        return EvalSamples(list(examples), [texts for texts, _ in rows], [s for _, s in rows] if exact else None)
 
 
 def row_means(values: torch.Tensor, owner: torch.Tensor, n_rows: int) -> torch.Tensor:

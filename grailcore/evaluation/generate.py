@@ -1,10 +1,13 @@
-"""Sample evaluation completions through any `RolloutEngine` (greedy when k = 1)."""
+"""Sample evaluation completions through any `RolloutEngine` (greedy when k = 1) and read
+the model's answer-slot distribution of each (`answer_slot`), chunk by chunk, so a vLLM
+scoring pass finds the chunk's prompts and completions still in its prefix cache."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
 from grailcore.data.schema import Example
+from grailcore.evaluation.completions_io import EvalSamples
 
 if TYPE_CHECKING:  # torch-free import: scoring completion files needs no torch
     from grailcore.rollout.base import RolloutEngine
@@ -13,7 +16,8 @@ if TYPE_CHECKING:  # torch-free import: scoring completion files needs no torch
 
 def eval_sampling_params(samples_per_row: int, temperature: float, max_tokens: int, top_p: float = 1.0,
                          seed: int | None = None) -> SamplingParams:
-    """k = 1 is greedy (the model's single best guess); k > 1 samples at `temperature`."""
+    """k = 1 is greedy (the model's single best guess); k > 1 samples at `temperature`.
+    The answer-slot distributions are read at `temperature` either way."""
     from grailcore.types import SamplingParams
 
     if samples_per_row < 1:
@@ -25,11 +29,18 @@ def eval_sampling_params(samples_per_row: int, temperature: float, max_tokens: i
 
 
 def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], params: SamplingParams,
-                 chunk_size: int = 64) -> list[list[Completion]]:
-    """`params.n` completions per example, in example order (chunks bound host memory)."""
+                 exact: bool = True, chunk_size: int = 64) -> tuple[list[list[Completion]], list | None]:
+    """`params.n` completions per example, in example order (chunks bound host memory),
+    and with `exact` each row's `answer_slot.RowSlots` (a row rendered in the direct
+    layout reads one slot, from its prompt alone)."""
     from grailcore.data.prompt import encode_prompt
+    from grailcore.evaluation.answer_slot import SlotVocabulary, slot_distributions
 
+    if exact and params.temperature <= 0:
+        raise ValueError("exact distributions are read under softmax(logits / T): give a temperature > 0")
+    vocab = SlotVocabulary(tokenizer) if exact else None
     out: list[list[Completion]] = []
+    slots: list | None = [] if exact else None
     for start in range(0, len(examples), chunk_size):
         chunk = examples[start:start + chunk_size]
         prompts = [encode_prompt(tokenizer, ex) for ex in chunk]
@@ -38,21 +49,36 @@ def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], 
             raise RuntimeError(f"engine returned {[len(r) for r in results]} completions for "
                                f"{len(chunk)} prompts x n={params.n}")
         out.extend(results)
-    return out
+        if exact:
+            layouts = [ex.meta.get("layout", "think") for ex in chunk]
+            sampled = [[] if layout == "direct" else [c.token_ids for c in row] for row, layout in zip(results, layouts)]
+            slots.extend(slot_distributions(engine.next_token_logprobs, vocab, prompts, sampled,
+                                            [ex.n_options for ex in chunk], layouts, params.temperature))
+    return out, slots
+
+
+def generate_samples(engine: RolloutEngine, tokenizer, examples: Sequence[Example], params: SamplingParams,
+                     exact: bool = True) -> EvalSamples:
+    """`generate_raw` as the evaluation's hand-off: texts, slots, finish reasons."""
+    raw, slots = generate_raw(engine, tokenizer, examples, params, exact)
+    return EvalSamples(list(examples), [[c.text for c in row] for row in raw], slots,
+                       [[c.finish_reason for c in row] for row in raw])
 
 
 def generate_completions(engine: RolloutEngine, tokenizer, examples: Sequence[Example], samples_per_row: int,
-                         temperature: float, max_tokens: int, top_p: float = 1.0) -> list[list[str]]:
-    """Completion texts per example: `samples_per_row` each, the first one greedy when k = 1."""
+                         temperature: float, max_tokens: int, top_p: float = 1.0,
+                         exact: bool = True) -> EvalSamples:
+    """`samples_per_row` completions per example (the first one greedy when k = 1) and
+    their answer-slot distributions (`exact`)."""
     params = eval_sampling_params(samples_per_row, temperature, max_tokens, top_p)
-    return [[c.text for c in row] for row in generate_raw(engine, tokenizer, examples, params)]
+    return generate_samples(engine, tokenizer, examples, params, exact)
 
 
 def generate_permuted(engine: RolloutEngine, tokenizer, examples: Sequence[Example], permutations: int,
-                      params: SamplingParams, seed: int = 0) -> list[tuple[list[Example], list[list[Completion]]]]:
+                      params: SamplingParams, seed: int = 0, exact: bool = True) -> list[EvalSamples]:
     """Order robustness: sample every row again under `permutations` seeded option orders;
-    returns (permuted copy of `examples`, its completions) per order (`evaluate(permuted=...)`)."""
+    one `EvalSamples` (a permuted copy of `examples`) per order (`evaluate(permuted=...)`)."""
     from grailcore.evaluation.order import permuted_copies
 
-    return [(copy, generate_raw(engine, tokenizer, copy, params))
+    return [generate_samples(engine, tokenizer, copy, params, exact)
             for copy in permuted_copies(examples, permutations, seed)]

@@ -19,7 +19,7 @@ import numpy as np
 
 from grailcore.data.schema import Example
 from grailcore.evaluation.bootstrap import BootstrapPlan, Estimate, statistic_estimate
-from grailcore.evaluation.fidelity import position_histograms, total_variation
+from grailcore.evaluation.fidelity import choice_distribution, choice_shares, position_histograms, total_variation
 from grailcore.evaluation.rows import NONE, ScoredRows
 
 _OPTIONS_BLOCK = re.compile(r"(?ms)(^OPTIONS\n)(.*?)(\n\n|\Z)")
@@ -136,10 +136,40 @@ def _original_choice(run: OrderRun) -> np.ndarray:
     return out
 
 
+def _correct(rows: ScoredRows) -> np.ndarray:
+    """[N] per-row accuracy in one order: the probability of the gold option under the
+    row's answer-slot distribution, or without one the first sample's 0/1."""
+    if rows.slots is not None:
+        return choice_distribution(rows, 0.0).probs[np.arange(rows.n_rows), rows.gold - 1]
+    return (rows.first_answer == rows.gold).astype(np.float64)
+
+
+def _tv_across_orders(runs: Sequence[OrderRun]) -> tuple[np.ndarray, np.ndarray]:
+    """[N] mean TV between each permuted order's choice distribution, mapped back to the
+    videos of the shown order, and the shown order's (off-slate bin kept); [N] known."""
+    shown = choice_shares(runs[0].rows)
+    n = shown.shape[0]
+    tv, known = np.zeros(n), np.ones(n, dtype=bool)
+    for run in runs[1:]:
+        shares = choice_shares(run.rows)
+        for i, perm in enumerate(run.perms):
+            if perm is None:
+                known[i] = False
+                continue
+            back = np.zeros_like(shown[i])
+            back[list(perm)] = shares[i, :len(perm)]
+            back[-1] = shares[i, -1]
+            tv[i] += total_variation(back, shown[i]) / (len(runs) - 1)
+    return tv, known
+
+
 def order_robustness(runs: Sequence[OrderRun], plan: BootstrapPlan | None) -> dict:
     """Accuracy across orders (mean, std, min, max), per-position recall pooled over orders
-    and its spread, chosen- vs gold-position distributions, and how often the first sample
-    picks the same video in every order. runs[0] is the shown order.
+    and its spread, chosen- vs gold-position distributions, and how far the choice moves
+    with the order. runs[0] is the shown order. With answer-slot distributions a row's
+    accuracy is p(gold) and the movement is the TV between its distributions over the same
+    videos in different orders; without, the first sample's 0/1 and whether it picks the
+    same video in every order.
 
     Every interval resamples viewers: a replicate reweights a row in all its orders at once.
     """
@@ -148,8 +178,10 @@ def order_robustness(runs: Sequence[OrderRun], plan: BootstrapPlan | None) -> di
         raise ValueError("every order must score the same rows")
     width = runs[0].rows.max_options
     gold = np.stack([r.rows.gold for r in runs])  # [O, N]
-    correct = np.stack([(r.rows.first_answer == r.rows.gold) for r in runs]).astype(np.float64)
-    out: dict = {"n_orders": len(runs), "n_permutations": len(runs) - 1}
+    correct = np.stack([_correct(r.rows) for r in runs])  # [O, N]
+    exact = all(r.rows.slots is not None for r in runs)
+    out: dict = {"n_orders": len(runs), "n_permutations": len(runs) - 1,
+                 "accuracy_kind": "p(gold) under the answer-slot distribution" if exact else "first sample"}
 
     def accuracies(w: np.ndarray) -> np.ndarray:
         return np.array([_weighted_mean(c, w) for c in correct])
@@ -160,11 +192,16 @@ def order_robustness(runs: Sequence[OrderRun], plan: BootstrapPlan | None) -> di
         out["accuracy_min"] = statistic_estimate(lambda w: float(accuracies(w).min()), n, plan)
         out["accuracy_max"] = statistic_estimate(lambda w: float(accuracies(w).max()), n, plan)
         out["accuracy_by_order"] = accuracies(np.ones(n)).tolist()
-        chosen = np.stack([_original_choice(r) for r in runs])  # [O, N]
-        known = np.array([all(r.perms[i] is not None for r in runs) for i in range(n)])
-        same = ((chosen == chosen[0]).all(axis=0) & (chosen[0] != NONE)).astype(np.float64)
-        if known.any():
-            out["choice_consistency"] = statistic_estimate(lambda w: _weighted_mean(same, w * known), n, plan)
+        if exact:
+            tv, known = _tv_across_orders(runs)
+            if known.any():
+                out["choice_tv_across_orders"] = statistic_estimate(lambda w: _weighted_mean(tv, w * known), n, plan)
+        else:
+            chosen = np.stack([_original_choice(r) for r in runs])  # [O, N]
+            known = np.array([all(r.perms[i] is not None for r in runs) for i in range(n)])
+            same = ((chosen == chosen[0]).all(axis=0) & (chosen[0] != NONE)).astype(np.float64)
+            if known.any():
+                out["choice_consistency"] = statistic_estimate(lambda w: _weighted_mean(same, w * known), n, plan)
     else:
         out["note"] = ("shown order only: run with --permutations R to score R reordered copies; "
                        "per-position recall below is from the shown order")
@@ -193,6 +230,7 @@ def flat_order(block: dict) -> dict[str, Estimate | float]:
     """`order_robustness` scalars under the names `flatten` uses (after 'order/')."""
     out: dict[str, Estimate | float] = {"n_orders": float(block["n_orders"])}
     for key in ("accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max", "choice_consistency",
+                "choice_tv_across_orders",
                 "position_recall_std", "position_recall_range", "tv_chosen_vs_gold_position"):
         if key in block:
             out[key] = block[key]

@@ -5,9 +5,10 @@ Aggregate choice shares need a category that means the same thing on every slate
 The option's stance side (`Example.meta["option_stances"]`, the latent slant of each
 shown option: against < 0 < pro) is used when every row has it; otherwise the shown
 POSITION is the category (then population fidelity of choices is position-bias
-fidelity, and the report says so). Each row weighs 1, split evenly over its samples;
-unparsed samples form an extra 'unparsed' bin that counts in TV (people never fall
-there). The 1-Wasserstein distance treats the categories as ordered, one unit apart
+fidelity, and the report says so). Each row weighs 1 and contributes its choice
+distribution (`fidelity.choice_shares`: the exact answer-slot one, or without it the share
+of its samples); off-slate mass / unparsed samples form an extra 'unparsed' bin that
+counts in TV (people never fall there). The 1-Wasserstein distance treats the categories as ordered, one unit apart
 (against, neutral, pro; or positions 1..n; or decrease, no_change, increase), on the
 parsed mass renormalised.
 """
@@ -23,6 +24,7 @@ import numpy as np
 from grailcore.data.schema import OPINION_DIRECTIONS, Example
 from grailcore.evaluation.baselines import Baseline
 from grailcore.evaluation.bootstrap import BootstrapPlan, Estimate, statistic_estimate
+from grailcore.evaluation.fidelity import choice_shares, opinion_shares
 from grailcore.evaluation.rows import NONE, ScoredRows, opinion_code
 
 STANCE_SIDES = ("against", "neutral", "pro")
@@ -126,13 +128,12 @@ def choice_population(rows: ScoredRows, examples: Sequence[Example], plan: Boots
     """Model vs human aggregate choice shares (TV, W1), overall and per group."""
     kind, labels, cats, note = option_categories(examples)
     n_cat = len(labels)
-
-    def category(i: int, position: int) -> int:
-        return cats[i][position - 1] if position != NONE else NONE
-
-    codes = np.array([[category(i, a) for a in row] for i, row in enumerate(rows.answers)], dtype=np.int64)
-    model = _share_matrix(codes, rows.sample_mask, n_cat)
-    gold = np.array([[category(i, g)] for i, g in enumerate(rows.gold)], dtype=np.int64)
+    positions = choice_shares(rows)  # [N, max_n + 1], last = off-slate / unparsed
+    model = np.zeros((rows.n_rows, n_cat + 1))
+    for i, row_cats in enumerate(cats):
+        np.add.at(model[i], row_cats, positions[i, :len(row_cats)])
+    model[:, n_cat] = positions[:, -1]
+    gold = np.array([[cats[i][g - 1]] for i, g in enumerate(rows.gold)], dtype=np.int64)
     human = _share_matrix(gold, np.ones_like(gold, dtype=bool), n_cat)
     everyone = np.ones(rows.n_rows, dtype=bool)
     return {"category": kind, "category_note": note, "labels": [*labels, "unparsed"],
@@ -216,8 +217,9 @@ def opinion_population(rows: ScoredRows, examples: Sequence[Example], train: Seq
     human = _share_matrix(ordered(rows.gold_opinion[:, None]), np.ones((rows.n_rows, 1), bool), n_cat)
     preds, source = pre_attitude_predictions(examples, train)
     no_change = np.full((rows.n_rows, 1), OPINION_DIRECTIONS.index("no_change"))
+    shares = opinion_shares(rows)  # [N, 4] in OPINION_DIRECTIONS order + none
     predictors = {
-        "model": _share_matrix(ordered(rows.opinions), rows.sample_mask, n_cat),
+        "model": np.concatenate([shares[:, np.argsort(reorder)], shares[:, -1:]], axis=1),
         "always_no_change": _share_matrix(ordered(no_change), np.ones((rows.n_rows, 1), bool), n_cat),
         "pre_attitude": _share_matrix(ordered(preds[:, None]), np.ones((rows.n_rows, 1), bool), n_cat),
     }

@@ -94,22 +94,45 @@ def _opinion_sections(r: dict) -> list[str]:
                 f"always 'no_change' {fmt(fid['tv_always_no_change'])}.", ""]
     out += _table(["", *labels], [["model", *[f"{p:.3f}" for p in fid["model_distribution"]]],
                                   ["gold", *[f"{p:.3f}" for p in fid["gold_distribution"]]]])
+    out += ["", f"NLL of the gold direction ({fid['estimator']}): {fmt(fid['nll_model'])}."]
     if "tv_opinion_rows" in fid:
         out += ["", f"Per-row TV to the true opinion probabilities: {fmt(fid['tv_opinion_rows'])}."]
     return out
 
 
+ESTIMATOR_TEXT = {
+    "exact_answer_slot": "the mean over each row's sampled completions of the model's own probability of each "
+                         "option at its answer slot (softmax(logits / T) there; docs/evaluation.md)",
+    "direct": "one read of the model's probability of each option right after `<answer>` at the prompt "
+              "(direct layout, no sampling; docs/evaluation.md)",
+    "histogram_fallback": "FALLBACK: a smoothed histogram of the parsed sampled answers (these completions carry "
+                          "no answer-slot distributions); it rewards a collapsed model at small k",
+}
+
+
+def _estimator_lines(fid: dict) -> list[str]:
+    lines = [f"Choice distributions: **{fid['estimator']}**, {ESTIMATOR_TEXT[fid['estimator']]}."]
+    slot = fid.get("answer_slot")
+    if slot:
+        lines.append(f"Read at T = {slot['temperature']:g}; {slot['forced_slot_share']:.1%} of the completions wrote "
+                     f"no `<answer>` and had the slot forced ({slot['rows_with_forced_slot']} rows); mean off-slate "
+                     f"mass {fmt(slot['off_slate_mass'])} (probability of naming no option of the slate).")
+    else:
+        lines.append(f"k = {fid['samples_per_row']} samples, additive smoothing alpha = {fid['smoothing_alpha']}; "
+                     f"{fid['unparsed_sample_share']:.1%} of samples unparsed (left out of the counts).")
+    return lines
+
+
 def _fidelity_section(r: dict) -> list[str]:
     fid = r["fidelity"]
-    out = ["", "## Distribution fidelity (choice)", "",
-           f"Per-row choice probabilities from k = {fid['samples_per_row']} samples, additive smoothing "
-           f"alpha = {fid['smoothing_alpha']}; {fid['unparsed_sample_share']:.1%} of samples unparsed "
-           "(left out of the counts).", ""]
-    rows = [["TV, chosen-position histogram vs gold (unparsed = extra bin)", fmt(fid["tv_position_histogram"])],
-            ["ECE of the top-choice probability", fmt(fid["ece"])]]
+    out = ["", "## Distribution fidelity (choice)", "", *_estimator_lines(fid), ""]
+    rows = [["TV, chosen-position histogram vs gold (off-slate/unparsed = extra bin)", fmt(fid["tv_position_histogram"])],
+            ["ECE of the top-choice probability (ties split evenly)", fmt(fid["ece"])]]
     if "tv_choice" in fid:
-        rows += [["TV to true choice probs (mean over rows)", fmt(fid["tv_choice"])],
-                 ["same estimator on k true samples (floor)", fmt(fid["tv_choice_sampling_floor"])]]
+        rows.append(["TV to true choice probs (mean over rows; off-slate = extra bin)", fmt(fid["tv_choice"])])
+    if "tv_choice_sampling_floor" in fid:
+        rows.append(["same estimator on the rows' parsed-sample counts of true draws (floor)",
+                     fmt(fid["tv_choice_sampling_floor"])])
     rows += [[f"NLL of the human choice: {name}", fmt(est)] for name, est in fid["nll"].items()]
     out += _table(["measure", "value [95% CI]"], rows)
     out += ["", f"Position prior fitted on {fid['position_prior_fitted_on']}.", "",
@@ -117,7 +140,7 @@ def _fidelity_section(r: dict) -> list[str]:
     out += _table(["bin", "rows", "mean confidence", "accuracy"],
                   [[f"{b['lo']:.1f}-{b['hi']:.1f}", f"{b['count']:g}", f"{b['confidence']:.3f}",
                     f"{b['accuracy']:.3f}"] for b in fid["reliability"]])
-    if fid["samples_per_row"] == 1:
+    if fid["samples_per_row"] == 1 and fid["estimator"] == "histogram_fallback":
         out += ["", "k = 1: each row's estimate rests on one sample, so confidence is the same on every "
                     "row of a slate size; sample k > 1 for meaningful fidelity and calibration."]
     return out
@@ -129,7 +152,7 @@ def _order_section(r: dict) -> list[str]:
         return []
     out = ["", "## Order robustness", "",
            f"Every row scored in the shown order plus {block['n_permutations']} seeded permutations of its "
-           "options (first sample). A model that reads the videos keeps its accuracy in every order and "
+           f"options (accuracy: {block['accuracy_kind']}). A model that reads the videos keeps its accuracy in every order and "
            "recalls the gold option equally at every position; a position-biased one does not."]
     if "note" in block:
         out += ["", block["note"] + "."]
@@ -137,6 +160,9 @@ def _order_section(r: dict) -> list[str]:
             for k in ("accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max") if k in block]
     if "choice_consistency" in block:
         rows.append(["same video chosen in every order (share of rows)", fmt(block["choice_consistency"])])
+    if "choice_tv_across_orders" in block:
+        rows.append(["TV between a row's choice distributions over the same videos in other orders",
+                     fmt(block["choice_tv_across_orders"])])
     rows += [[f"recall at shown position {p} (gold there, answered right)", fmt(e)]
              for p, e in block["position_recall"].items()]
     rows += [["per-position recall spread: std", fmt(block["position_recall_std"])],
@@ -224,6 +250,13 @@ def summary_table(r: dict) -> str:
         rows.append(("per-position recall spread (max - min)", fmt(order["position_recall_range"])))
     rows += [(f"baseline: {name}", fmt(row["accuracy"])) for name, row in r["baselines"].items()]
     rows += [(f"opinion {k}", fmt(v)) for k, v in r["opinion"].items()]
+    fid = r["fidelity"]
+    rows.append(("choice distribution estimator", fid["estimator"]))
+    if "tv_choice" in fid:
+        rows.append(("TV to the true choice probabilities", fmt(fid["tv_choice"])))
+    rows += [("NLL of the human choice", fmt(fid["nll"]["model"])), ("ECE", fmt(fid["ece"]))]
+    if "answer_slot" in fid:
+        rows.append(("forced answer slots (share of completions)", f"{fid['answer_slot']['forced_slot_share']:.3f}"))
     width = max(len(a) for a, _ in rows)
     head = f"{'metric':<{width}}  value [95% CI]   ({r['n_rows']} rows, k={r['samples_per_row']})"
     return "\n".join([head, "-" * len(head)] + [f"{a:<{width}}  {b}" for a, b in rows])

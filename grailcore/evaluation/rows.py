@@ -13,6 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from grailcore.data.schema import OPINION_DIRECTIONS, Example
+from grailcore.evaluation.answer_slot import RowSlots
 
 NONE = -1
 """Code for 'no parsed answer / no opinion / no gold opinion' in the int arrays."""
@@ -20,6 +21,54 @@ NONE = -1
 # The original system counted a completion as formatted when this tag matched,
 # whatever else the text held (its ANS_TAG); kept here so its format rate reproduces.
 _ORIGINAL_ANSWER_TAG = re.compile(r"(?si)<answer>\s*([^<\n]+?)\s*</answer>")
+
+
+@dataclass(frozen=True)
+class SlotArrays:
+    """The rows' answer-slot distributions (`answer_slot.RowSlots`) as padded arrays.
+    Entries are a row's sampled completions (exact) or its one direct read; their count S
+    need not equal the K parsed samples."""
+
+    estimator: str
+    """answer_slot.EXACT or answer_slot.DIRECT, the same for every row."""
+    temperature: float
+    choice: np.ndarray  # [N, S, max_n] float, p(option k) per entry, 0-padded
+    opinion: np.ndarray  # [N, S, 3] float, p(direction) per entry
+    mask: np.ndarray  # [N, S] bool, real entries
+    forced: np.ndarray  # [N, S] bool, the choice slot was forced (no <answer> written)
+
+    def _mean(self, values: np.ndarray) -> np.ndarray:
+        return (values * self.mask[..., None]).sum(axis=1) / self.mask.sum(axis=1)[:, None]
+
+    @property
+    def row_choice(self) -> np.ndarray:
+        """[N, max_n] each row's choice distribution: the mean of its entries (Rao-Blackwellised)."""
+        return self._mean(self.choice)
+
+    @property
+    def row_opinion(self) -> np.ndarray:
+        """[N, 3] each row's opinion distribution, likewise."""
+        return self._mean(self.opinion)
+
+    @classmethod
+    def stack(cls, slots: Sequence[RowSlots], n_options: np.ndarray) -> SlotArrays:
+        estimators = {r.estimator for r in slots}
+        temperatures = {r.temperature for r in slots}
+        if len(estimators) != 1 or len(temperatures) != 1:
+            raise ValueError(f"the rows' answer-slot distributions mix estimators {sorted(estimators)} / "
+                             f"temperatures {sorted(temperatures)}; score one evaluation at a time")
+        width, entries = int(n_options.max()), max(len(r.samples) for r in slots)
+        choice = np.zeros((len(slots), entries, width))
+        opinion = np.zeros((len(slots), entries, len(OPINION_DIRECTIONS)))
+        mask = np.zeros((len(slots), entries), dtype=bool)
+        forced = np.zeros((len(slots), entries), dtype=bool)
+        for i, (row, n) in enumerate(zip(slots, n_options)):
+            for j, s in enumerate(row.samples):
+                if len(s.choice) != n:
+                    raise ValueError(f"row {i + 1}: {len(s.choice)} option probabilities for {n} options")
+                choice[i, j, :n], opinion[i, j], mask[i, j] = s.choice, s.opinion, True
+                forced[i, j] = s.choice_slot == "forced"
+        return cls(estimators.pop(), temperatures.pop(), choice, opinion, mask, forced)
 
 
 @dataclass(frozen=True)
@@ -44,6 +93,8 @@ class ScoredRows:
     viewer_id: tuple[str | None, ...]
     true_choice_probs: np.ndarray | None  # [N, max_n] float, 0-padded; synthetic only
     true_opinion_probs: np.ndarray | None  # [N, 3] float; synthetic only
+    slots: SlotArrays | None = None
+    """The model's answer-slot distributions; None = only texts (histogram fallback)."""
 
     @property
     def n_rows(self) -> int:
@@ -90,10 +141,12 @@ def _true_probs(examples: Sequence[Example], width: int, attr: str) -> np.ndarra
     return out
 
 
-def score_completions(examples: Sequence[Example], completions: Sequence[Sequence[str]]) -> ScoredRows:
+def score_completions(examples: Sequence[Example], completions: Sequence[Sequence[str]],
+                      slots: Sequence[RowSlots] | None = None) -> ScoredRows:
     """Parse every completion of every viewer example into a `ScoredRows`.
 
-    `completions[i]` holds the samples of `examples[i]` (first = greedy when k = 1).
+    `completions[i]` holds the samples of `examples[i]` (first = greedy when k = 1);
+    `slots[i]`, when given, their answer-slot distributions.
     """
     from grailcore.rewards.parsing import original_answer, parse_viewer
 
@@ -105,13 +158,13 @@ def score_completions(examples: Sequence[Example], completions: Sequence[Sequenc
             raise ValueError(f"example {i} ({ex.example_id}) has task {ex.task!r}; viewer evaluation needs 'viewer'")
         if not texts:
             raise ValueError(f"example {i} ({ex.example_id}) has no completions")
-        parsed = [parse_viewer(t, ex.n_options) for t in texts]
+        parsed = [parse_viewer(t, ex.n_options, ex.meta.get("layout", "think")) for t in texts]
         answers.append([NONE if p.answer is None else p.answer for p in parsed])  # parser checks 1..n
         fmt.append([p.format_ok for p in parsed])
         opinions.append([opinion_code(p.opinion) for p in parsed])
         orig.append([NONE if (a := original_answer(t)) is None else a for t in texts])
         orig_fmt.append([original_formatted(t) for t in texts])
-    return build_rows(examples, answers, fmt, opinions, orig, orig_fmt)
+    return build_rows(examples, answers, fmt, opinions, orig, orig_fmt, slots)
 
 
 def build_rows(
@@ -121,8 +174,11 @@ def build_rows(
     opinions: Sequence[Sequence[int]] | None = None,
     original_answers: Sequence[Sequence[int]] | None = None,
     original_fmt: Sequence[Sequence[bool]] | None = None,
+    slots: Sequence[RowSlots] | None = None,
 ) -> ScoredRows:
     """Assemble `ScoredRows` from per-sample codes (tests build rows directly with this)."""
+    if slots is not None and len(slots) != len(examples):
+        raise ValueError(f"{len(slots)} answer-slot rows for {len(examples)} examples; they must align")
     k = max((len(a) for a in answers), default=1)
     lengths = [len(a) for a in answers]
     mask = np.arange(k)[None, :] < np.asarray(lengths)[:, None]
@@ -144,4 +200,5 @@ def build_rows(
         viewer_id=tuple(ex.viewer_id or None for ex in examples),
         true_choice_probs=_true_probs(examples, width, "true_choice_probs"),
         true_opinion_probs=_true_probs(examples, len(OPINION_DIRECTIONS), "true_opinion_probs"),
+        slots=SlotArrays.stack(slots, n_opts) if slots is not None else None,
     )

@@ -10,7 +10,7 @@ from typing import Any
 from grailcore.config import Config
 from grailcore.data.audit import audit_examples
 from grailcore.data.schema import Example
-from grailcore.evaluation.completions_io import read_completions, write_completions
+from grailcore.evaluation.completions_io import EvalSamples, read_completions, write_completions
 from grailcore.evaluation.evaluate import EvalOptions, evaluate
 from grailcore.evaluation.report import summary_table, write_report
 
@@ -38,6 +38,8 @@ class EvalJob:
     temperatures: tuple[float, ...] = ()
     """A sweep: one engine samples the rows at each temperature (overriding `temperature`),
     each scored into out/T{t:g}/."""
+    exact: bool = True
+    """Read the answer-slot distribution of every completion (exact fidelity metrics)."""
 
 
 def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] | None, dict[str, Any]]:
@@ -76,20 +78,19 @@ def check_disjoint(examples: list[Example], train: list[Example] | None) -> None
 
 
 def build_engine(cfg: Config, model_dir: Path, tokenizer):
-    """The configured rollout engine over a freshly loaded policy (HF by default), on the
-    GPU when there is one."""
+    """The configured rollout engine (`rollout.build_engine`), on the GPU when there is one; the
+    HF engine (or vLLM's HF fallback) samples a freshly loaded copy of the model."""
     from grailcore.dist import init_distributed
     from grailcore.model import load_policy
     from grailcore.rollout import build_engine as configured_engine
-    from grailcore.rollout.hf import HFEngine
 
     dist = init_distributed()
-
-    def hf_engine() -> HFEngine:
+    needs_hf = cfg.rollout.engine != "vllm" or cfg.rollout.fallback_to_hf
+    policy = None
+    if needs_hf:  # vLLM loads its own weights; HF samples this copy
         policy = load_policy(model_dir, cfg.model.dtype, cfg.model.attn_implementation).to(dist.device)
-        return HFEngine(policy.eval().requires_grad_(False), tokenizer, shares_weights=True)
-
-    return configured_engine(cfg, model_dir, dist, hf_engine)
+        policy.eval().requires_grad_(False)
+    return configured_engine(cfg, model_dir, dist, policy, tokenizer)
 
 
 def permuted_path(completions: Path, r: int) -> Path:
@@ -97,7 +98,7 @@ def permuted_path(completions: Path, r: int) -> Path:
     return completions.with_name(f"{completions.stem}_perm{r}{completions.suffix}")
 
 
-def read_permuted(job: EvalJob, n_rows: int) -> list[tuple[list[Example], list[list[str]]]]:
+def read_permuted(job: EvalJob, n_rows: int) -> list[EvalSamples]:
     """The permuted copies written beside `job.completions` by an earlier model run."""
     out = []
     for r in range(1, job.permutations + 1):
@@ -105,8 +106,7 @@ def read_permuted(job: EvalJob, n_rows: int) -> list[tuple[list[Example], list[l
         if not path.is_file():
             raise FileNotFoundError(f"--permutations {job.permutations} with --completions needs {path} "
                                     "(written by a model run with --permutations)")
-        copy, texts = read_completions(path)
-        out.append((copy[:n_rows], texts[:n_rows]))
+        out.append(read_completions(path).head(n_rows))
     return out
 
 
@@ -120,37 +120,33 @@ def open_model(job: EvalJob, cfg: Config) -> tuple[Any, Any]:
 
 
 def sample_model(job: EvalJob, cfg: Config, examples: list[Example], out: Path, engine, tokenizer
-                 ) -> tuple[list[list[str]], dict, list[tuple[list[Example], list[list[str]]]]]:
+                 ) -> tuple[EvalSamples, dict, list[EvalSamples]]:
     """Completions of `job.model` for `examples` (and for `job.permutations` reordered copies)
-    at `job.temperature`, saved to out/completions.jsonl (and completions_perm{r}.jsonl) for rescoring."""
-    from grailcore.evaluation.generate import eval_sampling_params, generate_permuted, generate_raw
+    at `job.temperature` with their answer-slot distributions (`job.exact`), saved to
+    out/completions.jsonl (and completions_perm{r}.jsonl) for rescoring."""
+    from grailcore.evaluation.generate import eval_sampling_params, generate_permuted, generate_samples
 
     params = eval_sampling_params(job.samples_per_row, job.temperature, job.max_tokens, cfg.rollout.top_p,
                                   seed=job.options.seed)
-    raw = generate_raw(engine, tokenizer, examples, params)
-    permuted_raw = generate_permuted(engine, tokenizer, examples, job.permutations, params, job.options.seed)
-    completions = [[c.text for c in row] for row in raw]
-    reasons = [[c.finish_reason for c in row] for row in raw]
-    write_completions(out / "completions.jsonl", examples, completions, reasons)
-    permuted = []
-    for r, (copy, rows) in enumerate(permuted_raw, 1):
-        texts = [[c.text for c in row] for row in rows]
-        write_completions(permuted_path(out / "completions.jsonl", r), copy, texts,
-                          [[c.finish_reason for c in row] for row in rows])
-        permuted.append((copy, texts))
+    samples = generate_samples(engine, tokenizer, examples, params, job.exact)
+    permuted = generate_permuted(engine, tokenizer, examples, job.permutations, params, job.options.seed, job.exact)
+    write_completions(out / "completions.jsonl", samples)
+    for r, copy in enumerate(permuted, 1):
+        write_completions(permuted_path(out / "completions.jsonl", r), copy)
+    reasons = samples.finish_reasons
     truncated = sum(r == "length" for row in reasons for r in row) / max(1, sum(map(len, reasons)))
     meta = {"model": job.model, "engine": type(engine).__name__, "greedy": params.greedy,
-            "temperature": None if params.greedy else params.temperature, "top_p": params.top_p,
+            "temperature": params.temperature, "top_p": params.top_p,
             "max_tokens": params.max_tokens, "truncated_share": round(truncated, 4),
-            "permutations": job.permutations}
-    return completions, meta, permuted
+            "permutations": job.permutations, "layout": cfg.data.layout}
+    return samples, meta, permuted
 
 
-def score(job: EvalJob, examples: list[Example], completions: list[list[str]], train: list[Example] | None,
-          meta: dict[str, Any], permuted: list, out: Path) -> dict[str, Any]:
+def score(job: EvalJob, samples: EvalSamples, train: list[Example] | None,
+          meta: dict[str, Any], permuted: list[EvalSamples], out: Path) -> dict[str, Any]:
     """Every metric of one set of completions, written to `out` and summarised on stdout."""
     meta = {**meta, "priors_fitted_on": f"{len(train)} training rows" if train else "the evaluated rows (no train rows)"}
-    results = evaluate(examples, completions, train, job.options, permuted)
+    results = evaluate(samples.examples, samples.texts, train, job.options, permuted, samples.slots)
     paths = write_report(results, out, meta)
     print(summary_table(results))
     if "leak_audit_of_the_file_as_given" in meta:
@@ -171,14 +167,12 @@ def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
     if job.completions:
         if job.temperatures:
             raise ValueError("--temperatures samples a model at each temperature; --completions has nothing to sample")
-        examples, completions = read_completions(job.completions)
-        if job.max_samples:
-            examples, completions = examples[: job.max_samples], completions[: job.max_samples]
+        samples = read_completions(job.completions).head(job.max_samples or None)
         train = load_train(job, cfg, eval_has_splits=False)
-        check_disjoint(examples, train)
+        check_disjoint(samples.examples, train)
         out.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {"completions": job.completions, "permutations": job.permutations}
-        return score(job, examples, completions, train, meta, read_permuted(job, len(examples)), out)
+        return score(job, samples, train, meta, read_permuted(job, len(samples.examples)), out)
     examples, train, meta = load_rows(job, cfg)
     check_disjoint(examples, train)
     engine, tokenizer = open_model(job, cfg)
@@ -188,8 +182,8 @@ def run(job: EvalJob, cfg: Config) -> dict[str, Any]:
             target = temperature_dir(out, t) if job.temperatures else out
             target.mkdir(parents=True, exist_ok=True)
             one = replace(job, temperature=t)
-            completions, sample_meta, permuted = sample_model(one, cfg, examples, target, engine, tokenizer)
-            sweep[t] = score(one, examples, completions, train, {**meta, **sample_meta}, permuted, target)
+            samples, sample_meta, permuted = sample_model(one, cfg, examples, target, engine, tokenizer)
+            sweep[t] = score(one, samples, train, {**meta, **sample_meta}, permuted, target)
     finally:
         engine.close()
     return sweep if job.temperatures else sweep[job.temperature]

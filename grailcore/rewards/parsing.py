@@ -20,7 +20,8 @@ Rules shared by every strict parser (tags are the exact lowercase strings `<thin
   the last tag); it only breaks `format_ok`.
 - viewer `format_ok`: exactly `<think>..</think><answer>k</answer><opinion>..</opinion>`
   in this order, with only whitespace before, between and after the blocks, and both
-  k and the opinion parsed. math `math_format_ok`: the same with `<think>` and
+  k and the opinion parsed. In the direct layout (`data.layout="direct"`, no reasoning)
+  the same without the `<think>` block, and a `<think>` tag anywhere breaks it. math `math_format_ok`: the same with `<think>` and
   `<answer>` only and a non-empty answer.
 
 The original system's rule (`original_answer`): the FIRST `<answer>...</answer>`
@@ -115,18 +116,19 @@ def _parse_opinion(content: str) -> str | None:
     return label if label in OPINION_DIRECTIONS else None
 
 
-def parse_viewer(text: str, n_options: int) -> ParsedViewer:
-    """Parse a viewer completion under the strict rules of this module."""
+def parse_viewer(text: str, n_options: int, layout: str = "think") -> ParsedViewer:
+    """Parse a viewer completion under the strict rules of this module; `layout` ('think'
+    or 'direct') only decides `format_ok`."""
+    if layout not in ("think", "direct"):
+        raise ValueError(f"layout must be 'think' or 'direct', got {layout!r}")
     blocks = find_blocks(text, VIEWER_TAGS)
     think, answer_block, opinion_block = (blocks[tag] for tag in VIEWER_TAGS)
     answer = _parse_index(answer_block.content, n_options) if answer_block else None
     opinion = _parse_opinion(opinion_block.content) if opinion_block else None
-    format_ok = (
-        think is not None
-        and answer is not None
-        and opinion is not None
-        and _only_whitespace_around(text, [think, answer_block, opinion_block])
-    )
+    format_ok = answer is not None and opinion is not None and (
+        think is not None and _only_whitespace_around(text, [think, answer_block, opinion_block])
+        if layout == "think" else
+        "<think>" not in text and _only_whitespace_around(text, [answer_block, opinion_block]))
     return ParsedViewer(answer=answer, opinion=opinion, has_think=think is not None, format_ok=format_ok)
 
 

@@ -8,7 +8,9 @@ from grailcore.data.schema import Example
 from grailcore.rewards.parsing import VIEWER_TAGS, ParsedViewer, parse_viewer
 from grailcore.rewards.registry import register
 
-_TAG_STRINGS = tuple(s for tag in VIEWER_TAGS for s in (f"<{tag}>", f"</{tag}>"))
+_TAG_STRINGS = {layout: tuple(s for tag in VIEWER_TAGS[layout == "direct":] for s in (f"<{tag}>", f"</{tag}>"))
+                for layout in ("think", "direct")}
+"""The tags of each layout (the direct one has no <think>)."""
 
 
 def _parse(example: Example, completion: str) -> ParsedViewer:
@@ -17,7 +19,7 @@ def _parse(example: Example, completion: str) -> ParsedViewer:
             f"example {example.example_id!r}: viewer rewards need 'gold_index' and 'n_options', "
             f"got {example.gold_index} and {example.n_options}"
         )
-    return parse_viewer(completion, example.n_options)
+    return parse_viewer(completion, example.n_options, example.meta.get("layout", "think"))
 
 
 @register("option_accuracy", task="viewer")
@@ -51,12 +53,15 @@ def slate_accuracy(example: Example, completion: str) -> float:
 
 @register("format", task="viewer")
 def format_reward(example: Example, completion: str) -> float:
-    """1 for the exact layout `<think>..</think><answer>k</answer><opinion>..</opinion>`."""
+    """1 for the exact layout `<think>..</think><answer>k</answer><opinion>..</opinion>`
+    (`<answer>k</answer><opinion>..</opinion>` for rows rendered with data.layout='direct')."""
     return float(_parse(example, completion).format_ok)
 
 
 @register("tag_count", task="viewer")
 def tag_count(example: Example, completion: str) -> float:
     """1/6 for each of the six tag strings that occurs exactly once (missing and
-    repeated tags both cost), a denser signal than `format` early in training."""
-    return sum(completion.count(s) == 1 for s in _TAG_STRINGS) / len(_TAG_STRINGS)
+    repeated tags both cost), a denser signal than `format` early in training; 1/4 for
+    each of the direct layout's four."""
+    tags = _TAG_STRINGS[example.meta.get("layout", "think")]
+    return sum(completion.count(s) == 1 for s in tags) / len(tags)

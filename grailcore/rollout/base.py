@@ -24,6 +24,13 @@ class RolloutEngine(Protocol):
         """`names` completed to what the engine must receive together (fused layers)."""
         ...
 
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[list[int]],
+                            temperature: float) -> list[list[float]]:
+        """For each token sequence (a chat-templated prompt and whatever follows it), the
+        log-probability under softmax(logits / temperature) that the next token is each of
+        `token_ids[i]` (top_p ignored): `out[i][j]` = log p(token_ids[i][j] | sequences[i])."""
+        ...
+
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new policy weights (HF names: all, or whole `load_units`) into the engine;
         weights not given stay; must reset any cache."""

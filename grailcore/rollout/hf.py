@@ -14,6 +14,7 @@ import torch
 from transformers import GenerationConfig
 
 from grailcore.rng import derive_seed
+from grailcore.rollout.next_token import trie_next_token_logprobs
 from grailcore.rollout.precision import EngineDtype
 from grailcore.types import Completion, SamplingParams
 
@@ -136,6 +137,12 @@ class HFEngine:
     def load_units(self, names: set[str]) -> set[str]:
         """Any subset of parameters can be updated on its own here."""
         return set(names)
+
+    def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[list[int]],
+                            temperature: float) -> list[list[float]]:
+        """The protocol's scoring pass, on the module this engine samples from (sequences
+        sharing a prompt run as one packed trie, see `grailcore.rollout.next_token`)."""
+        return trie_next_token_logprobs(self.model, sequences, token_ids, temperature)
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy the given HF-named tensors (all or some) into the engine's own model."""

@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT, build_example, encode_prompt, option_text
+from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT, DIRECT_SYSTEM_PROMPT, build_example, encode_prompt, option_text
 from grailcore.data.schema import Video, WatchedVideo
 from grailcore.data.synth import generate_study
 
@@ -41,6 +41,11 @@ def test_sections_and_lines_follow_the_seed_format(study):
     assert ex.messages[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
     assert "<answer>k</answer><opinion>increase|decrease|no_change</opinion>" in DEFAULT_SYSTEM_PROMPT
     assert build_example(d, system_prompt="Be brief.").messages[0]["content"] == "Be brief."
+    assert ex.meta["layout"] == "think"
+    direct = build_example(d, layout="direct")
+    assert direct.messages[0]["content"] == DIRECT_SYSTEM_PROMPT and direct.meta["layout"] == "direct"
+    assert "<think>" not in DIRECT_SYSTEM_PROMPT and "<answer>k</answer><opinion>" in DIRECT_SYSTEM_PROMPT
+    assert direct.messages[1] == ex.messages[1]  # the same user prompt
 
 
 def test_no_information_from_after_the_decision(study):

@@ -8,7 +8,8 @@ import pytest
 
 from grailcore.data.schema import SchemaError
 from grailcore.eval import main
-from grailcore.evaluation.completions_io import example_row, read_completions, write_completions
+from grailcore.data.prompt import DIRECT_SYSTEM_PROMPT
+from grailcore.evaluation.completions_io import EvalSamples, example_row, read_completions, write_completions
 
 from .helpers import REPO, completion, example
 
@@ -26,13 +27,14 @@ def rendered(i: int, gold: int, viewer: str, opinion: str):
 def tiny_file(tmp_path):
     examples = [rendered(0, 2, "a", "increase"), rendered(1, 3, "a", "no_change"), rendered(2, 2, "b", "decrease")]
     completions = [[completion(2, "increase")], [completion(1, "no_change")], [completion(2, "increase")]]
-    path = write_completions(tmp_path / "completions.jsonl", examples, completions)
+    path = write_completions(tmp_path / "completions.jsonl", EvalSamples(examples, completions))
     return path, examples
 
 
 def test_completions_file_round_trip(tmp_path):
     path, examples = tiny_file(tmp_path)
-    loaded, completions = read_completions(path)
+    samples = read_completions(path)
+    loaded, completions = samples.examples, samples.texts
     assert completions == [[completion(2, "increase")], [completion(1, "no_change")], [completion(2, "increase")]]
     for a, b in zip(examples, loaded):
         assert example_row(a) == example_row(b)
@@ -108,3 +110,33 @@ def test_temperature_sweep_loads_the_model_once_and_scores_each_temperature(tmp_
         assert metrics["meta"]["temperature"] == t and metrics["n_rows"] == 3 and metrics["samples_per_row"] == 2
     with pytest.raises(ValueError, match="--completions has nothing to sample"):
         main(["--completions", str(tiny_file(tmp_path)[0]), "--temperatures", "0.5", "1.0", "--out", str(tmp_path / "x")])
+
+
+def test_a_model_run_writes_exact_metrics_says_so_and_rescoring_the_file_needs_no_model(tmp_path, capsys):
+    """`grailcore.eval --model` (micro-llama, HF engine): metrics from the answer-slot
+    distributions, labelled; its completions file gives the same numbers without the model;
+    --no-exact and the direct layout are labelled too."""
+    args = ["--model", "micro-llama", "--data", "synthetic:gun_control", "--max-samples", "4",
+            "--samples-per-row", "2", "--max-tokens", "6", "--n-boot", "20"]
+    exact = main([*args, "--out", str(tmp_path / "exact")])
+    metrics = json.loads((tmp_path / "exact" / "metrics.json").read_text())
+    assert metrics["fidelity"]["estimator"] == "exact_answer_slot"
+    assert metrics["fidelity"]["answer_slot"]["forced_slot_share"] == 1.0  # 6 random tokens never answer
+    assert metrics["fidelity"]["answer_slot"]["rows_with_forced_slot"] == 4
+    assert metrics["fidelity"]["ece"]["lo"] is not None  # intervals clustered by viewer
+    assert "tv_choice_sampling_floor" not in metrics["fidelity"]
+    assert "exact_answer_slot" in (tmp_path / "exact" / "report.md").read_text()
+    assert "choice distribution estimator" in capsys.readouterr().out
+    again = main(["--completions", str(tmp_path / "exact" / "completions.jsonl"), "--n-boot", "20",
+                  "--out", str(tmp_path / "rescored")])
+    assert again["fidelity"]["estimator"] == "exact_answer_slot"
+    assert again["fidelity"]["tv_choice"].value == pytest.approx(exact["fidelity"]["tv_choice"].value)
+    assert again["fidelity"]["nll"]["model"].value == pytest.approx(exact["fidelity"]["nll"]["model"].value)
+    sampled_only = main([*args, "--no-exact", "--out", str(tmp_path / "histogram")])
+    assert sampled_only["fidelity"]["estimator"] == "histogram_fallback"
+    direct = main([*args, "--layout", "direct", "--out", str(tmp_path / "direct")])
+    assert direct["fidelity"]["estimator"] == "direct"
+    row = json.loads((tmp_path / "direct" / "completions.jsonl").read_text().splitlines()[0])
+    assert row["layout"] == "direct" and len(row["answer_slot"]["choice"]) == 1
+    back = read_completions(tmp_path / "direct" / "completions.jsonl").examples[0]
+    assert back.messages[0]["content"] == DIRECT_SYSTEM_PROMPT and back.meta["layout"] == "direct"

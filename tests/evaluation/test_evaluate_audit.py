@@ -9,7 +9,7 @@ from grailcore.config import Config, DataConfig
 from grailcore.data import load_examples
 from grailcore.eval import main
 from grailcore.evaluation import EvalOptions, evaluate, flatten
-from grailcore.evaluation.completions_io import write_completions
+from grailcore.evaluation.completions_io import EvalSamples, write_completions
 from grailcore.evaluation.report import summary_table
 from grailcore.evaluation.run import EvalJob, load_rows
 
@@ -37,8 +37,8 @@ def test_rows_with_the_flaw_are_reported_beside_the_accuracy_they_allow():
 
 def test_cli_prints_the_audit_of_scored_rows_and_of_the_file_as_given(tmp_path, capsys):
     loaded = load_examples(str(FLAW), DataConfig())
-    path = write_completions(tmp_path / "c.jsonl", loaded.raw_examples,
-                             [[completion(ex.n_options)] for ex in loaded.raw_examples])
+    path = write_completions(tmp_path / "c.jsonl", EvalSamples(loaded.raw_examples,
+                                                              [[completion(ex.n_options)] for ex in loaded.raw_examples]))
     main(["--completions", str(path), "--out", str(tmp_path / "out"), "--n-boot", "0"])
     assert re.search(r"leak audit of these rows +LEAK", capsys.readouterr().out)
     assert "Leak audit of these 200 rows as the model saw them" in (tmp_path / "out" / "report.md").read_text()

@@ -41,6 +41,8 @@ def test_evaluate_scores_the_shown_order_plus_eval_permutations():
     assert sum(sampled) == 3 * (2 + 1)  # every row, in the shown order and in 2 permuted ones
     assert result["eval/order/n_orders"] == 3
     assert "eval/order/accuracy_std" in result  # spread across orders exists only with permutations
+    assert "eval/order/choice_tv_across_orders" in result  # from the answer-slot distributions
+    assert result["eval/forced_slot_share"] == 1.0  # 6 tokens of a random model never reach <answer>
 
 
 def test_evaluate_at_a_step_keeps_its_completions_for_paired_comparison(tmp_path):
@@ -53,13 +55,17 @@ def test_evaluate_at_a_step_keeps_its_completions_for_paired_comparison(tmp_path
     finally:
         trainer.close()
     first, last = tmp_path / "run" / "eval" / "step_000005.jsonl", tmp_path / "run" / "eval" / "step_000012.jsonl"
-    examples, completions = read_completions(first)
+    samples = read_completions(first)
+    examples, completions = samples.examples, samples.texts
     eval_examples = trainer.data.eval_examples
     assert [ex.example_id for ex in examples] == [ex.example_id for ex in eval_examples]
     assert [len(row) for row in completions] == [2, 2, 2]
     assert examples[0].true_choice_probs == eval_examples[0].true_choice_probs
+    # the step files carry every completion's answer-slot distribution: compare uses them
+    assert [len(row.samples) for row in samples.slots] == [2, 2, 2]
     diffs = paired_differences(last, first, alpha=1.0, n_boot=50)
-    assert set(diffs) == {"tv", "nll", "acc", "parsed", "format", "acc_parsed"}
+    assert set(diffs) == {"tv", "nll", "off_slate", "acc", "parsed", "format", "acc_parsed", "estimator"}
+    assert diffs["estimator"] == "exact_answer_slot"
     same = paired_differences(first, first, alpha=1.0, n_boot=50)
     assert all(same[k].value == 0 for k in ("tv", "nll", "acc", "parsed", "format"))
     # accuracy among parsed answers is 0/0 when an untrained model parses none

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from grailcore.evaluation import fidelity as fd
+from grailcore.evaluation.answer_slot import EXACT, RowSlots, SampleSlots
 from grailcore.evaluation.baselines import fit_position_prior
 from grailcore.evaluation.rows import NONE, build_rows
 
@@ -91,3 +92,70 @@ def test_histograms_follow_bootstrap_row_weights():
     np.testing.assert_allclose(gold, [1, 0, 0])
     model, gold = fd.opinion_histograms(rows, dropped_second)
     np.testing.assert_allclose(gold, [1, 0, 0, 0])
+
+
+def test_ece_splits_ties_without_favouring_a_position():
+    # two rows whose top options tie (0.4, 0.4, 0.2): gold 1 and gold 2. Breaking ties toward
+    # option 1 would call the first right and the second wrong; a uniform tie-break is half right on both.
+    probs = np.array([[0.4, 0.4, 0.2], [0.4, 0.4, 0.2], [0.2, 0.3, 0.5]])
+    confidence, correct = fd.top_choice(probs, np.array([1, 2, 3]))
+    np.testing.assert_allclose(confidence, [0.4, 0.4, 0.5])
+    np.testing.assert_allclose(correct, [0.5, 0.5, 1.0])
+    # through the metric: a histogram row 1,2 ties at k = 2 whichever option is gold
+    examples = [example(0, 1, 3), example(1, 2, 3)]
+    rows = build_rows(examples, [[1, 2], [1, 2]])
+    out = fd.choice_fidelity(rows, fit_position_prior([1], [3], 1.0, "t"), alpha=0.0, plan=None)
+    assert out["reliability"][0]["accuracy"] == pytest.approx(0.5)
+
+
+def test_sampling_floor_uses_each_rows_parsed_samples():
+    true = np.array([[0.6, 0.3, 0.1]] * 200)
+    n = np.full(200, 3)
+    per_row = fd.sampling_floor_tv(true, n, k=np.array([1] * 100 + [16] * 100), alpha=0.0)
+    assert per_row[:100].mean() > 2 * per_row[100:].mean()
+    # a row whose 4 samples are all unparsed rests on 0 draws: its floor is the uniform's TV, not k = 4's
+    examples = [example(0, 1, 3, true_probs=(0.6, 0.3, 0.1)), example(1, 1, 3, true_probs=(0.6, 0.3, 0.1))]
+    rows = build_rows(examples, [[1, 1, 2, 1], [NONE] * 4])
+    floor = fd.choice_fidelity(rows, fit_position_prior([1], [3], 1.0, "t"), alpha=1.0, plan=None)[
+        "tv_choice_sampling_floor"]
+    uniform_tv = 0.5 * (abs(0.6 - 1 / 3) + abs(0.3 - 1 / 3) + abs(0.1 - 1 / 3))
+    four_draws = fd.sampling_floor_tv(true[:1], n[:1], k=4, alpha=1.0, repeats=400).mean()
+    assert floor == pytest.approx((uniform_tv + four_draws) / 2, abs=0.03)
+
+
+def _slots(per_sample: list[list[tuple]], opinions: tuple = (0.2, 0.3, 0.4)) -> list[RowSlots]:
+    return [RowSlots(EXACT, 1.0, tuple(SampleSlots(p, opinions, "sampled", "sampled") for p in row))
+            for row in per_sample]
+
+
+def test_exact_distributions_drive_every_choice_measure_by_hand():
+    examples = [example(0, 1, 2, true_probs=(0.5, 0.5), opinion="no_change"),
+                example(1, 2, 2, true_probs=(1.0, 0.0), opinion="increase")]
+    # row 0: two completions (0.6, 0.2) and (0.2, 0.6) -> mean (0.4, 0.4), off-slate 0.2
+    # row 1: one completion (0.1, 0.9), off-slate 0; the sampled answers disagree with both (ignored)
+    slots = _slots([[(0.6, 0.2), (0.2, 0.6)], [(0.1, 0.9)]])
+    rows = build_rows(examples, [[2, 2], [1]], slots=slots)
+    out = fd.choice_fidelity(rows, fit_position_prior([1], [2], 1.0, "t"), alpha=1.0, plan=None)
+    assert out["estimator"] == EXACT and "smoothing_alpha" not in out and "tv_choice_sampling_floor" not in out
+    assert out["nll"]["model"].value == pytest.approx((-np.log(0.4) - np.log(0.9)) / 2)
+    # TV with the off-slate bin: row 0 0.5 (0.1 + 0.1 + 0.2), row 1 0.5 (0.9 + 0.9 + 0)
+    assert out["tv_choice"].value == pytest.approx((0.2 + 0.9) / 2)
+    np.testing.assert_allclose(out["position_histogram"]["model"], [0.25, 0.65, 0.1])
+    assert out["answer_slot"]["off_slate_mass"].value == pytest.approx(0.1)
+    assert out["answer_slot"]["forced_slot_share"] == 0.0
+    # calibration: row 0 ties 0.4 / 0.4 (gold 1: half right), row 1 top 0.9 (gold 2: right)
+    assert out["ece"].value == pytest.approx((abs(0.5 - 0.4) + abs(1.0 - 0.9)) / 2)
+    opinion = fd.opinion_fidelity(rows, alpha=1.0, plan=None)
+    assert opinion["estimator"] == EXACT
+    np.testing.assert_allclose(opinion["model_distribution"], [0.2, 0.3, 0.4, 0.1])
+    assert opinion["nll_model"].value == pytest.approx((-np.log(0.4) - np.log(0.2)) / 2)
+
+
+def test_an_off_slate_model_cannot_win_by_not_answering():
+    examples = [example(i, 1, 3, true_probs=(0.5, 0.3, 0.2)) for i in range(4)]
+    honest = build_rows(examples, [[1]] * 4, slots=_slots([[(0.5, 0.3, 0.2)]] * 4))
+    silent = build_rows(examples, [[NONE]] * 4, slots=_slots([[(0.05, 0.03, 0.02)]] * 4))  # 90% off-slate
+    prior = fit_position_prior([1], [3], 1.0, "t")
+    a, b = (fd.choice_fidelity(r, prior, 1.0, None) for r in (honest, silent))
+    assert a["tv_choice"].value == 0 and b["tv_choice"].value == pytest.approx(0.9)
+    assert b["nll"]["model"].value == pytest.approx(a["nll"]["model"].value + np.log(10))

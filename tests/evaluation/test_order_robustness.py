@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 from grailcore.evaluation import evaluate, flatten
+from grailcore.evaluation.answer_slot import EXACT, RowSlots, SampleSlots
+from grailcore.evaluation.completions_io import EvalSamples
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.order import permute_example, permuted_copies, recover_permutation, row_permutations
 
@@ -19,7 +21,7 @@ def rows(n_rows: int = 40, n: int = 4):
 
 def run(model, examples, permutations=R, n_boot=200):
     copies = permuted_copies(examples, permutations, seed=0)
-    permuted = [(copy, [model(ex) for ex in copy]) for copy in copies]
+    permuted = [EvalSamples(copy, [model(ex) for ex in copy]) for copy in copies]
     return evaluate(examples, [model(ex) for ex in examples], options=EvalOptions(n_boot=n_boot), permuted=permuted)
 
 
@@ -98,13 +100,13 @@ def test_flatten_names():
 
 def test_cli_rescores_permuted_completion_files(tmp_path):
     from grailcore.eval import main
-    from grailcore.evaluation.completions_io import write_completions
+    from grailcore.evaluation.completions_io import EvalSamples, write_completions
     from grailcore.evaluation.run import permuted_path
 
     examples = [viewer_example(i, gold=i % 3 + 1, n=3) for i in range(6)]
-    path = write_completions(tmp_path / "completions.jsonl", examples, [always_first(ex) for ex in examples])
+    path = write_completions(tmp_path / "completions.jsonl", EvalSamples(examples, [always_first(ex) for ex in examples]))
     for r, copy in enumerate(permuted_copies(examples, 2), 1):
-        write_completions(permuted_path(path, r), copy, [always_first(ex) for ex in copy])
+        write_completions(permuted_path(path, r), EvalSamples(copy, [always_first(ex) for ex in copy]))
     out = str(tmp_path / "out")
     results = main(["--completions", str(path), "--out", out, "--n-boot", "0", "--permutations", "2"])
     block = results["order_robustness"]
@@ -113,3 +115,29 @@ def test_cli_rescores_permuted_completion_files(tmp_path):
     assert "choice_consistency" in block  # permutations recovered from the option texts in the files
     with pytest.raises(FileNotFoundError, match="_perm3"):
         main(["--completions", str(path), "--out", out, "--n-boot", "0", "--permutations", "3"])
+
+
+def test_with_slot_distributions_accuracy_is_p_gold_and_orders_compare_distributions():
+    """A fake whose answer-slot distribution follows the videos (0.7 on the gold video) vs one
+    that follows positions (0.7 on position 1): the first moves nothing across orders."""
+    examples = [viewer_example(i, gold=1 + i % 3, n=3) for i in range(12)]
+    copies = permuted_copies(examples, 2, seed=0)
+
+    def draws(rows, by_content: bool) -> EvalSamples:
+        slots = []
+        for ex in rows:
+            p = [0.15] * 3
+            p[(ex.gold_index - 1) if by_content else 0] = 0.7
+            slots.append(RowSlots(EXACT, 1.0, (SampleSlots(tuple(p), (0.0, 0.0, 1.0), "sampled", "sampled"),)))
+        return EvalSamples(rows, [always_first(ex) for ex in rows], slots)
+
+    for by_content in (True, False):
+        shown = draws(examples, by_content)
+        block = evaluate(examples, shown.texts, options=EvalOptions(n_boot=0), slots=shown.slots,
+                         permuted=[draws(c, by_content) for c in copies])["order_robustness"]
+        assert block["accuracy_kind"].startswith("p(gold)")
+        if by_content:
+            assert block["accuracy_by_order"] == pytest.approx([0.7] * 3)
+            assert block["choice_tv_across_orders"].value == pytest.approx(0.0)
+        else:
+            assert block["choice_tv_across_orders"].value > 0.2

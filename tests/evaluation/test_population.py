@@ -6,6 +6,8 @@ import pytest
 
 from grailcore.evaluation import evaluate, flatten
 from grailcore.evaluation import population as pop
+from grailcore.evaluation.answer_slot import EXACT, RowSlots, SampleSlots
+from grailcore.evaluation.completions_io import EvalSamples
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.rows import build_rows, opinion_code
 
@@ -119,7 +121,7 @@ def test_report_shows_order_and_population_sections(tmp_path):
     from .order_helpers import always_first
 
     examples = [viewer_example(i, gold=i % 3 + 1, n=3, stances=STANCES, opinion="no_change") for i in range(12)]
-    permuted = [(copy, [always_first(ex) for ex in copy]) for copy in permuted_copies(examples, 2)]
+    permuted = [EvalSamples(copy, [always_first(ex) for ex in copy]) for copy in permuted_copies(examples, 2)]
     results = evaluate(examples, [always_first(ex) for ex in examples], None, EvalOptions(n_boot=20), permuted)
     paths = write_report(results, tmp_path, {"model": "fake"})
     text = paths["report"].read_text()
@@ -130,3 +132,20 @@ def test_report_shows_order_and_population_sections(tmp_path):
     metrics = json.loads(paths["metrics"].read_text())
     assert metrics["order_robustness"]["position_recall"]["1"]["value"] == 1.0
     assert "order robustness: accuracy std" in summary_table(results)
+
+
+def test_exact_distributions_give_the_population_shares():
+    # two rows; the model's slot distribution over positions (0.5, 0.2, 0.2), off-slate 0.1; the
+    # opinion (increase 0.1, decrease 0.2, no_change 0.6), off-slate 0.1; the sampled answers ignored
+    examples = [viewer_example(i, gold=3, n=3, stances=STANCES, opinion="no_change") for i in range(2)]
+    slots = [RowSlots(EXACT, 1.0, (SampleSlots((0.5, 0.2, 0.2), (0.1, 0.2, 0.6), "sampled", "sampled"),))] * 2
+    rows = build_rows(examples, [[1]] * 2, slots=slots)
+    block = pop.population_fidelity(rows, examples, None, plan=None)
+    sides = [STANCES[0], STANCES[1], STANCES[2]]
+    expected = np.zeros(4)
+    for p, stance in zip((0.5, 0.2, 0.2), sides):
+        expected[pop.STANCE_SIDES.index(pop.stance_side(stance))] += p
+    expected[3] = 0.1
+    np.testing.assert_allclose(block["choice"]["overall"]["model_shares"], expected)
+    # opinion shares in W1 order (decrease, no_change, increase) + none
+    np.testing.assert_allclose(block["opinion"]["overall"]["model"]["model_shares"], [0.2, 0.6, 0.1, 0.1])

@@ -11,7 +11,8 @@ from .helpers import example, seed_sample
 
 
 def test_seed_completions_reproduce_the_original_rule():
-    examples, completions = read_completions(seed_sample())
+    samples = read_completions(seed_sample())
+    examples, completions = samples.examples, samples.texts
     assert len(examples) == 6 and all(len(c) == 1 for c in completions)
     rows = score_completions(examples, completions)
     # Its answers are 5, 2, 2, 1, 1, 1 against gold 5, 2, 2, 3, 2, 2: the gun rows right, the wage rows wrong.
@@ -32,7 +33,8 @@ def test_seed_completions_reproduce_the_original_rule():
 
 
 def test_seed_breakdown_matches_the_original_pattern():
-    examples, completions = read_completions(seed_sample())
+    samples = read_completions(seed_sample())
+    examples, completions = samples.examples, samples.texts
     by = evaluate(examples, completions, options=EvalOptions(n_boot=0))["breakdowns"]
     assert by["issue"]["gun_control"]["original_accuracy"].value == 1.0
     assert by["issue"]["minimum_wage"]["original_accuracy"].value == 0.0

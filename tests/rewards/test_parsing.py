@@ -146,3 +146,16 @@ def test_strict_parser_on_the_seed_sample():
         parsed = parse_viewer(row["example_completion"], row["n_options"])
         assert parsed.answer == original_answer(row["example_completion"])
         assert parsed.has_think and parsed.opinion is None and not parsed.format_ok
+
+
+def test_direct_layout_format_has_no_think_block():
+    direct = "<answer>3</answer>\n<opinion>no change</opinion>"
+    assert parse_viewer(direct, 4, "direct") == ParsedViewer(answer=3, opinion="no_change", has_think=False,
+                                                             format_ok=True)
+    assert not parse_viewer(direct, 4).format_ok  # the think layout still needs its <think>
+    assert not parse_viewer(GOOD, 4, "direct").format_ok  # reasoning breaks the direct layout
+    assert not parse_viewer("<think><answer>3</answer><opinion>increase</opinion>", 4, "direct").format_ok
+    assert not parse_viewer("<answer>3</answer><opinion>increase</opinion> ok", 4, "direct").format_ok
+    assert parse_viewer(GOOD, 4, "direct").answer == 3  # the parse itself does not depend on the layout
+    with pytest.raises(ValueError, match="layout"):
+        parse_viewer(GOOD, 4, "terse")

@@ -65,3 +65,12 @@ def test_viewer_reward_on_a_row_without_gold_index_raises():
     ex = viewer_example().replace(gold_index=None)
     with pytest.raises(ValueError, match="gold_index"):
         option_accuracy(ex, completion())
+
+
+def test_format_and_tag_count_follow_a_direct_layout_row():
+    ex = viewer_example().replace(meta={"layout": "direct"})
+    assert format_reward(ex, "<answer>2</answer><opinion>decrease</opinion>") == 1.0
+    assert format_reward(ex, completion()) == 0.0
+    assert tag_count(ex, "<answer>2</answer><opinion>decrease</opinion>") == 1.0
+    assert tag_count(ex, "<answer>2</answer>") == pytest.approx(2 / 4)
+    assert slate_accuracy(ex, "<answer>2</answer><opinion>decrease</opinion>") == 1.0
