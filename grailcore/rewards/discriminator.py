@@ -19,8 +19,8 @@ from grailcore.dist import DistInfo
 from grailcore.model import resolve_model_path
 from grailcore.rewards.gail import stats
 from grailcore.rewards.gail.encoding import ActionTooLongError, check_actions_fit, encode_pairs
-from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_training_examples, training_rows,
-                                              weighted_bce)
+from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_training_examples, reward_floor,
+                                              training_rows, weighted_bce)
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register_learned
 from grailcore.types import RewardOutput
@@ -141,21 +141,27 @@ class Discriminator(nn.Module):
     # ---- reward ----------------------------------------------------------------------------
 
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer
-        (and for non-viewer examples)."""
+        """[N] unweighted GAIL reward r(D) of each completion. Only a committed answer in the
+        layout is paid r(D); a viewer completion that dodges (no parsable answer, or a
+        broken layout) gets `reward_floor`, the least r(D) can pay, so not answering never
+        beats answering; non-viewer examples get 0 (not this reward's task)."""
         keys: dict[tuple[str, int], int] = {}
         pairs: list[tuple[Example, int]] = []
         slots: list[tuple[int, int]] = []  # (completion index, distinct pair index)
+        out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
+        floor = reward_floor(self.gail.reward, self.gail.reward_clip)
         for i, (ex, text) in enumerate(zip(examples, completions, strict=True)):
-            answer = _parsed_answer(ex, text)
+            if ex.task != "viewer":
+                continue
+            answer = _committed_answer(ex, text)
             if answer is None:
+                out[i] = floor
                 continue
             key = (ex.example_id, answer)
             if key not in keys:  # a group often repeats a choice: one D forward per distinct input
                 keys[key] = len(pairs)
                 pairs.append((ex, answer))
             slots.append((i, keys[key]))
-        out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
         if pairs:
             values = gail_reward(self.logits(*zip(*pairs)), self.gail.reward, self.gail.reward_clip)
             index, pair = torch.tensor(slots).unbind(1)
@@ -361,6 +367,12 @@ def _parsed_answer(example: Example, completion: str) -> int | None:
     if example.task != "viewer" or not example.option_texts:
         return None
     return parse_viewer(completion, len(example.option_texts)).answer
+
+
+def _committed_answer(example: Example, completion: str) -> int | None:
+    """The option of a viewer completion in the full answer layout, else None (dodging)."""
+    parsed = parse_viewer(completion, len(example.option_texts))
+    return parsed.answer if parsed.format_ok else None
 
 
 def _cpu_copy(obj):

@@ -192,20 +192,23 @@ def train_examples():
     return lean_examples(16, seed=3)
 
 
-def test_stack_adds_the_weighted_gail_reward_and_unparsable_get_zero(train_examples):
+def test_stack_adds_the_weighted_gail_reward_and_dodging_gets_the_floor(train_examples):
     d = make(train_examples, reward="logit", weight=0.5, reward_clip=1.5)
     with torch.no_grad():
         d.head[2].bias.fill_(2.0)  # D logit = 2 for every input (output weights are zero at init)
     exs = train_examples[:4]
     texts = [answer(1), answer(None), "<answer>9</answer>", answer(3)]
     out = stack(d)(exs, texts)
-    assert out.per_reward["gail"].tolist() == [1.5, 0.0, 0.0, 1.5]  # clipped 2 -> 1.5; unparsable -> 0
-    assert out.total.tolist() == [1.75, 1.0, 1.0, 1.75]
+    # clipped 2 -> 1.5; no committed answer -> the floor of logit's range, -clip
+    assert out.per_reward["gail"].tolist() == [1.5, -1.5, -1.5, 1.5]
+    assert out.total.tolist() == [1.75, 0.25, 0.25, 1.75]
     assert out.per_reward[RULE].tolist() == [1.0] * 4 and out.errors["gail"] == 0
     rules_only = stack(d)(exs, texts, learned=False)  # evaluation: the discriminator is not run
     assert set(rules_only.per_reward) == {RULE} and rules_only.total.tolist() == [1.0] * 4
     d_kind = make(train_examples, reward="d", weight=1.0)
-    assert stack(d_kind)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
+    assert stack(d_kind)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]  # d's floor is 0
+    math_ex = Example(example_id="m", task="math", messages=({"role": "user", "content": "1+1"},), answer="2")
+    assert d.score([math_ex], ["<answer>2</answer>"]).tolist() == [0.0]  # not its task: no floor either
     with pytest.raises(ValueError, match="twice"):
         RewardStack(RewardsConfig(names=("gail", "gail"), weights=(1.0, 1.0)), {"gail": d})
 
