@@ -172,8 +172,9 @@ class RewardsConfig:
 
 @dataclass(frozen=True)
 class GailConfig:
-    """The discriminator behind the `gail` reward; on when rewards.names lists `gail`, weighted
-    by its rewards.weights entry like every other reward."""
+    """The slate-aware discriminator behind the `gail` reward (it scores the chosen option
+    against the whole slate, see docs/training.md); on when rewards.names lists `gail`,
+    weighted by its rewards.weights entry like every other reward."""
 
     model: str = "minilm-l6"
     """Discriminator encoder: registry name or local HF encoder dir."""
@@ -185,6 +186,7 @@ class GailConfig:
     lr: float = 2e-5
     disc_steps: int = 1
     max_tokens: int = 256
+    """Token budget of one (option, state) pair; each slate is K such pairs."""
     label_smoothing: float = 0.0
     negatives: Literal["differing", "all"] = "differing"
     replay_size: int = 0
