@@ -1,7 +1,6 @@
-"""GRAIL discriminator, the learned `gail` reward: action-first inputs, learning (also a choice
-that depends on the slate), rewards
-through the RewardStack, eval-data guard, state, frozen mode and 2-rank sync. tiny-bert
-everywhere except the truncation test (MiniLM)."""
+"""GRAIL discriminator, the learned `gail` reward: action-first inputs, learning (also a
+choice that depends on the slate), rewards through the RewardStack, eval-data guard, state,
+frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (MiniLM)."""
 
 from __future__ import annotations
 
