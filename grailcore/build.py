@@ -4,6 +4,7 @@ worker and the evaluator, wired into a `Trainer`. Side effects live here, not in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from pathlib import Path
@@ -131,7 +132,10 @@ def load_rows(cfg: Config, rank0: bool) -> tuple[LoadResult, LoadResult]:
         if train.split == "all" and cfg.data.eval_path is None:
             raise ConfigError(f"data.train_path={cfg.data.train_path} has no splits; set data.eval_path to a "
                               "held-out file (evaluating on training rows would be meaningless)")
-        evals = load_examples(cfg.data.eval_path or cfg.data.train_path, cfg.data,
+        # A held-out file is read whole (as split 'train' of a file without splits) and
+        # data.max_train_samples, which caps training rows, must not cap it.
+        evals = load_examples(cfg.data.eval_path or cfg.data.train_path,
+                              dataclasses.replace(cfg.data, max_train_samples=None),
                               split="validation" if cfg.data.eval_path is None else "train")
     for res in (train, evals):
         if res.skipped and rank0:

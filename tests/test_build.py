@@ -38,3 +38,11 @@ def test_single_file_training_data_needs_an_eval_path(tmp_path):
     cfg = Config(data=DataConfig(train_path=str(src)))
     with pytest.raises(ConfigError, match="data.eval_path"):
         load_rows(cfg, rank0=True)
+
+
+def test_max_train_samples_caps_training_rows_not_the_held_out_file(tmp_path):
+    fixture = Path(__file__).parent / "data" / "fixtures" / "gun_flaw_200.jsonl"
+    cfg = Config(data=DataConfig(train_path=str(fixture), eval_path=str(fixture), max_train_samples=7))
+    train, evals = load_rows(cfg, rank0=True)
+    assert len(train.examples) == 7
+    assert len(evals.examples) == 200
