@@ -214,18 +214,21 @@ class RewardsConfig:
 
 @dataclass(frozen=True)
 class GailConfig:
-    """The discriminator behind the `gail` reward; on when rewards.names lists `gail`, weighted
-    by its rewards.weights entry like every other reward."""
+    """The slate-aware discriminator behind the `gail` reward (it scores the chosen option
+    against the whole slate, see docs/training.md); on when rewards.names lists `gail`,
+    weighted by its rewards.weights entry like every other reward."""
 
     model: str = "minilm-l6"
     """Discriminator encoder: registry name or local HF encoder dir."""
     reward: Literal["d", "log_d", "neg_log_1m_d", "logit"] = "logit"
-    """r(D): D, log D, -log(1 - D) or log D - log(1 - D). log_d and logit can be negative and
-    unparsable completions get 0, so keep a format reward on or use d / neg_log_1m_d."""
+    """r(D): D, log D, -log(1 - D) or log D - log(1 - D), clipped to +-reward_clip. A completion
+    without a committed answer in the layout gets the floor of that range (0 for d and
+    neg_log_1m_d, -reward_clip for log_d and logit), so dodging never pays."""
     reward_clip: float = 5.0
     lr: float = 2e-5
     disc_steps: int = 1
     max_tokens: int = 256
+    """Token budget of one (option, state) pair; each slate is K such pairs."""
     label_smoothing: float = 0.0
     negatives: Literal["differing", "all"] = "differing"
     replay_size: int = 0

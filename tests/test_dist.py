@@ -171,5 +171,5 @@ def test_every_collective_of_a_two_rank_run_goes_through_dist_on_the_groups_devi
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for result in ranks:
         assert result["bad"] == [], result["bad"]
-        assert {"optimize._global_items", "steps.step_advantages", "discriminator._broadcast_from_rank0",
+        assert {"optimize._global_items", "steps.step_advantages", "ranks.broadcast_from_rank0",
                 "discriminator._extend_replay", "discriminator.metrics", "trainer.reduce"} <= set(result["callers"]), result["callers"]

@@ -30,6 +30,7 @@ from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, 
 from grailcore.model import resolve_model_path
 from grailcore.optimize import BadStepsError
 from grailcore.rewards import available_rewards, register
+from grailcore.rewards.discriminator import SAVE_FORMAT
 from grailcore.sft import main as sft_main
 from grailcore.train import main as train_main
 
@@ -137,7 +138,7 @@ def test_grail_run_logs_discriminator_metrics_and_checkpoints_it(tmp_path):
     steps = _steps(tmp_path / "grail")
     assert len(steps) == 2 and all("gail/truncation_rate" in r and "reward/gail" in r for r in steps)
     extra = torch.load(_checkpoint(tmp_path / "grail") / "extra.pt", weights_only=True)
-    assert extra["rewards"]["gail"]["format"] == "grailcore-discriminator-v1"
+    assert extra["rewards"]["gail"]["format"] == SAVE_FORMAT == "grailcore-discriminator-v2"  # slate-aware
     assert extra["rewards"]["gail"]["observed"] == 2  # D saw each step's rollouts once
 
 

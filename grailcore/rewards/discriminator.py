@@ -1,13 +1,13 @@
-"""GRAIL's discriminator D(state, action) -> P(the human made this choice), the learned
-reward `gail`: trained on the policy's rollouts of training examples against the humans'
-choices, it pays the policy r(D) for choices that look human, weighted by its entry in
-rewards.weights like every other reward."""
+"""GRAIL's slate-aware discriminator D(state, slate, chosen option) -> P(a person made this
+choice), the learned reward `gail`: trained on the policy's rollouts of training examples
+against people's choices, it pays the policy r(D) for choices that look human, weighted by
+its entry in rewards.weights like every other reward."""
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -18,18 +18,21 @@ from grailcore.data.schema import Example
 from grailcore.dist import DistInfo
 from grailcore.model import resolve_model_path
 from grailcore.rewards.gail import stats
-from grailcore.rewards.gail.encoding import ActionTooLongError, check_actions_fit, encode_pairs
-from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_training_examples, training_rows,
-                                              weighted_bce)
+from grailcore.rewards.gail.ranks import broadcast_from_rank0, cpu_copy, sum_gradients, sum_over_ranks, world_size
+from grailcore.rewards.gail.encoding import ActionTooLongError, check_actions_fit, encode_pairs, slate_chunks
+from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_training_examples, reward_floor,
+                                              training_rows, weighted_bce)
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register_learned
 from grailcore.types import RewardOutput
 
 log = logging.getLogger(__name__)
 
-SAVE_FORMAT = "grailcore-discriminator-v1"
+SAVE_FORMAT = "grailcore-discriminator-v2"
+"""v2: slate-aware (v1 scored the chosen option without its alternatives)."""
 _MICRO_ROWS = 16
-"""Rows per encoder forward: bounds activation memory whatever the rollout batch size."""
+"""(option, state) pairs per encoder forward (whole slates, at least one): bounds activation
+memory whatever the rollout batch size."""
 _WEIGHT_DECAY = 0.01
 """AdamW's own default, written out so the optimizer has no hidden settings."""
 _TRUNCATION_SAMPLE = 512
@@ -38,12 +41,17 @@ _TRUNCATION_SAMPLE = 512
 __all__ = ["ActionTooLongError", "Discriminator", "SAVE_FORMAT", "build_discriminator", "gail_reward"]
 
 
-def _world_size() -> int:
-    return gdist.get_world_size()
-
-
 class Discriminator(nn.Module):
-    """HF encoder (mean-pooled) + MLP head -> logit of P(human) for (action, state) text.
+    """Slate-aware conditional scorer: the logit of P(human) for option k of a slate is
+    `head([p_k, o_k - mean_j o_j])`: p_k the mean-pooled encoding of the pair (option k,
+    state), o_k the mean over option k's own tokens of that encoding (read with the state).
+
+    Every option of the slate is encoded in one pass and the head sees each option beside
+    the slate's mean, so the score of a choice is relative to the alternatives the person
+    had: the same option on the same viewer scores differently in another slate. The
+    scores are not softmax-normalised over the slate: GAIL's optimum logit is the density
+    ratio log p_human(k | state, slate) / p_policy(k | state, slate), whose exponentials do
+    not sum to a constant over the slate, so a softmax would keep D from reaching it.
 
     A learned reward (grailcore.rewards.stack.LearnedReward): `score` pays, `update` learns.
     Owns its training state (AdamW, replay buffer of past policy negatives, counters), so
@@ -60,7 +68,7 @@ class Discriminator(nn.Module):
         self.gail, self.seed, self.device = gail, seed, torch.device(device)
         self.weight = weight
         """Its rewards.weights entry: only for the gail/reward_share metric (the stack weighs)."""
-        self.rank = gdist.get_rank() if _world_size() > 1 else 0
+        self.rank = gdist.get_rank() if world_size() > 1 else 0
         self._train = index_training_examples(train_examples)
         path = resolve_model_path(gail.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
@@ -77,16 +85,17 @@ class Discriminator(nn.Module):
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler.requires_grad_(False)  # mean pooling never uses it
         hidden = self.encoder.config.hidden_size
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # Input [p_k, o_k - slate mean of o]: the pair itself and how the option stands out in its slate.
+        self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
         with torch.no_grad():
-            self.head[0].weight.normal_(0.0, hidden ** -0.5, generator=torch.Generator().manual_seed(seed))
+            self.head[0].weight.normal_(0.0, (2 * hidden) ** -0.5, generator=torch.Generator().manual_seed(seed))
             self.head[0].bias.zero_()
             # Zero output layer: D = 0.5 everywhere at the start, so the first steps add
             # the same GAIL reward to every completion instead of random-init noise.
             self.head[2].weight.zero_()
             self.head[2].bias.zero_()
         self.to(self.device)
-        self._broadcast_from_rank0()
+        broadcast_from_rank0([*self.parameters(), *self.buffers()])
         self.frozen = gail.frozen_path is not None
         if self.frozen:
             self._load_weights_file(gail.frozen_path)
@@ -105,57 +114,82 @@ class Discriminator(nn.Module):
 
     # ---- model ---------------------------------------------------------------------------
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slate_sizes: Sequence[int],
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """[B] logits of P(human) from [B, T] token ids."""
+        """[P] logits of P(human) for P = sum(slate_sizes) (option, state) pairs, [P, T]
+        token ids laid out slate after slate (see `encode_slates`)."""
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)  # [B, H]
-        return self.head(pooled).squeeze(-1)
+        pair = _mean_pool(hidden, attention_mask)  # [P, H]: the whole (option, state) pair
+        # The option's own tokens (segment 0; they attend to the state), so options of one
+        # slate differ by more than the state they share.
+        option_mask = attention_mask if token_type_ids is None else attention_mask * (token_type_ids == 0)
+        option = _mean_pool(hidden, option_mask)  # [P, H]
+        sizes = list(slate_sizes)
+        means = torch.stack([part.mean(0) for part in option.split(sizes)])  # [S, H]
+        context = means.repeat_interleave(torch.tensor(sizes, device=option.device), dim=0)  # [P, H]
+        return self.head(torch.cat([pair, option - context], dim=-1)).squeeze(-1)
 
-    def encode(self, examples: Sequence[Example], answers: Sequence[int]) -> dict[str, torch.Tensor]:
-        """Token tensors of (chosen option text, state text) pairs, ACTION FIRST, so
-        truncation at gail.max_tokens can only cut the state's tail; counts truncations."""
-        actions = [ex.option_texts[a - 1] for ex, a in zip(examples, answers)]
-        where = [f"example {ex.example_id!r} option {a}" for ex, a in zip(examples, answers)]
-        batch, truncated = encode_pairs(self.tokenizer, actions, [ex.state_text for ex in examples],
-                                        self.gail.max_tokens, where)
+    def encode_slates(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """Token tensors of every (option, state) pair of each example's slate, slate after
+        slate, ACTION FIRST, so truncation at gail.max_tokens can only cut the state's tail;
+        counts truncations."""
+        actions = [text for ex in examples for text in ex.option_texts]
+        states = [ex.state_text for ex in examples for _ in ex.option_texts]
+        where = [f"example {ex.example_id!r} option {k}" for ex in examples for k in range(1, len(ex.option_texts) + 1)]
+        batch, truncated = encode_pairs(self.tokenizer, actions, states, self.gail.max_tokens, where)
         self.stats.add("inputs", len(truncated))
         self.stats.add("truncated", sum(truncated))
         return {k: v.to(self.device) for k, v in batch.items()}
 
+    def _slate_logits(self, examples: Sequence[Example]) -> Iterator[tuple[slice, list[torch.Tensor]]]:
+        """Per chunk of whole slates (`_MICRO_ROWS` pairs): (its slice of `examples`, each
+        slate's [K] logits, with grad when training)."""
+        sizes = [len(ex.option_texts) for ex in examples]
+        for chunk in slate_chunks(sizes, _MICRO_ROWS):
+            batch = self.encode_slates(examples[chunk])
+            yield chunk, list(self(**batch, slate_sizes=sizes[chunk]).float().split(sizes[chunk]))
+
     @torch.no_grad()
     def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
-        """[N] D logits of (example, 1-based option) pairs, eval mode (no dropout)."""
+        """[N] D logits of (example, 1-based option) pairs, each scored within its whole
+        slate, eval mode (no dropout); one slate pass per distinct example."""
         was_training = self.training
         self.eval()
         try:
-            batch = self.encode(examples, answers)
-            rows = batch["input_ids"].shape[0]
-            return torch.cat([self(**{k: v[i:i + _MICRO_ROWS] for k, v in batch.items()}).float().cpu()
-                              for i in range(0, rows, _MICRO_ROWS)])
+            distinct = list({ex.example_id: ex for ex in examples}.values())
+            scored: dict[str, torch.Tensor] = {}
+            for chunk, slates in self._slate_logits(distinct):
+                scored.update((ex.example_id, z.cpu()) for ex, z in zip(distinct[chunk], slates))
+            return torch.stack([scored[ex.example_id][a - 1] for ex, a in zip(examples, answers)]) \
+                if examples else torch.zeros(0)
         finally:
             self.train(was_training)
 
     # ---- reward ----------------------------------------------------------------------------
 
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
-        """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer
-        (and for non-viewer examples)."""
+        """[N] unweighted GAIL reward r(D) of each completion. Only a committed answer in the
+        layout is paid r(D); a viewer completion that dodges (no parsable answer, or a
+        broken layout) gets `reward_floor`, the least r(D) can pay, so not answering never
+        beats answering; non-viewer examples get 0 (not this reward's task)."""
         keys: dict[tuple[str, int], int] = {}
         pairs: list[tuple[Example, int]] = []
         slots: list[tuple[int, int]] = []  # (completion index, distinct pair index)
+        out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
+        floor = reward_floor(self.gail.reward, self.gail.reward_clip)
         for i, (ex, text) in enumerate(zip(examples, completions, strict=True)):
-            answer = _parsed_answer(ex, text)
+            if ex.task != "viewer":
+                continue
+            answer = _committed_answer(ex, text)
             if answer is None:
+                out[i] = floor
                 continue
             key = (ex.example_id, answer)
             if key not in keys:  # a group often repeats a choice: one D forward per distinct input
                 keys[key] = len(pairs)
                 pairs.append((ex, answer))
             slots.append((i, keys[key]))
-        out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
         if pairs:
             values = gail_reward(self.logits(*zip(*pairs)), self.gail.reward, self.gail.reward_clip)
             index, pair = torch.tensor(slots).unbind(1)
@@ -185,7 +219,7 @@ class Discriminator(nn.Module):
         self.stats.add("unparsed", answers.count(None))
         self.stats.add("negatives", rows.negatives)
         self.stats.add("replayed", len(replayed))
-        slots_total, negatives_total = self._sum_over_ranks([rows.slots, rows.negatives])
+        slots_total, negatives_total = sum_over_ranks([rows.slots, rows.negatives])
         if negatives_total == 0:
             # Positives alone would only teach D "everything is human"; wait for policy choices.
             self.stats.add("skipped_updates", 1)
@@ -197,52 +231,38 @@ class Discriminator(nn.Module):
     def _train_steps(self, rows: TrainingRows, slots: int, negatives: int) -> None:
         """gail.disc_steps AdamW steps on this step's rows; every rank takes each step."""
         weight, target = rows.loss_terms(slots, negatives, self.gail.label_smoothing)
-        batch = self.encode(rows.examples, rows.answers) if rows.answers else None
         for step in range(self.gail.disc_steps):
-            loss, logits = self._update(batch, weight, target)
+            loss, logits = self._update(rows, weight, target)
             self.stats.add("loss_sum", loss)
             # The step's loss is the sum of the ranks' parts: count each step once.
             self.stats.add("loss_n", 1 if self.rank == 0 else 0)
             if step == 0:  # scores before D has trained on this batch: an honest accuracy
                 self.stats.record_scores(logits, rows)
 
-    def _update(self, batch: dict[str, torch.Tensor] | None, weight: torch.Tensor,
-                target: torch.Tensor) -> tuple[float, torch.Tensor]:
+    def _update(self, rows: TrainingRows, weight: torch.Tensor, target: torch.Tensor) -> tuple[float, torch.Tensor]:
         """One AdamW step on the gradient of the whole step's loss (summed over ranks);
-        returns (this rank's part of the loss, its logits [R]). A rank with no rows still
-        joins the gradient sum."""
+        returns (this rank's part of the loss, its logits [R]). Each distinct state's slate
+        is encoded once per step; its rows read their option's logit. A rank with no rows
+        still joins the gradient sum."""
         self.train()
         self.optimizer.zero_grad(set_to_none=True)
-        logits, loss_value = [], 0.0
-        for i in range(0, len(weight) if batch else 0, _MICRO_ROWS):  # weighted sums: chunks add up
-            chunk = slice(i, i + _MICRO_ROWS)
-            part = self(**{k: v[chunk] for k, v in batch.items()}).float()
-            loss = weighted_bce(part, target[chunk].to(part.device), weight[chunk].to(part.device))
+        by_example: dict[str, list[int]] = {}
+        for r, ex in enumerate(rows.examples):
+            by_example.setdefault(ex.example_id, []).append(r)
+        distinct = [rows.examples[r[0]] for r in by_example.values()]
+        logits, loss_value = torch.zeros(len(rows.answers)), 0.0
+        for chunk, slates in self._slate_logits(distinct):  # weighted sums: chunks add up
+            index = [r for ex in distinct[chunk] for r in by_example[ex.example_id]]
+            part = torch.stack([z[rows.answers[r] - 1] for ex, z in zip(distinct[chunk], slates)
+                                for r in by_example[ex.example_id]])  # [rows of this chunk]
+            loss = weighted_bce(part, target[index].to(part.device), weight[index].to(part.device))
             loss.backward()
             loss_value += float(loss.detach())
-            logits.append(part.detach().cpu())
-        self._sum_gradients()
+            logits[index] = part.detach().cpu()
+        sum_gradients(self._trainable)
         self.optimizer.step()
         self.updates += 1
-        return loss_value, torch.cat(logits) if logits else torch.zeros(0)
-
-    def _sum_gradients(self) -> None:
-        """Sum the ranks' gradients: each rank's loss is its part of the step's loss (the
-        weights hold the global 1/N), so every rank takes the same step and D stays identical."""
-        if _world_size() == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self._trainable]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = gdist.all_reduce(flat)
-        offset = 0
-        for p in self._trainable:
-            p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
-            offset += p.numel()
-
-    def _sum_over_ranks(self, values: list[int]) -> list[int]:
-        if _world_size() == 1:
-            return values
-        return gdist.all_reduce(torch.tensor(values, dtype=torch.int64)).tolist()
+        return loss_value, logits
 
     def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
         """round(replay_ratio * fresh negatives) past negatives, uniformly without
@@ -260,7 +280,7 @@ class Discriminator(nn.Module):
         if self.gail.replay_size == 0:
             return
         gathered = [fresh]
-        if _world_size() > 1:
+        if world_size() > 1:
             gathered = gdist.all_gather_object(fresh)
         self.replay.extend(item for part in gathered for item in part)
         del self.replay[:max(0, len(self.replay) - self.gail.replay_size)]
@@ -289,8 +309,8 @@ class Discriminator(nn.Module):
         replay buffer, counters. Identical on every rank, so rank 0's copy restores all."""
         return {
             "format": SAVE_FORMAT,
-            "weights": _cpu_copy(super().state_dict()),
-            "optimizer": None if self.optimizer is None else _cpu_copy(self.optimizer.state_dict()),
+            "weights": cpu_copy(super().state_dict()),
+            "optimizer": None if self.optimizer is None else cpu_copy(self.optimizer.state_dict()),
             "replay": [[example_id, answer] for example_id, answer in self.replay],
             "updates": self.updates,
             "observed": self.observed,
@@ -318,24 +338,20 @@ class Discriminator(nn.Module):
     def save(self, path: str | os.PathLike) -> None:
         """Write D's weights to `path` (atomic) for `gail.frozen_path`; call on one rank."""
         tmp = f"{path}.tmp"
-        weights = _cpu_copy(super().state_dict())
+        weights = cpu_copy(super().state_dict())
         torch.save({"format": SAVE_FORMAT, "model": self.gail.model, "weights": weights}, tmp)
         os.replace(tmp, path)
 
     def _load_weights_file(self, path: str) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
-            raise ValueError(f"gail.frozen_path={path!r} is not a file written by Discriminator.save")
+            raise ValueError(f"gail.frozen_path={path!r} is not a file written by Discriminator.save (format "
+                             f"{SAVE_FORMAT}; a v1 file holds the earlier slate-blind D: train a new one)")
         try:
             super().load_state_dict(saved["weights"])
         except RuntimeError as err:
             raise ValueError(f"gail.frozen_path={path!r} holds a discriminator on encoder {saved['model']!r}, "
                              f"which does not fit gail.model={self.gail.model!r}: {err}") from err
-
-    def _broadcast_from_rank0(self) -> None:
-        if _world_size() > 1:
-            for tensor in [*self.parameters(), *self.buffers()]:
-                gdist.broadcast_(tensor.data, src=0)
 
     def _check_training_inputs(self) -> None:
         """Fail fast on an option text too long for gail.max_tokens; log how often a state is cut."""
@@ -343,12 +359,12 @@ class Discriminator(nn.Module):
         options = sorted({text for ex in viewer for text in ex.option_texts})
         check_actions_fit(self.tokenizer, options, self.gail.max_tokens, ["a training option"] * len(options))
         sample = viewer[::max(1, len(viewer) // _TRUNCATION_SAMPLE)][:_TRUNCATION_SAMPLE]
-        self.encode(sample, [ex.gold_index for ex in sample])
-        rate = self.stats.values["truncated"] / len(sample)
+        self.encode_slates(sample)
+        rate = self.stats.values["truncated"] / max(1.0, self.stats.values["inputs"])
         self.stats.reset()
         if self.rank == 0:
-            log.info("gail: the state is cut at gail.max_tokens=%d in %.1f%% of %d sampled training inputs",
-                     self.gail.max_tokens, 100 * rate, len(sample))
+            log.info("gail: the state is cut at gail.max_tokens=%d in %.1f%% of the (option, state) inputs of "
+                     "%d sampled training slates", self.gail.max_tokens, 100 * rate, len(sample))
 
 
 def _parsed_answer(example: Example, completion: str) -> int | None:
@@ -358,15 +374,16 @@ def _parsed_answer(example: Example, completion: str) -> int | None:
     return parse_viewer(completion, len(example.option_texts)).answer
 
 
-def _cpu_copy(obj):
-    """Deep copy with tensors detached on CPU: later training must not mutate a saved state."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cpu_copy(v) for v in obj)
-    return obj
+def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[B, H] mean of [B, T, H] over the positions where [B, T] mask is 1."""
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+def _committed_answer(example: Example, completion: str) -> int | None:
+    """The option of a viewer completion in the full answer layout, else None (dodging)."""
+    parsed = parse_viewer(completion, len(example.option_texts))
+    return parsed.answer if parsed.format_ok else None
 
 
 @register_learned("gail", task="viewer")

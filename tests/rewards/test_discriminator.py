@@ -1,6 +1,6 @@
-"""GRAIL discriminator, the learned `gail` reward: action-first inputs, learning, rewards
-through the RewardStack, eval-data guard, state, frozen mode and 2-rank sync. tiny-bert
-everywhere except the truncation test (MiniLM)."""
+"""GRAIL discriminator, the learned `gail` reward: action-first inputs, learning (also a
+choice that depends on the slate), rewards through the RewardStack, eval-data guard, state,
+frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (MiniLM)."""
 
 from __future__ import annotations
 
@@ -93,7 +93,7 @@ def test_action_first_truncation_never_cuts_the_action_minilm():
     long = short.replace(example_id="l", state_text="RECENTLY WATCHED " + "a long video title, " * 200)
     d = Discriminator(GailConfig(model="minilm-l6", max_tokens=48), [short, long])
     d.metrics()
-    batch = d.encode([short, long], [1, 1])
+    batch = d.encode_slates([short, long])  # one option each: one pair per slate
     action_ids = d.tokenizer(action, add_special_tokens=False)["input_ids"]
     ids = batch["input_ids"]
     assert ids.shape[1] == 48  # the long pair is cut to the budget
@@ -104,7 +104,7 @@ def test_action_first_truncation_never_cuts_the_action_minilm():
     assert d.metrics()["gail/truncation_rate"] == pytest.approx(0.5)
     assert d.logits([short, long], [1, 1]).shape == (2,)
     with pytest.raises(ActionTooLongError, match="gail.max_tokens=48"):
-        d.encode([short.replace(option_texts=(action * 3,))], [1])
+        d.encode_slates([short.replace(option_texts=(action * 3,))])
 
 
 # ---- objective ----------------------------------------------------------------------------
@@ -184,6 +184,49 @@ def test_discriminator_learns_to_separate_human_from_random_choices():
     assert human.mean() > other.mean() + 1.0  # the reward pays human-like choices more
 
 
+RIGHT4 = (*RIGHT, "Why gun rights matter to hunters")
+
+
+def left_if_offered_examples(n: int, seed: int, prefix: str = "slate") -> list[Example]:
+    """The person picks a gun-control title when the slate offers one (1 or 2 of 4), and any
+    title of an all gun-rights slate (half the slates). The same gun-rights title is thus
+    never chosen beside a gun-control one and chosen 1 time in 4 without one: its GAIL
+    ratio against a uniform chooser depends on its alternatives only, which a slate-blind
+    D cannot see."""
+    rng = random.Random(seed)
+    state = "VIEWER supports gun control."
+    out = []
+    for i in range(n):
+        left = rng.choice([0, 0, 1, 2])
+        options = [*rng.sample(LEFT, left), *rng.sample(RIGHT4, 4 - left)]
+        rng.shuffle(options)
+        chosen = [k for k, text in enumerate(options, 1) if text in LEFT] or [1, 2, 3, 4]
+        out.append(Example(example_id=f"{prefix}{i}", task="viewer", messages=({"role": "user", "content": state},),
+                           gold_index=rng.choice(chosen), n_options=4, option_texts=tuple(options), state_text=state,
+                           source="test"))
+    return out
+
+
+def test_slate_aware_d_pays_an_option_relative_to_its_alternatives():
+    torch.manual_seed(0)
+    train, heldout = left_if_offered_examples(64, seed=4), left_if_offered_examples(128, seed=5, prefix="held")
+    d = make(train, lr=2e-3, disc_steps=3, label_smoothing=0.1, negatives="all")
+    rng = random.Random(0)
+    for _ in range(16):
+        observe(d, random_policy_rollouts(d, train, rng))
+    mixed = [ex for ex in heldout if any(text in LEFT for text in ex.option_texts)]
+    others = [next(k for k, text in enumerate(ex.option_texts, 1) if text in RIGHT4) for ex in mixed]
+    human = d.score(mixed, [answer(ex.gold_index) for ex in mixed])
+    assert (human > d.score(mixed, [answer(k) for k in others])).double().mean() >= 0.9
+    # The same title for the same viewer, only its alternatives differ: paid more where it
+    # is as good a pick as any (no gun-control title offered) than beside a gun-control one.
+    base = heldout[0]
+    alone = base.replace(example_id="alone", option_texts=RIGHT4)
+    beside = base.replace(example_id="beside", option_texts=(RIGHT4[0], LEFT[0], RIGHT4[1], RIGHT4[2]))
+    alone_reward, beside_reward = d.score([alone, beside], [answer(1), answer(1)]).tolist()
+    assert alone_reward > beside_reward + 1.0, (alone_reward, beside_reward)
+
+
 # ---- rewards -------------------------------------------------------------------------------
 
 
@@ -192,20 +235,23 @@ def train_examples():
     return lean_examples(16, seed=3)
 
 
-def test_stack_adds_the_weighted_gail_reward_and_unparsable_get_zero(train_examples):
+def test_stack_adds_the_weighted_gail_reward_and_dodging_gets_the_floor(train_examples):
     d = make(train_examples, reward="logit", weight=0.5, reward_clip=1.5)
     with torch.no_grad():
         d.head[2].bias.fill_(2.0)  # D logit = 2 for every input (output weights are zero at init)
     exs = train_examples[:4]
     texts = [answer(1), answer(None), "<answer>9</answer>", answer(3)]
     out = stack(d)(exs, texts)
-    assert out.per_reward["gail"].tolist() == [1.5, 0.0, 0.0, 1.5]  # clipped 2 -> 1.5; unparsable -> 0
-    assert out.total.tolist() == [1.75, 1.0, 1.0, 1.75]
+    # clipped 2 -> 1.5; no committed answer -> the floor of logit's range, -clip
+    assert out.per_reward["gail"].tolist() == [1.5, -1.5, -1.5, 1.5]
+    assert out.total.tolist() == [1.75, 0.25, 0.25, 1.75]
     assert out.per_reward[RULE].tolist() == [1.0] * 4 and out.errors["gail"] == 0
     rules_only = stack(d)(exs, texts, learned=False)  # evaluation: the discriminator is not run
     assert set(rules_only.per_reward) == {RULE} and rules_only.total.tolist() == [1.0] * 4
     d_kind = make(train_examples, reward="d", weight=1.0)
-    assert stack(d_kind)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
+    assert stack(d_kind)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]  # d's floor is 0
+    math_ex = Example(example_id="m", task="math", messages=({"role": "user", "content": "1+1"},), answer="2")
+    assert d.score([math_ex], ["<answer>2</answer>"]).tolist() == [0.0]  # not its task: no floor either
     with pytest.raises(ValueError, match="twice"):
         RewardStack(RewardsConfig(names=("gail", "gail"), weights=(1.0, 1.0)), {"gail": d})
 

@@ -1,14 +1,21 @@
 """RewardStack (grailcore/rewards/stack.py): one weight table for rule and learned rewards,
-table-order totals, rule rewards only with learned=False, and learned state in and out."""
+table-order totals, rule rewards only with learned=False, learned state in and out, and no
+preset pays a completion for dodging the answer (`pytest -k dodg`)."""
 
 from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
 
-from grailcore.config import RewardsConfig
-from grailcore.data.schema import Example
+from grailcore.cli import load_preset
+from grailcore.config import Config, RewardsConfig
+from grailcore.data.schema import OPINION_DIRECTIONS, Example
 from grailcore.rewards import RewardStack, learned_rewards, score_completions
+from grailcore.rewards.discriminator import Discriminator
+from grailcore.rewards.gail.objective import REWARD_KINDS
 
 VIEWER = Example(example_id="v1", task="viewer", messages=({"role": "user", "content": "q"},),
                  gold_index=2, n_options=3, opinion_direction="increase")
@@ -86,3 +93,82 @@ def test_learned_state_round_trips_and_a_missing_one_is_an_error():
     assert stack.state_dict() == {"gail": {"updates": 1}} and restored.updates == 1
     with pytest.raises(ValueError, match=r"no state of learned reward\(s\) \['gail'\].*rewards.names"):
         _stack(CountingReward()).load_state_dict({})
+
+
+# ---- dodging: not answering never pays (issue 21 item 2) ------------------------------------
+
+PRESETS = sorted((Path(__file__).parents[2] / "configs").glob("*.py"))
+OPTIONS = ("Why gun control saves lives", "The case for gun rights now", "A sheriff on background checks")
+DODGE_VIEWER = Example(example_id="d1", task="viewer", messages=({"role": "user", "content": "q"},),
+                       gold_index=2, n_options=3, opinion_direction="increase", option_texts=OPTIONS,
+                       state_text="VIEWER supports gun rights.")
+
+
+def _committed(k: int, opinion: str) -> list[str]:
+    return [f"<think>t</think><answer>{k}</answer><opinion>{opinion}</opinion>",
+            f"<think>t</think>\n<answer> {k} </answer>\n<opinion>{opinion}</opinion>\n"]
+
+
+def _dodges(opinion: str) -> list[str]:
+    """Completions without a committed answer in the layout, each with `opinion` (the gold
+    option, 2, wherever an answer is readable, so a dodge is as good as it can be)."""
+    op = f"<opinion>{opinion}</opinion>"
+    return [
+        f"<think>t</think>{op}",  # no answer at all
+        f"<think>t</think><answer>Option 2</answer>{op}",  # not a bare integer
+        f"<think>t</think><answer>9</answer>{op}",  # out of range
+        f"<think>t</think><answer>2</answer><answer>2</answer>{op}",  # two answers
+        f"<think>t <answer>2</answer></think>{op}",  # nested in <think>
+        f"Sure! <think>t</think><answer>2</answer>{op}",  # the right option, layout broken
+        f"<answer>2</answer>{op}",  # the right option, no <think>
+        f"<think>t</think><answer>2</answer>{op} and more",  # the right option, trailing text
+    ]
+
+
+def _viewer_presets() -> list[Path]:
+    return [p for p in PRESETS if load_preset(str(p)).data.task == "viewer"]
+
+
+def _dodging_cases() -> list[tuple[Path, str]]:
+    """Every viewer preset x every gail transform (presets without `gail` once: no transform)."""
+    cases = []
+    for path in _viewer_presets():
+        kinds = REWARD_KINDS if "gail" in load_preset(str(path)).rewards.names else ("-",)
+        cases += [(path, kind) for kind in kinds]
+    return cases
+
+
+def _preset_stack(cfg: Config, kind: str, logit: float) -> RewardStack:
+    """The preset's reward table; its `gail` (if any) is a tiny-bert D with the preset's
+    clip and transform `kind`, whose logit is `logit` for every input."""
+    learned = {}
+    if "gail" in cfg.rewards.names:
+        gail = dataclasses.replace(cfg.gail, model="tiny-bert", max_tokens=64, reward=kind, frozen_path=None)
+        d = Discriminator(gail, [DODGE_VIEWER])
+        with torch.no_grad():  # the output layer starts at zero: its bias is D's logit everywhere
+            d.head[-1].bias.fill_(logit)
+        learned["gail"] = d
+    return RewardStack(cfg.rewards, learned)
+
+
+def test_dodging_cases_cover_every_viewer_preset_and_transform():
+    names = {p.stem for p in _viewer_presets()}
+    assert {"grail_gun", "grail_wage", "demo_grail_gun", "grpo_gun", "demo_gun"} <= names
+    assert len(_dodging_cases()) >= 3 * len(REWARD_KINDS)  # three GRAIL presets x every transform
+    math_presets = {p.stem for p in PRESETS} - names  # math has no option to dodge
+    assert all(load_preset(str(p)).data.task == "math" for p in PRESETS if p.stem in math_presets)
+
+
+@pytest.mark.parametrize(("preset", "kind"), _dodging_cases(), ids=lambda v: getattr(v, "stem", v))
+def test_dodging_never_totals_more_than_any_committed_answer(preset: Path, kind: str):
+    """For D's least and greatest logit, the worst committed answer (any option) totals at
+    least the best dodge with the same opinion."""
+    cfg = load_preset(str(preset))
+    for logit in (-30.0, 30.0):
+        stack = _preset_stack(cfg, kind, logit)
+        for opinion in OPINION_DIRECTIONS:
+            committed = [t for k in (1, 2, 3) for t in _committed(k, opinion)]
+            dodges = _dodges(opinion)
+            totals = stack([DODGE_VIEWER] * (len(committed) + len(dodges)), committed + dodges).total
+            worst_committed, best_dodge = totals[:len(committed)].min(), totals[len(committed):].max()
+            assert worst_committed >= best_dodge - 1e-6, (preset.stem, kind, logit, opinion, totals.tolist())

@@ -40,3 +40,17 @@ def encode_pairs(tokenizer, actions: Sequence[str], states: Sequence[str], max_t
     batch = tokenizer(list(actions), list(states), truncation="only_second", max_length=max_tokens,
                       padding=True, return_tensors="pt")
     return dict(batch), truncated
+
+
+def slate_chunks(sizes: Sequence[int], max_rows: int) -> list[slice]:
+    """Consecutive whole slates (`sizes[i]` options each) grouped into chunks of at most
+    `max_rows` options (a slate larger than that is a chunk of its own), as slices of slates."""
+    chunks, start, rows = [], 0, 0
+    for i, size in enumerate(sizes):
+        if rows and rows + size > max_rows:
+            chunks.append(slice(start, i))
+            start, rows = i, 0
+        rows += size
+    if rows:
+        chunks.append(slice(start, len(sizes)))
+    return chunks

@@ -34,6 +34,21 @@ def gail_reward(logits: torch.Tensor, kind: str, clip: float) -> torch.Tensor:
     return reward.clamp(-clip, clip)
 
 
+def reward_floor(kind: str, clip: float) -> float:
+    """The least reward `gail_reward(., kind, clip)` can pay any parsed choice: what a
+    completion that dodges (no parsable answer, or a broken layout) gets instead.
+
+    Rule: dodging earns the bottom of the learned reward's range, so for every logit a
+    committed answer totals at least as much from this reward as not answering. (Paying 0
+    made dodging the best move whenever D disliked every option: logit and log_d are
+    negative there.) d and neg_log_1m_d are >= 0, so their floor is 0; log_d and logit
+    reach -clip.
+    """
+    if kind not in REWARD_KINDS:
+        raise ValueError(f"gail.reward must be one of {REWARD_KINDS}, got {kind!r}")
+    return 0.0 if kind in ("d", "neg_log_1m_d") else -clip
+
+
 @dataclass(frozen=True)
 class TrainingRows:
     """The distinct (example, option) inputs of one D update and how often each occurred;
