@@ -18,6 +18,7 @@ Every stage caches under RUN (resumable: finished chunks, fits and epochs are ke
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from grailcore.data.prompt import build_example, encode_prompt
 from grailcore.data.schema import Decision, Example
-from grailcore.data.synth import INTEREST_LEVELS, StudyParams, generate_study, split_by_viewer
+from grailcore.data.synth import INTEREST_LEVELS, ChoiceModel, StudyParams, generate_study, split_by_viewer
 
 MODEL = "smollm2-135m-instruct"
 DIRECT_SYSTEM_PROMPT = (
@@ -76,14 +77,54 @@ class Row:
         return self.example.viewer_id
 
 
-VARIANTS: dict[str, StudyParams | None] = {"default": None}
-"""Study variants this experiment can generate (None = grailcore's default study)."""
+COMPACT_SYSTEM_PROMPT = ("Predict which option the viewer watches next. Answer with the option number only, "
+                         "in this format: <answer>k</answer>")
 
 
-def make_row(decision: Decision, split: str, seed: int, system_prompt: str) -> Row:
-    """Render `decision` exactly as grailcore's synthetic loader does, with `system_prompt`."""
+@dataclass(frozen=True)
+class Variant:
+    """A study (None = grailcore's default StudyParams) and a prompt layout: 'full' is
+    grailcore's build_example; 'compact' keeps only what the choice model reads."""
+
+    params: StudyParams | None
+    layout: str
+    note: str
+
+
+SHARP = StudyParams(choice=dataclasses.replace(ChoiceModel(), temperature=0.5))
+VARIANTS = {
+    "default": Variant(None, "full", "grailcore's default study and prompt"),
+    "compact": Variant(None, "compact", "the default study; a short prompt with only the viewer's politics, "
+                                        "the current video and each option's title, channel and views"),
+    "sharp": Variant(SHARP, "full", "the choice model at temperature 0.5 (sharper, still stochastic)"),
+    "compact_sharp": Variant(SHARP, "compact", "both"),
+}
+
+
+def compact_example(decision: Decision, example: Example) -> Example:
+    """`example` re-rendered short: party, ideology, interest and the stated support score; the
+    current video; each option's title, channel and views (same shown order and gold)."""
+    viewer = decision.viewer
+    score = next((value for label, value in decision.survey if "support score" in label), "unknown")
+    state = (f"VIEWER {viewer.party}, {(viewer.ideology or 'unknown').lower()}, {viewer.political_interest}, "
+             f"{decision.issue.replace('_', ' ')} support score {score}\n"
+             f"WATCHING {decision.current.title} ({decision.current.channel})")
+    options = tuple(f"{decision.slate[i].title} ({decision.slate[i].channel}) - {decision.slate[i].views:,} views"
+                    for i in example.meta["shown_order"])
+    lines = "\n".join(f"{k}. {text}" for k, text in enumerate(options, 1))
+    prompt = f"{state}\n\nOPTIONS\n{lines}\n\nWhich option number will the viewer watch next?"
+    return example.replace(messages=({"role": "system", "content": COMPACT_SYSTEM_PROMPT},
+                                     {"role": "user", "content": prompt}),
+                           option_texts=options, state_text=state)
+
+
+def make_row(decision: Decision, split: str, seed: int, system_prompt: str, layout: str = "full") -> Row:
+    """Render `decision` exactly as grailcore's synthetic loader does, with `system_prompt`
+    (layout 'compact': see compact_example)."""
     example = build_example(decision, max_history=12, show_ids=False, shuffle_options=True, seed=seed,
                             system_prompt=system_prompt, source=f"synthetic:{decision.issue}")
+    if layout == "compact":
+        example = compact_example(decision, example)
     order = example.meta["shown_order"]
     slate = [decision.slate[i] for i in order]
     return Row(
@@ -94,12 +135,13 @@ def make_row(decision: Decision, split: str, seed: int, system_prompt: str) -> R
         current_stance=decision.current.stance)
 
 
-def study_rows(issue: str = "gun_control", n: int = 3000, seed: int = 0, params: StudyParams | None = None,
-               system_prompt: str = DIRECT_SYSTEM_PROMPT) -> dict[str, list[Row]]:
-    """train / validation / test rows, split by viewer with the loader's seed (same rows as
-    `load_examples('synthetic:<issue>', DataConfig(synthetic_n=n, seed=seed), split)`)."""
-    splits = split_by_viewer(generate_study(issue, n, seed, params), seed)
-    return {name: [make_row(d, name, seed, system_prompt) for d in rows] for name, rows in splits.items()}
+def study_rows(issue: str = "gun_control", n: int = 3000, seed: int = 0, variant: str = "default") -> dict[str, list[Row]]:
+    """train / validation / test rows, split by viewer with the loader's seed (the default
+    variant gives the rows of `load_examples('synthetic:<issue>', DataConfig(synthetic_n=n, seed=seed), split)`)."""
+    chosen = VARIANTS[variant]
+    splits = split_by_viewer(generate_study(issue, n, seed, chosen.params), seed)
+    return {name: [make_row(d, name, seed, DIRECT_SYSTEM_PROMPT, chosen.layout) for d in rows]
+            for name, rows in splits.items()}
 
 
 def extraction_order(rows: list[Row], limit: int | None, seed: int) -> list[Row]:
@@ -951,7 +993,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     run = Path(args.run)
-    rows = study_rows(args.issue, args.n, args.seed, VARIANTS[args.variant])
+    rows = study_rows(args.issue, args.n, args.seed, args.variant)
     limits = {"train": args.train_rows, "validation": args.val_rows, "test": args.test_rows}
     if args.stage in ("extract", "all"):
         extract(run, rows, limits, args.seed, args.model)

@@ -216,7 +216,7 @@ def machine() -> str:
 
 
 def write_report(run: Path, out: Path, rows: dict, args) -> dict:
-    params = L.VARIANTS[args.variant]
+    params = L.VARIANTS[args.variant].params
     val, test = L.load_cached(run, rows["validation"]), L.load_cached(run, rows["test"])
     plan = make_plan(test.viewer_ids, N_BOOT, seed=0)
     preds, off, notes = predictors(run, rows, val, test, params)

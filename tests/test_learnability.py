@@ -56,6 +56,18 @@ def test_rows_are_the_loaders_rows_with_the_known_latents(rows):
             np.testing.assert_allclose(r.stance, e.meta["option_stances"])
 
 
+def test_compact_variant_keeps_rows_order_and_gold_and_reads_the_same_latents(rows):
+    compact = L.study_rows(n=300, variant="compact")["test"]
+    for full, short in zip(rows["test"], compact):
+        assert short.example.example_id == full.example.example_id and short.gold == full.gold
+        np.testing.assert_allclose(short.true_probs, full.true_probs)
+        for text, views in zip(short.example.option_texts, short.log_views):
+            assert f"{round(10 ** views):,} views" in text and text in short.example.prompt
+        assert len(short.example.prompt) < len(full.example.prompt) / 2
+    sharp = L.study_rows(n=300, variant="sharp")["test"]
+    assert max(max(r.true_probs) for r in sharp) > max(max(r.true_probs) for r in rows["test"])
+
+
 def test_extraction_order_keeps_viewers_whole_and_extends_a_capped_run(rows):
     full = L.extraction_order(rows["train"], None, seed=0)
     capped = L.extraction_order(rows["train"], 50, seed=0)
