@@ -695,17 +695,28 @@ def latent_targets(c: Cached) -> dict[str, tuple[str, np.ndarray]]:
         "true_utility": ("option", opt(centred_logp)),
         "viewer_lean": ("row", np.array([r.lean for r in c.rows])),
         "political_interest": ("row", np.array([float(r.interest) for r in c.rows])),
+        "current_stance": ("row", np.array([r.current_stance for r in c.rows])),
     }
 
 
-def latent_probe(train: Cached, val: Cached, test: Cached, layer: int, l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> dict:
-    """Test R^2 of a ridge probe of each latent from the layer's features (l2 chosen on validation):
-    option latents from option-line features (the better pooling on validation), row latents
-    from state features (the better position)."""
-    targets = {name: latent_targets(c) for name, c in (("train", train), ("val", val), ("test", test))}
-    out = {}
+def viewer_folds(c: Cached, folds: int = 5) -> np.ndarray:
+    """[N] fold of each row; a viewer's rows share one fold (they share state text)."""
+    viewers = sorted(set(c.viewer_ids))
+    index = {v: i % folds for i, v in enumerate(viewers)}
+    return np.array([index[v] for v in c.viewer_ids])
+
+
+def latent_probe(train: Cached, val: Cached, test: Cached, layer: int,
+                 l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> tuple[dict, dict]:
+    """Ridge probes of each latent from the layer's features: option latents from option-line
+    features, row latents from state features (pooling / position and l2 chosen on validation).
+    Returns (R^2 per latent, predictions per latent and split; train ones cross-fitted by viewer)."""
+    targets = {name: latent_targets(c) for name, c in (("train", train), ("validation", val), ("test", test))}
+    folds = viewer_folds(train)
+    option_folds = np.concatenate([np.full(r.n_options, f) for r, f in zip(train.rows, folds)])
+    summary, predictions = {}, {}
     for name, (level, y_train) in targets["train"].items():
-        y_val, y_test = targets["val"][name][1], targets["test"][name][1]
+        y_val, y_test = targets["validation"][name][1], targets["test"][name][1]
         kinds = ("end", "mean") if level == "option" else ("survey", "last")
         best = None
         for kind in kinds:
@@ -716,12 +727,49 @@ def latent_probe(train: Cached, val: Cached, test: Cached, layer: int, l2s=(1e-4
                 p_val, p_test = ridge_predict(x_train, y_train, [x_val, x_test], l2)
                 score = r_squared(y_val, p_val)
                 if best is None or score > best["val_r2"]:
-                    best = {"val_r2": score, "test_r2": r_squared(y_test, p_test), "features": kind, "l2": l2}
-        out[name] = best
-    return out
+                    best = {"val_r2": score, "test_r2": r_squared(y_test, p_test), "features": kind, "l2": l2,
+                            "x_train": x_train, "validation": p_val, "test": p_test}
+        fold_of = option_folds if level == "option" else folds
+        crossed = np.empty_like(y_train)
+        for fold in np.unique(fold_of):
+            held = fold_of == fold
+            (crossed[held],) = ridge_predict(best["x_train"][~held], y_train[~held], [best["x_train"][held]], best["l2"])
+        predictions[name] = {"train": crossed, "validation": best["validation"], "test": best["test"]}
+        summary[name] = {k: best[k] for k in ("val_r2", "test_r2", "features", "l2")}
+    return summary, predictions
 
 
-_SUPPORT = re.compile(r"support score is (\d+)%")
+def structured_design(c: Cached, latents: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The choice model's form on READ-OUT latents: per option [s*l, i*s*l, v, s*c] with s the
+    option's stance, v its log10 views, l the viewer's lean, i the interest level, c the current
+    video's stance (every one a linear probe's prediction)."""
+    per_row, start = [], 0
+    for i, row in enumerate(c.rows):
+        s = latents["stance"][start:start + row.n_options]
+        v = latents["log10_views"][start:start + row.n_options]
+        start += row.n_options
+        lean, interest, current = (latents[k][i] for k in ("viewer_lean", "political_interest", "current_stance"))
+        per_row.append(np.column_stack([s * lean, interest * s * lean, v, s * current]))
+    return stack_options(per_row)
+
+
+def structured_probe(train: Cached, evals: dict[str, Cached], predictions: dict) -> dict:
+    """Conditional logit on structured_design, fitted on training rows (their latents cross-fitted):
+    how close to Bayes the features get when each latent is read out linearly and combined the
+    way the choice model combines them. Uses the latents' labels, which choice data alone lacks."""
+    design = {split: structured_design(c, {k: v[split] for k, v in predictions.items()})
+              for split, c in {"train": train, **evals}.items()}
+    best = None
+    for l2 in ORACLE_L2S:
+        w = fit_conditional_logit(*design["train"], torch.as_tensor(train.gold), l2)
+        probs = {split: conditional_logit_logp(*design[split], w).exp().numpy() for split in evals}
+        val = mean_nll(probs["validation"], evals["validation"])
+        if best is None or val < best["val_nll"]:
+            best = {"val_nll": val, "l2": l2, "weights": w.tolist(), "probs": probs}
+    return best
+
+
+_SUPPORT = re.compile(r"support score (?:is )?(\d+)%")
 
 
 def stated_support(example: Example) -> float:
@@ -732,21 +780,27 @@ def stated_support(example: Example) -> float:
     return int(match.group(1)) / 100
 
 
+def tier_mean(stance: np.ndarray) -> np.ndarray:
+    """E[stance | side, tier]: what a reader who knows each title's side and tier can say."""
+    mids = np.array([0.0, 0.35, 0.775])  # midpoints of the neutral / mild / strong |stance| ranges
+    return np.sign(stance) * mids[np.searchsorted([0.15, 0.55], np.abs(stance), side="right")]
+
+
 def readable_ceilings(test: Cached, readable: np.ndarray) -> dict[str, float]:
     """Test R^2 of what the prompt text reveals about each latent (see readable_probs)."""
-    mids = {0: 0.0, 1: 0.35, 2: 0.775}  # tier midpoints: the conditional mean of |stance|
     stance = np.concatenate([r.stance for r in test.rows])
-    tier = np.searchsorted([0.15, 0.55], np.abs(stance), side="right")
-    guess = np.sign(stance) * np.array([mids[t] for t in tier])
+    guess = tier_mean(stance)
     lean = np.array([r.lean for r in test.rows])
     stated = np.array([2 * stated_support(r.example) - 1 for r in test.rows])
     leans = np.concatenate([np.full(r.n_options, r.lean) for r in test.rows])
+    current = np.array([r.current_stance for r in test.rows])
     logp = [np.log(np.maximum(readable[i, : r.n_options], 1e-300)) for i, r in enumerate(test.rows)]
     util = np.concatenate([np.log(r.true_probs) - np.log(r.true_probs).mean() for r in test.rows])
-    return {"stance": r_squared(stance, guess), "log10_views": 1.0, "stance_x_lean": r_squared(stance * leans, guess * leans),
+    return {"stance": r_squared(stance, guess), "log10_views": 1.0,
+            "stance_x_lean": r_squared(stance * leans, guess * leans),
             "true_utility": r_squared(util, np.concatenate([lp - lp.mean() for lp in logp])),
-            "viewer_lean": r_squared(lean, stated), "political_interest": 1.0}
-
+            "viewer_lean": r_squared(lean, stated), "political_interest": 1.0,
+            "current_stance": r_squared(current, tier_mean(current))}
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -904,7 +958,12 @@ def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
     best = min(fits, key=lambda f: f["val_nll"])
     per_layer = {layer: min((f for f in fits if f["spec"].layer == layer), key=lambda f: f["val_nll"])
                  for layer in train.layers}
-    latent = {layer: latent_probe(train, val, test, layer) for layer in train.layers}
+    latent, structured = {}, {}
+    for layer in train.layers:
+        latent[layer], predictions = latent_probe(train, val, test, layer)
+        structured[layer] = structured_probe(train, evals, predictions)
+        log(f"layer {layer}: latent R^2 {({k: round(v['test_r2'], 3) for k, v in latent[layer].items()})}, "
+            f"structured probe val NLL {structured[layer]['val_nll']:.4f}")
     curve = []
     for n in learning_curve_sizes(len(train.rows)):
         sub = train.head(n)
@@ -922,6 +981,7 @@ def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
         "best_per_layer": {layer: {"spec": f["spec"].name(), "val_nll": f["val_nll"], "probs": f["probs"]}
                            for layer, f in per_layer.items()},
         "latent": latent,
+        "structured": structured,
         "oracle_logit": oracle_logit(train, evals),
         "curve": curve,
     }

@@ -81,6 +81,8 @@ def predictors(run: Path, rows: dict, val: L.Cached, test: L.Cached, params) -> 
     }
     for layer, fit in probe["best_per_layer"].items():
         preds[f"probe, layer {layer} ({fit['spec']})"] = fit["probs"]["test"]
+    layer, fit = min(probe["structured"].items(), key=lambda kv: kv[1]["val_nll"])
+    preds[f"latent-supervised probe, layer {layer} (val-selected)"] = fit["probs"]["test"]
     off = {"zero-shot": zs_off}
     notes = {"probe": probe, "readable": readable, "finetune": {}}
     for name, history in finetune_histories(run).items():
@@ -287,6 +289,27 @@ def verdict(result: dict) -> list[str]:
     return lines
 
 
+DEFINITIONS = [
+    "What the rows are:",
+    "- *uniform*: 1/n on every option. *rules* (accuracy only, no likelihood): the most-viewed option; the most-viewed "
+    "option on the viewer's side (side from the stated initial viewpoint, option side = sign of its stance, which the "
+    "title template and channel reveal).",
+    "- *Bayes-optimal*: the known choice model's probabilities (it also knows the exact stances and the order the "
+    "viewer saw, which the shuffled prompt hides). *text-readable Bayes (approx.)*: the same model averaged over what "
+    "the text hides (each stance within its side's tier, the viewer's original order); the realistic ceiling.",
+    "- *oracle-feature logit*: the choice model's own terms from the TRUE latents, 6 weights fitted on the same "
+    "training rows: the ceiling a correctly specified model reaches with this much data.",
+    "- *zero-shot*: the untrained model's next-token distribution after `<answer>`, renormalised over the slate digits.",
+    "- *probe*: a conditional-logit head on frozen hidden states (option-line features and option x state "
+    "interactions, see the spec: layer/pooling/state position/principal components/interaction rank/l2), fitted on the "
+    "training rows' choices, selected on validation NLL.",
+    "- *latent-supervised probe*: linear read-outs of stance, views, lean, interest and the current video's stance "
+    "(trained on their known values, cross-fitted), combined in the choice model's form by a 4-weight conditional "
+    "logit: whether the information is in the features at all, given help that choices alone do not give.",
+    "- *fine-tuned*: direct-answer SFT of the top k layers, epoch chosen on validation NLL.",
+]
+
+
 def markdown(result: dict, images: dict, args) -> str:
     s, t = result["setup"], result["test"]
     cmd = (f"python experiments/learnability.py all --run {args.run} --out {args.out}"
@@ -314,6 +337,7 @@ def markdown(result: dict, images: dict, args) -> str:
         lines.append(f"| {name} | {cell(row.get('nll'))} | {cell(row.get('nll_minus_bayes'), signed=True)} | "
                      f"{cell(row.get('gap_closed'), 2)} | {cell(row.get('accuracy'))} | {cell(row.get('tv'))} | "
                      f"{cell(row.get('off_slate'))} |")
+    lines += ["", *DEFINITIONS]
     if images.get("nll"):
         lines += ["", f"![test NLL]({images['nll'].name})"]
     lines += ["", "## Fine-tuning per epoch", "",

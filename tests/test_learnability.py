@@ -234,3 +234,31 @@ def test_finetune_trains_only_the_top_layers_and_resumes(rows, tiny, tmp_path):
     assert [e["epoch"] for e in history] == [0, 1, 2]
     nll = [L.mean_nll(e["splits"]["validation"]["probs"], train) for e in history]
     assert nll[2] < nll[0]  # the training rows themselves: fitting them must lower their NLL
+
+
+def _planted(rows, noise: float, seed: int):
+    """Cached rows whose 'hidden states' hold the latents linearly (plus noise dimensions)."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for r in rows:
+        opt = np.column_stack([r.stance, r.log_views, rng.normal(size=(r.n_options, 4))])
+        state = np.array([r.lean, r.interest, r.current_stance, *rng.normal(size=3)])
+        opt, state = opt + noise * rng.normal(size=opt.shape), state + noise * rng.normal(size=state.shape)
+        feats = {"option_end": torch.as_tensor(opt), "option_mean": torch.as_tensor(opt),
+                 "state_last": torch.as_tensor(state), "survey_end": torch.as_tensor(state)}
+        items.append({"probe": {1: feats}})
+    return L.Cached(rows, items)
+
+
+def test_latent_and_structured_probes_recover_planted_latents():
+    rows = L.study_rows(n=1200)
+    train, val, test = (_planted(rows[s], 0.01, i) for i, s in enumerate(("train", "validation", "test")))
+    summary, predictions = L.latent_probe(train, val, test, 1)
+    for name in ("stance", "log10_views", "viewer_lean", "political_interest", "current_stance"):
+        assert summary[name]["test_r2"] > 0.98, (name, summary[name])
+    assert summary["stance_x_lean"]["test_r2"] < 0.5  # a product is not linear in the option features alone
+    structured = L.structured_probe(train, {"validation": val, "test": test}, predictions)
+    oracle = L.oracle_logit(train, {"validation": val, "test": test})
+    got, ceiling = (L.mean_nll(x["probs"]["test"], test) for x in (structured, oracle))
+    assert got < L.mean_nll(L.uniform_probs(test.n_options), test) - 0.15
+    assert abs(got - ceiling) < 0.03
