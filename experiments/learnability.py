@@ -1,29 +1,25 @@
-"""Issue #21 item 4: can SmolLM2-135M-Instruct learn the synthetic study's choice at all?
-
-Three measurements on the same synthetic rows and viewer splits as grailcore's loaders:
+"""Issue #21 item 4: can SmolLM2-135M-Instruct learn the synthetic study's choice at all, or
+does the trainer fail to teach it? Stages, on the same rows and viewer splits as grailcore's loader:
   extract   one frozen forward per row (prompt + the answer prefix `<answer>`): hidden states
             at each option's line and at the state, the zero-shot next-token distribution over
             the option digits, and the residual stream entering the top K_MAX layers (cached,
             so fine-tuning the top layers never re-runs the frozen bottom);
-  probe     conditional-logit heads on the frozen features (selected on validation), plus
-            ridge probes of each latent variable (option stance, views, viewer lean, interest);
+  probe     conditional-logit heads on the frozen features trained on the people's choices
+            (selected on validation), ridge probes of each latent variable and the choice
+            model's form on the read-out latents (learnability_heads.py), learning curves;
   finetune  direct-answer SFT of the top k layers on the person's answer digit, per-epoch
             held-out NLL / accuracy / TV / off-slate mass;
-  report    the tables (viewer-bootstrap intervals), plots and verdict -> OUT/README.md + JSON.
+  report    every predictor and reference (learnability_rows.py) on the test rows with
+            viewer-bootstrap intervals, plots, verdict -> OUT/README.md + JSON (learnability_report.py).
 
-Every stage caches under RUN (resumable: finished chunks, fits and epochs are kept):
+Every stage caches under RUN and resumes (finished chunks, fits and epochs are kept):
     python experiments/learnability.py all --run runs/learnability --out experiments/results/learnability
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import math
-import os
-import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,126 +28,37 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from grailcore.data.prompt import build_example, encode_prompt
-from grailcore.data.schema import Decision, Example
-from grailcore.data.synth import INTEREST_LEVELS, ChoiceModel, StudyParams, generate_study, split_by_viewer
+from grailcore.data.prompt import encode_prompt
+from grailcore.data.schema import Example
+from learnability_heads import (
+    K_MAX, PROBE_L2S, Cached, _save, chunk_path, fit_probes, latent_probe, learning_curve_sizes, load_cached,
+    mean_nll, oracle_logit, probe_grid, replace_l2, structured_probe,
+)
+from learnability_rows import VARIANTS, Row, extraction_order, pad, slate_scores, study_rows
 
 MODEL = "smollm2-135m-instruct"
-DIRECT_SYSTEM_PROMPT = (
-    "You simulate a survey participant on a YouTube-like platform. From the viewer's profile, "
-    "what they are watching now, what they watched before and the recommended options, predict "
-    "which option they will watch next. Answer with the option number only, in this format:\n"
-    "<answer>k</answer>"
-)
 ANSWER_PREFIX = "<answer>"
 """Appended after the assistant turn's start: the next token is the option digit."""
-K_MAX = 4
-"""The residual stream entering layer L - K_MAX is cached, so up to K_MAX top layers can be trained
-(fewer on a model with fewer layers)."""
 CHUNK = 16
 """Rows per cache file (the unit of resumption)."""
 
 
 # ----------------------------------------------------------------------------- data
 
-@dataclass(frozen=True)
-class Row:
-    """One decision as the model sees it (options in the SHOWN order) and its known latents."""
-
-    example: Example
-    split: str
-    gold: int  # 0-based shown position of the person's choice
-    true_probs: np.ndarray  # [n] the known choice model's probabilities, shown order
-    stance: np.ndarray  # [n] latent stance of each shown option in [-1, 1]
-    log_views: np.ndarray  # [n] log10(views)
-    lean: float  # 2 * attitude - 1 at the decision (the choice model's lean)
-    interest: int  # index into INTEREST_LEVELS
-    current_stance: float  # stance of the video being watched
-
-    @property
-    def n_options(self) -> int:
-        return len(self.stance)
-
-    @property
-    def viewer_id(self) -> str:
-        return self.example.viewer_id
 
 
-COMPACT_SYSTEM_PROMPT = ("Predict which option the viewer watches next. Answer with the option number only, "
-                         "in this format: <answer>k</answer>")
 
 
-@dataclass(frozen=True)
-class Variant:
-    """A study (None = grailcore's default StudyParams) and a prompt layout: 'full' is
-    grailcore's build_example; 'compact' keeps only what the choice model reads."""
-
-    params: StudyParams | None
-    layout: str
-    note: str
 
 
-SHARP = StudyParams(choice=dataclasses.replace(ChoiceModel(), temperature=0.5))
-VARIANTS = {
-    "default": Variant(None, "full", "grailcore's default study and prompt"),
-    "compact": Variant(None, "compact", "the default study; a short prompt with only the viewer's politics, "
-                                        "the current video and each option's title, channel and views"),
-    "sharp": Variant(SHARP, "full", "the choice model at temperature 0.5 (sharper, still stochastic)"),
-    "compact_sharp": Variant(SHARP, "compact", "both"),
-}
 
 
-def compact_example(decision: Decision, example: Example) -> Example:
-    """`example` re-rendered short: party, ideology, interest and the stated support score; the
-    current video; each option's title, channel and views (same shown order and gold)."""
-    viewer = decision.viewer
-    score = next((value for label, value in decision.survey if "support score" in label), "unknown")
-    state = (f"VIEWER {viewer.party}, {(viewer.ideology or 'unknown').lower()}, {viewer.political_interest}, "
-             f"{decision.issue.replace('_', ' ')} support score {score}\n"
-             f"WATCHING {decision.current.title} ({decision.current.channel})")
-    options = tuple(f"{decision.slate[i].title} ({decision.slate[i].channel}) - {decision.slate[i].views:,} views"
-                    for i in example.meta["shown_order"])
-    lines = "\n".join(f"{k}. {text}" for k, text in enumerate(options, 1))
-    prompt = f"{state}\n\nOPTIONS\n{lines}\n\nWhich option number will the viewer watch next?"
-    return example.replace(messages=({"role": "system", "content": COMPACT_SYSTEM_PROMPT},
-                                     {"role": "user", "content": prompt}),
-                           option_texts=options, state_text=state)
 
 
-def make_row(decision: Decision, split: str, seed: int, system_prompt: str, layout: str = "full") -> Row:
-    """Render `decision` exactly as grailcore's synthetic loader does, with `system_prompt`
-    (layout 'compact': see compact_example)."""
-    example = build_example(decision, max_history=12, show_ids=False, shuffle_options=True, seed=seed,
-                            system_prompt=system_prompt, source=f"synthetic:{decision.issue}")
-    if layout == "compact":
-        example = compact_example(decision, example)
-    order = example.meta["shown_order"]
-    slate = [decision.slate[i] for i in order]
-    return Row(
-        example=example, split=split, gold=example.gold_index - 1,
-        true_probs=np.asarray(example.true_choice_probs, dtype=np.float64),
-        stance=np.array([v.stance for v in slate]), log_views=np.log10([v.views for v in slate]),
-        lean=2 * decision.opinion_before - 1, interest=INTEREST_LEVELS.index(decision.viewer.political_interest),
-        current_stance=decision.current.stance)
 
 
-def study_rows(issue: str = "gun_control", n: int = 3000, seed: int = 0, variant: str = "default") -> dict[str, list[Row]]:
-    """train / validation / test rows, split by viewer with the loader's seed (the default
-    variant gives the rows of `load_examples('synthetic:<issue>', DataConfig(synthetic_n=n, seed=seed), split)`)."""
-    chosen = VARIANTS[variant]
-    splits = split_by_viewer(generate_study(issue, n, seed, chosen.params), seed)
-    return {name: [make_row(d, name, seed, DIRECT_SYSTEM_PROMPT, chosen.layout) for d in rows]
-            for name, rows in splits.items()}
 
 
-def extraction_order(rows: list[Row], limit: int | None, seed: int) -> list[Row]:
-    """Rows of one split in a seeded viewer-shuffled order (whole viewers together), cut to
-    `limit` rows: any prefix is a viewer sample, so a capped run extends a smaller one."""
-    viewers = sorted({r.viewer_id for r in rows})
-    random.Random(f"learnability:{seed}").shuffle(viewers)
-    rank = {v: i for i, v in enumerate(viewers)}
-    ordered = sorted(rows, key=lambda r: (rank[r.viewer_id], r.example.example_id))
-    return ordered if limit is None else ordered[:limit]
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -280,10 +187,6 @@ def probe_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)} | {n_layers}))
 
 
-def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # a chunk is either whole or absent: a killed run resumes cleanly
 
 
 def _features(hidden: torch.Tensor, enc: Encoded) -> dict[str, torch.Tensor]:
@@ -319,8 +222,6 @@ def extract_row(model, tokenizer, row: Row, probe_layers: tuple[int, ...], k_max
     return out
 
 
-def chunk_path(run: Path, split: str, index: int) -> Path:
-    return run / "features" / f"{split}-{index:04d}.pt"
 
 
 def extract(run: Path, rows: dict[str, list[Row]], limits: dict[str, int | None], seed: int,
@@ -350,457 +251,87 @@ def extract(run: Path, rows: dict[str, list[Row]], limits: dict[str, int | None]
 
 # ----------------------------------------------------------------------------- scores
 
-def pad(values: list[np.ndarray], width: int = 5, fill: float = 0.0) -> np.ndarray:
-    """Ragged per-row vectors -> [N, width]."""
-    out = np.full((len(values), width), fill, dtype=np.float64)
-    for i, v in enumerate(values):
-        out[i, : len(v)] = v
-    return out
 
 
-def slate_scores(probs: np.ndarray, gold: np.ndarray, true: np.ndarray, n_options: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-row scores of a predicted slate distribution ([N, W], 0 beyond each row's n):
-    nll = -log p(person's choice); accuracy = the true probability of the predictor's top
-    option (ties split evenly), i.e. its expected accuracy against people who choose by the
-    truth; hit = 1 when the top option is the person's choice (ties split); tv = TV to the truth."""
-    valid = np.arange(probs.shape[1])[None, :] < n_options[:, None]
-    p = np.where(valid, probs, -np.inf)
-    top = np.isclose(p, p.max(axis=1, keepdims=True), rtol=0, atol=1e-12) & valid
-    share = top / top.sum(axis=1, keepdims=True)
-    rows = np.arange(len(gold))
-    return {
-        "nll": -np.log(np.maximum(probs[rows, gold], 1e-300)),
-        "accuracy": (share * true).sum(axis=1),
-        "hit": share[rows, gold],
-        "tv": 0.5 * np.abs(np.where(valid, probs - true, 0)).sum(axis=1),
-    }
 
 
-def summarize_scores(scores: dict[str, np.ndarray], plan, reference: dict[str, np.ndarray] | None = None) -> dict:
-    """Mean and viewer-bootstrap interval of every score (and of the paired gap to `reference`)."""
-    from grailcore.evaluation.bootstrap import mean_estimate
-
-    out = {name: mean_estimate(values, plan).as_dict() for name, values in scores.items()}
-    if reference is not None:
-        for name in ("nll", "accuracy", "tv"):
-            out[f"{name}_minus_bayes"] = mean_estimate(scores[name] - reference[name], plan).as_dict()
-    return out
 
 
 # ----------------------------------------------------------------------------- references
 
-def uniform_probs(n_options: np.ndarray, width: int = 5) -> np.ndarray:
-    return (np.arange(width)[None, :] < n_options[:, None]) / n_options[:, None]
 
 
-def rule_probs(choice: np.ndarray, n_options: np.ndarray, width: int = 5) -> np.ndarray:
-    """A deterministic rule as a (degenerate) distribution: all mass on its option."""
-    out = np.zeros((len(choice), width))
-    out[np.arange(len(choice)), choice] = 1.0
-    return out
 
 
-def most_viewed(rows: list[Row]) -> np.ndarray:
-    return np.array([int(np.argmax(r.log_views)) for r in rows])
 
 
-def viewer_side(row: Row) -> int:
-    """+1 / -1 from the viewer's initial viewpoint as the prompt states it ('Supports ...' / 'Opposes ...')."""
-    return -1 if row.example.meta["initial_viewpoint"].startswith("Opposes") else 1
 
 
-def option_side(stance: np.ndarray) -> np.ndarray:
-    """+1 / -1 / 0 (neutral) as the catalog draws it: neutral videos have |stance| < 0.15."""
-    return np.where(np.abs(stance) < 0.15, 0, np.sign(stance)).astype(int)
 
 
-def side_matches(rows: list[Row]) -> np.ndarray:
-    """The most-viewed option on the viewer's side (their stated viewpoint), else the most viewed."""
-    out = []
-    for r in rows:
-        match = option_side(r.stance) == viewer_side(r)
-        views = np.where(match, r.log_views, -np.inf) if match.any() else r.log_views
-        out.append(int(np.argmax(views)))
-    return np.array(out)
 
 
-_TIERS = ((0.0, 0.15), (0.15, 0.55), (0.55, 1.0))
-"""|stance| ranges the catalog draws neutral / mild / strong videos from (uniformly)."""
 
 
-def readable_probs(row: Row, params: StudyParams | None, samples: int = 64, seed: int = 0) -> np.ndarray:
-    """[n] the best a reader of the prompt can do (approx.): the known choice model averaged
-    over what the text hides, i.e. each video's stance within its side's tier (uniform), and
-    the order the viewer saw (the prompt shuffles it, hiding the primacy term); lean, interest
-    and views are taken as readable exactly."""
-    from itertools import permutations
-
-    model = (params or StudyParams()).choice
-    rng = np.random.default_rng(seed)
-    n = row.n_options
-
-    def draw(stance: np.ndarray) -> np.ndarray:  # [samples, len(stance)]
-        mag = np.abs(stance)
-        tier = np.searchsorted([0.15, 0.55], mag, side="right")
-        lo, hi = np.array([_TIERS[t][0] for t in tier]), np.array([_TIERS[t][1] for t in tier])
-        u = rng.uniform(lo, hi, size=(samples, len(stance)))
-        sign = np.where(tier == 0, rng.choice([-1.0, 1.0], size=(samples, len(stance))), np.sign(stance))
-        return u * sign
-
-    stance, current = draw(row.stance), draw(np.array([row.current_stance]))  # [S, n], [S, 1]
-    scale = model.interest_scale[row.interest]
-    base = (model.affinity * scale * stance * row.lean + model.popularity * row.log_views[None]
-            + model.continuity * stance * current)  # [S, n]
-    orders = np.array(list(permutations(range(n))))  # [P, n] original position of each shown option
-    primacy = model.primacy * (1 - orders / (n - 1)) if n > 1 else np.full((1, 1), model.primacy)
-    utility = base[:, None, :] + primacy[None]  # [S, P, n]
-    utility = utility / model.temperature
-    utility -= utility.max(axis=-1, keepdims=True)
-    probs = np.exp(utility)
-    return (probs / probs.sum(-1, keepdims=True)).mean(axis=(0, 1))
 
 
-def oracle_features(row: Row) -> np.ndarray:
-    """[n, 6] the choice model's own terms minus primacy, from the TRUE latents: stance x lean
-    per interest level, log10 views, stance x current stance."""
-    n = row.n_options
-    affinity = np.zeros((n, len(INTEREST_LEVELS)))
-    affinity[:, row.interest] = row.stance * row.lean
-    return np.column_stack([affinity, row.log_views, row.stance * row.current_stance])
 
 
 # ----------------------------------------------------------------------------- conditional logit
 
-def fit_conditional_logit(x: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, l2: float,
-                          init: torch.Tensor | None = None, max_iter: int = 300) -> torch.Tensor:
-    """Weights w [D] of P(k) = softmax_k(x[k] . w) over each row's valid options, by L-BFGS on
-    mean NLL + l2 * |w|^2. x: [N, W, D], mask: [N, W] bool, gold: [N] 0-based."""
-    w = (init.clone() if init is not None else torch.zeros(x.shape[-1], dtype=x.dtype)).requires_grad_(True)
-    opt = torch.optim.LBFGS([w], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe",
-                            tolerance_grad=1e-9, tolerance_change=1e-12)
-
-    def closure():
-        opt.zero_grad()
-        loss = conditional_logit_nll(x, mask, gold, w).mean() + l2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return w.detach()
 
 
-def conditional_logit_logp(x: torch.Tensor, mask: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """[N, W] log-probabilities over each row's valid options (-inf beyond)."""
-    scores = (x @ w).masked_fill(~mask, float("-inf"))
-    return torch.log_softmax(scores, dim=-1)
 
 
-def conditional_logit_nll(x: torch.Tensor, mask: torch.Tensor, gold: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return -conditional_logit_logp(x, mask, w).gather(1, gold[:, None])[:, 0]
 
 
-def stack_options(per_row: list[np.ndarray], width: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged [n_i, D] -> ([N, width, D] float64 zero-padded, [N, width] mask)."""
-    dim = per_row[0].shape[1]
-    x = torch.zeros(len(per_row), width, dim, dtype=torch.float64)
-    mask = torch.zeros(len(per_row), width, dtype=torch.bool)
-    for i, feats in enumerate(per_row):
-        x[i, : len(feats)] = torch.as_tensor(np.asarray(feats, dtype=np.float64))
-        mask[i, : len(feats)] = True
-    return x, mask
 
 
 
 # ----------------------------------------------------------------------------- cached features
 
-@dataclass
-class Cached:
-    """The cached forward of one split's rows (in extraction order), aligned with `rows`."""
-
-    rows: list[Row]
-    items: list[dict]
-    k_max: int = K_MAX
-    """The cached fine-tuning stream enters layer L - k_max."""
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(sorted(self.items[0]["probe"]))
-
-    def options(self, layer: int, pooling: str) -> list[np.ndarray]:
-        """Per row [n, H] float64 option features ('end': last token of the line, 'mean': the line's mean)."""
-        return [it["probe"][layer][f"option_{pooling}"].double().numpy() for it in self.items]
-
-    def state(self, layer: int, where: str) -> np.ndarray:
-        """[N, H] state features ('last': the answer prefix's last token, 'survey': end of the state text)."""
-        key = {"last": "state_last", "survey": "survey_end"}[where]
-        return np.stack([it["probe"][layer][key].double().numpy() for it in self.items])
-
-    @property
-    def gold(self) -> np.ndarray:
-        return np.array([r.gold for r in self.rows])
-
-    @property
-    def n_options(self) -> np.ndarray:
-        return np.array([r.n_options for r in self.rows])
-
-    @property
-    def true(self) -> np.ndarray:
-        return pad([r.true_probs for r in self.rows])
-
-    @property
-    def viewer_ids(self) -> list[str]:
-        return [r.viewer_id for r in self.rows]
-
-    def head(self, n: int) -> "Cached":
-        return Cached(self.rows[:n], self.items[:n], self.k_max)
 
 
-def load_cached(run: Path, rows: list[Row], keep_ft: bool = False) -> Cached:
-    """Every finished chunk of a split, in order (extraction stops at the first missing chunk)."""
-    by_id = {r.example.example_id: r for r in rows}
-    split = rows[0].split
-    out_rows, items, index, k_max = [], [], 0, K_MAX
-    while chunk_path(run, split, index).exists():
-        chunk = torch.load(chunk_path(run, split, index), weights_only=False)
-        k_max = chunk.get("k_max", K_MAX)
-        for row_id, item in zip(chunk["row_ids"], chunk["items"]):
-            if not keep_ft:
-                item.pop("ft_input")
-            out_rows.append(by_id[row_id])
-            items.append(item)
-        index += 1
-    if not items:
-        raise FileNotFoundError(f"{run}: no cached {split} features; run the extract stage first")
-    return Cached(out_rows, items, k_max)
 
 
 # ----------------------------------------------------------------------------- probes
 
-@dataclass(frozen=True)
-class ProbeSpec:
-    """One conditional-logit head on frozen features: option features (within-slate centred,
-    standardised, top `dim` principal components) plus the `rank` x `rank` products of the top
-    option and state components (the option-by-viewer interactions), L2 weight `l2`."""
-
-    layer: int
-    pooling: str  # 'end' | 'mean'
-    state: str  # 'last' | 'survey'
-    dim: int
-    rank: int
-    l2: float
-
-    def name(self) -> str:
-        return f"L{self.layer}/{self.pooling}/{self.state}/d{self.dim}/r{self.rank}/l2={self.l2:g}"
 
 
-def _centred(options: list[np.ndarray]) -> list[np.ndarray]:
-    return [f - f.mean(axis=0, keepdims=True) for f in options]
 
 
-def _whitening(x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(mean, std, projection [H, k]) mapping rows of x to k unit-variance principal scores."""
-    mean, std = x.mean(axis=0), x.std(axis=0) + 1e-6
-    z = (x - mean) / std
-    _, sv, vt = np.linalg.svd(z, full_matrices=False)
-    k = min(k, len(sv))
-    return mean, std, vt[:k].T / (sv[:k] / math.sqrt(len(z)) + 1e-6)
 
 
-def probe_designs(train: Cached, others: dict[str, Cached], layer: int, pooling: str, state: str,
-                  max_dim: int, max_rank: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per split ([N, 5, max_dim + max_rank^2], mask): whitened principal scores of the option
-    features (centred within each slate: the softmax ignores what all options share) and the
-    products of the top max_rank option scores with the top max_rank state scores (the
-    option-by-viewer interactions). Bases are fitted on `train` only; see design_columns."""
-    opt_mean, opt_std, opt_proj = _whitening(np.concatenate(_centred(train.options(layer, pooling))), max_dim)
-    st_mean, st_std, st_proj = _whitening(train.state(layer, state), max_rank)
-    out = {}
-    for name, c in {"train": train, **others}.items():
-        s = (c.state(layer, state) - st_mean) / st_std @ st_proj  # [N, max_rank]
-        per_row = []
-        for i, f in enumerate(_centred(c.options(layer, pooling))):
-            z = f / opt_std @ opt_proj  # [n, max_dim] (the centring made opt_mean ~0)
-            inter = (z[:, :max_rank, None] * s[i][None, None, :]).reshape(len(f), -1)
-            per_row.append(np.concatenate([z, inter], axis=1))
-        out[name] = stack_options(per_row)
-    return out
 
 
-def design_columns(dim: int, rank: int, max_dim: int, max_rank: int) -> torch.Tensor:
-    """Columns of probe_designs' layout for a smaller (dim, rank)."""
-    inter = [max_dim + a * max_rank + b for a in range(rank) for b in range(rank)]
-    return torch.tensor(list(range(dim)) + inter)
 
 
-def probe_grid(layers: tuple[int, ...], dims=(32, 128), ranks=(0, 8, 16), l2s=(1e-1, 3e-2, 1e-2, 3e-3, 1e-3)) -> list[ProbeSpec]:
-    """Every spec, l2 innermost and decreasing (each fit warm-starts the next)."""
-    specs = []
-    for layer in layers:
-        for pooling in ("end", "mean"):
-            for state in ("last", "survey"):
-                for dim in dims:
-                    for rank in ranks:
-                        if rank or state == "last":  # without interactions the state is unused
-                            specs += [ProbeSpec(layer, pooling, state, dim, rank, l2) for l2 in sorted(l2s, reverse=True)]
-    return specs
 
 
-def fit_probes(specs: list[ProbeSpec], train: Cached, others: dict[str, Cached], log=print) -> list[dict]:
-    """Fit every spec on `train`; each result holds the spec and [N, 5] probabilities on `others`."""
-    results, designs, group, init = [], None, None, None
-    max_dim = max(s.dim for s in specs)
-    max_rank = max(s.rank for s in specs)
-    for i, spec in enumerate(specs):
-        if (spec.layer, spec.pooling, spec.state) != group:
-            group = (spec.layer, spec.pooling, spec.state)
-            designs = probe_designs(train, others, *group, max_dim, max_rank)
-            init = None
-        cols = design_columns(spec.dim, spec.rank, max_dim, max_rank)
-        x, mask = designs["train"]
-        if init is not None and init.shape[0] != len(cols):
-            init = None
-        w = fit_conditional_logit(x[..., cols], mask, torch.as_tensor(train.gold), spec.l2, init)
-        init = w
-        probs = {name: conditional_logit_logp(designs[name][0][..., cols], designs[name][1], w).exp().numpy()
-                 for name in others}
-        results.append({"spec": spec, "probs": probs})
-        if (i + 1) % 25 == 0 or i + 1 == len(specs):
-            log(f"probe fits {i + 1}/{len(specs)}")
-    return results
 
 
 # ----------------------------------------------------------------------------- latent probes
 
-def ridge_predict(x_train: np.ndarray, y_train: np.ndarray, x_eval: list[np.ndarray], l2: float) -> list[np.ndarray]:
-    """Ridge regression on standardised features (intercept unpenalised); predictions for each of x_eval."""
-    mean, std = x_train.mean(axis=0), x_train.std(axis=0) + 1e-6
-    z = (x_train - mean) / std
-    gram = z.T @ z + l2 * len(z) * np.eye(z.shape[1])
-    w = np.linalg.solve(gram, z.T @ (y_train - y_train.mean()))
-    return [((x - mean) / std) @ w + y_train.mean() for x in x_eval]
 
 
-def r_squared(y: np.ndarray, pred: np.ndarray) -> float:
-    return float(1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum())
 
 
-def latent_targets(c: Cached) -> dict[str, tuple[str, np.ndarray]]:
-    """Known latent variables: (level, values); option level in the flattened option order."""
-    opt = lambda f: np.concatenate([f(r) for r in c.rows])  # noqa: E731
-    centred_logp = lambda r: np.log(r.true_probs) - np.log(r.true_probs).mean()  # noqa: E731
-    return {
-        "stance": ("option", opt(lambda r: r.stance)),
-        "log10_views": ("option", opt(lambda r: r.log_views)),
-        "stance_x_lean": ("option", opt(lambda r: r.stance * r.lean)),
-        "true_utility": ("option", opt(centred_logp)),
-        "viewer_lean": ("row", np.array([r.lean for r in c.rows])),
-        "political_interest": ("row", np.array([float(r.interest) for r in c.rows])),
-        "current_stance": ("row", np.array([r.current_stance for r in c.rows])),
-    }
 
 
-def viewer_folds(c: Cached, folds: int = 5) -> np.ndarray:
-    """[N] fold of each row; a viewer's rows share one fold (they share state text)."""
-    viewers = sorted(set(c.viewer_ids))
-    index = {v: i % folds for i, v in enumerate(viewers)}
-    return np.array([index[v] for v in c.viewer_ids])
 
 
-def latent_probe(train: Cached, val: Cached, test: Cached, layer: int,
-                 l2s=(1e-4, 1e-3, 1e-2, 1e-1, 1.0)) -> tuple[dict, dict]:
-    """Ridge probes of each latent from the layer's features: option latents from option-line
-    features, row latents from state features (pooling / position and l2 chosen on validation).
-    Returns (R^2 per latent, predictions per latent and split; train ones cross-fitted by viewer)."""
-    targets = {name: latent_targets(c) for name, c in (("train", train), ("validation", val), ("test", test))}
-    folds = viewer_folds(train)
-    option_folds = np.concatenate([np.full(r.n_options, f) for r, f in zip(train.rows, folds)])
-    summary, predictions = {}, {}
-    for name, (level, y_train) in targets["train"].items():
-        y_val, y_test = targets["validation"][name][1], targets["test"][name][1]
-        kinds = ("end", "mean") if level == "option" else ("survey", "last")
-        best = None
-        for kind in kinds:
-            get = ((lambda c: np.concatenate(c.options(layer, kind))) if level == "option"
-                   else (lambda c: c.state(layer, kind)))
-            x_train, x_val, x_test = get(train), get(val), get(test)
-            for l2 in l2s:
-                p_val, p_test = ridge_predict(x_train, y_train, [x_val, x_test], l2)
-                score = r_squared(y_val, p_val)
-                if best is None or score > best["val_r2"]:
-                    best = {"val_r2": score, "test_r2": r_squared(y_test, p_test), "features": kind, "l2": l2,
-                            "x_train": x_train, "validation": p_val, "test": p_test}
-        fold_of = option_folds if level == "option" else folds
-        crossed = np.empty_like(y_train)
-        for fold in np.unique(fold_of):
-            held = fold_of == fold
-            (crossed[held],) = ridge_predict(best["x_train"][~held], y_train[~held], [best["x_train"][held]], best["l2"])
-        predictions[name] = {"train": crossed, "validation": best["validation"], "test": best["test"]}
-        summary[name] = {k: best[k] for k in ("val_r2", "test_r2", "features", "l2")}
-    return summary, predictions
 
 
-def structured_design(c: Cached, latents: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The choice model's form on READ-OUT latents: per option [s*l, i*s*l, v, s*c] with s the
-    option's stance, v its log10 views, l the viewer's lean, i the interest level, c the current
-    video's stance (every one a linear probe's prediction)."""
-    per_row, start = [], 0
-    for i, row in enumerate(c.rows):
-        s = latents["stance"][start:start + row.n_options]
-        v = latents["log10_views"][start:start + row.n_options]
-        start += row.n_options
-        lean, interest, current = (latents[k][i] for k in ("viewer_lean", "political_interest", "current_stance"))
-        per_row.append(np.column_stack([s * lean, interest * s * lean, v, s * current]))
-    return stack_options(per_row)
 
 
-def structured_probe(train: Cached, evals: dict[str, Cached], predictions: dict) -> dict:
-    """Conditional logit on structured_design, fitted on training rows (their latents cross-fitted):
-    how close to Bayes the features get when each latent is read out linearly and combined the
-    way the choice model combines them. Uses the latents' labels, which choice data alone lacks."""
-    design = {split: structured_design(c, {k: v[split] for k, v in predictions.items()})
-              for split, c in {"train": train, **evals}.items()}
-    best = None
-    for l2 in ORACLE_L2S:
-        w = fit_conditional_logit(*design["train"], torch.as_tensor(train.gold), l2)
-        probs = {split: conditional_logit_logp(*design[split], w).exp().numpy() for split in evals}
-        val = mean_nll(probs["validation"], evals["validation"])
-        if best is None or val < best["val_nll"]:
-            best = {"val_nll": val, "l2": l2, "weights": w.tolist(), "probs": probs}
-    return best
 
 
-_SUPPORT = re.compile(r"support score (?:is )?(\d+)%")
 
 
-def stated_support(example: Example) -> float:
-    """The viewer's pre-treatment support score (0-1) as the prompt's survey states it."""
-    match = _SUPPORT.search(example.prompt)
-    if match is None:
-        raise ValueError(f"{example.example_id}: no 'support score is N%' in the prompt")
-    return int(match.group(1)) / 100
 
 
-def tier_mean(stance: np.ndarray) -> np.ndarray:
-    """E[stance | side, tier]: what a reader who knows each title's side and tier can say."""
-    mids = np.array([0.0, 0.35, 0.775])  # midpoints of the neutral / mild / strong |stance| ranges
-    return np.sign(stance) * mids[np.searchsorted([0.15, 0.55], np.abs(stance), side="right")]
 
 
-def readable_ceilings(test: Cached, readable: np.ndarray) -> dict[str, float]:
-    """Test R^2 of what the prompt text reveals about each latent (see readable_probs)."""
-    stance = np.concatenate([r.stance for r in test.rows])
-    guess = tier_mean(stance)
-    lean = np.array([r.lean for r in test.rows])
-    stated = np.array([2 * stated_support(r.example) - 1 for r in test.rows])
-    leans = np.concatenate([np.full(r.n_options, r.lean) for r in test.rows])
-    current = np.array([r.current_stance for r in test.rows])
-    logp = [np.log(np.maximum(readable[i, : r.n_options], 1e-300)) for i, r in enumerate(test.rows)]
-    util = np.concatenate([np.log(r.true_probs) - np.log(r.true_probs).mean() for r in test.rows])
-    return {"stance": r_squared(stance, guess), "log10_views": 1.0,
-            "stance_x_lean": r_squared(stance * leans, guess * leans),
-            "true_utility": r_squared(util, np.concatenate([lp - lp.mean() for lp in logp])),
-            "viewer_lean": r_squared(lean, stated), "political_interest": 1.0,
-            "current_stance": r_squared(current, tier_mean(current))}
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -925,26 +456,10 @@ def finetune(run: Path, spec: FinetuneSpec, train: Cached, evals: dict[str, Cach
 # ----------------------------------------------------------------------------- stages
 
 SPLITS = ("train", "validation", "test")
-ORACLE_L2S = (1e-2, 1e-3, 1e-4)
-PROBE_L2S = (1.0, 0.3, 0.1, 3e-2, 1e-2, 3e-3, 1e-3)
 
 
-def mean_nll(probs: np.ndarray, c: Cached) -> float:
-    return float(slate_scores(probs, c.gold, c.true, c.n_options)["nll"].mean())
 
 
-def oracle_logit(train: Cached, others: dict[str, Cached]) -> dict:
-    """The choice model's own terms (true latents, no primacy) fitted by maximum likelihood on
-    the same training rows: what a correctly specified 6-parameter model reaches with them."""
-    design = {name: stack_options([oracle_features(r) for r in c.rows]) for name, c in {"train": train, **others}.items()}
-    best = None
-    for l2 in ORACLE_L2S:
-        w = fit_conditional_logit(*design["train"], torch.as_tensor(train.gold), l2)
-        probs = {name: conditional_logit_logp(*design[name], w).exp().numpy() for name in others}
-        val = mean_nll(probs["validation"], others["validation"])
-        if best is None or val < best["val_nll"]:
-            best = {"val_nll": val, "l2": l2, "weights": w.tolist(), "probs": probs}
-    return best
 
 
 def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
@@ -989,16 +504,8 @@ def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
     return result
 
 
-def replace_l2(spec: ProbeSpec, l2: float) -> ProbeSpec:
-    return ProbeSpec(spec.layer, spec.pooling, spec.state, spec.dim, spec.rank, l2)
 
 
-def learning_curve_sizes(n: int) -> list[int]:
-    """Training-set sizes halving down from n (at least 64 rows)."""
-    sizes = [n]
-    while sizes[-1] // 2 >= 64:
-        sizes.append(sizes[-1] // 2)
-    return sorted(sizes)
 
 
 def parse_finetune(text: str) -> list[FinetuneSpec]:

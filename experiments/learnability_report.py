@@ -17,6 +17,8 @@ import torch
 from grailcore.evaluation.bootstrap import make_plan, statistic_estimate
 
 import learnability as L
+import learnability_heads as H
+import learnability_rows as R
 
 N_BOOT = 1000
 NEAR = 0.8
@@ -42,14 +44,14 @@ def gap_closed(scores: dict[str, np.ndarray], uniform: dict[str, np.ndarray], ba
     return statistic_estimate(stat, len(scores["nll"]), plan).as_dict()
 
 
-def zero_shot(c: L.Cached) -> tuple[np.ndarray, np.ndarray]:
+def zero_shot(c: H.Cached) -> tuple[np.ndarray, np.ndarray]:
     """Untrained model, full fp32 forward: [N, 5] slate distribution and [N] off-slate mass."""
     probs, off = [], []
     for item, row in zip(c.items, c.rows):
         on = item["digit_logp"][: row.n_options].double()
         probs.append((on - torch.logsumexp(on, 0)).exp().numpy())
         off.append(float(1 - on.exp().sum()))
-    return L.pad(probs), np.array(off)
+    return R.pad(probs), np.array(off)
 
 
 def finetune_histories(run: Path) -> dict[str, list[dict]]:
@@ -59,20 +61,20 @@ def finetune_histories(run: Path) -> dict[str, list[dict]]:
     return out
 
 
-def select_epoch(history: list[dict], val: L.Cached) -> dict:
+def select_epoch(history: list[dict], val: H.Cached) -> dict:
     """The epoch with the lowest validation NLL (epoch 0 = untrained, through the bf16 cache)."""
-    return min(history, key=lambda e: L.mean_nll(e["splits"]["validation"]["probs"], val))
+    return min(history, key=lambda e: H.mean_nll(e["splits"]["validation"]["probs"], val))
 
 
-def predictors(run: Path, rows: dict, val: L.Cached, test: L.Cached, params) -> tuple[dict, dict, dict]:
+def predictors(run: Path, rows: dict, val: H.Cached, test: H.Cached, params) -> tuple[dict, dict, dict]:
     """name -> test probs; name -> test off-slate mass; notes (selections) for the README."""
     probe = torch.load(run / "probe.pt", weights_only=False)
-    readable = L.pad([L.readable_probs(r, params) for r in test.rows])
+    readable = R.pad([R.readable_probs(r, params) for r in test.rows])
     zs_probs, zs_off = zero_shot(test)
     preds = {
-        "uniform": L.uniform_probs(test.n_options),
-        "rule: most viewed": L.rule_probs(L.most_viewed(test.rows), test.n_options),
-        "rule: most viewed on the viewer's side": L.rule_probs(L.side_matches(test.rows), test.n_options),
+        "uniform": R.uniform_probs(test.n_options),
+        "rule: most viewed": R.rule_probs(R.most_viewed(test.rows), test.n_options),
+        "rule: most viewed on the viewer's side": R.rule_probs(R.side_matches(test.rows), test.n_options),
         "oracle-feature logit (true latents, fitted)": probe["oracle_logit"]["probs"]["test"],
         "text-readable Bayes (approx.)": readable,
         "Bayes-optimal (true probs)": test.true,
@@ -97,24 +99,24 @@ def predictors(run: Path, rows: dict, val: L.Cached, test: L.Cached, params) -> 
 RULES = ("rule: most viewed", "rule: most viewed on the viewer's side")
 
 
-def score_table(preds: dict, off: dict, test: L.Cached, plan) -> dict:
-    bayes = L.slate_scores(test.true, test.gold, test.true, test.n_options)
-    uniform = L.slate_scores(preds["uniform"], test.gold, test.true, test.n_options)
+def score_table(preds: dict, off: dict, test: H.Cached, plan) -> dict:
+    bayes = R.slate_scores(test.true, test.gold, test.true, test.n_options)
+    uniform = R.slate_scores(preds["uniform"], test.gold, test.true, test.n_options)
     table = {}
     for name, probs in preds.items():
-        scores = L.slate_scores(probs, test.gold, test.true, test.n_options)
+        scores = R.slate_scores(probs, test.gold, test.true, test.n_options)
         if name in RULES:  # a deterministic rule has no likelihood: accuracy only
             scores = {"accuracy": scores["accuracy"], "hit": scores["hit"]}
-            table[name] = L.summarize_scores(scores, plan)
+            table[name] = R.summarize_scores(scores, plan)
             continue
-        table[name] = L.summarize_scores(scores, plan, bayes)
+        table[name] = R.summarize_scores(scores, plan, bayes)
         table[name]["gap_closed"] = gap_closed(scores, uniform, bayes, plan)
         if name in off:
-            table[name]["off_slate"] = L.summarize_scores({"off": off[name]}, plan)["off"]
+            table[name]["off_slate"] = R.summarize_scores({"off": off[name]}, plan)["off"]
     return table
 
 
-def epoch_table(notes: dict, val: L.Cached, test: L.Cached) -> dict[str, list[dict]]:
+def epoch_table(notes: dict, val: H.Cached, test: H.Cached) -> dict[str, list[dict]]:
     out = {}
     for name, info in notes["finetune"].items():
         out[name] = []
@@ -122,7 +124,7 @@ def epoch_table(notes: dict, val: L.Cached, test: L.Cached) -> dict[str, list[di
             row = {"epoch": entry["epoch"], "train_loss": entry["train_loss"], "seconds": entry["seconds"]}
             for split, c in (("validation", val), ("test", test)):
                 got = entry["splits"][split]
-                scores = L.slate_scores(got["probs"], c.gold, c.true, c.n_options)
+                scores = R.slate_scores(got["probs"], c.gold, c.true, c.n_options)
                 row[split] = {k: float(v.mean()) for k, v in scores.items()} | {"off_slate": float(got["off_slate"].mean())}
             out[name].append(row)
     return out
@@ -218,14 +220,14 @@ def machine() -> str:
 
 
 def write_report(run: Path, out: Path, rows: dict, args) -> dict:
-    params = L.VARIANTS[args.variant].params
-    val, test = L.load_cached(run, rows["validation"]), L.load_cached(run, rows["test"])
+    params = R.VARIANTS[args.variant].params
+    val, test = H.load_cached(run, rows["validation"]), H.load_cached(run, rows["test"])
     plan = make_plan(test.viewer_ids, N_BOOT, seed=0)
     preds, off, notes = predictors(run, rows, val, test, params)
     table = score_table(preds, off, test, plan)
     epochs = epoch_table(notes, val, test)
     probe = notes["probe"]
-    ceilings = L.readable_ceilings(test, notes["readable"])
+    ceilings = H.readable_ceilings(test, notes["readable"])
     out.mkdir(parents=True, exist_ok=True)
     images = {"nll": plot_nll(table, out / "test_nll.png"), "epochs": plot_epochs(epochs, table, out / "finetune_epochs.png"),
               "latents": plot_latents(probe["latent"], ceilings, out / "latent_probes.png")}
@@ -250,7 +252,7 @@ def write_report(run: Path, out: Path, rows: dict, args) -> dict:
     return result
 
 
-def setup(args, rows: dict, probe: dict, val: L.Cached, test: L.Cached, plan) -> dict:
+def setup(args, rows: dict, probe: dict, val: H.Cached, test: H.Cached, plan) -> dict:
     tokens = [it["n_tokens"] for it in test.items]
     return {
         "model": args.model, "study": f"synthetic:{args.issue}", "variant": args.variant, "n": args.n, "seed": args.seed,
@@ -281,6 +283,11 @@ def verdict(result: dict) -> list[str]:
     for name in tuned:
         lines.append(f"{name}: NLL {cell(t[name]['nll'])}, accuracy {cell(t[name]['accuracy'])}, TV {cell(t[name]['tv'])}, "
                      f"closes {100 * t[name]['gap_closed']['value']:.0f}% of the gap.")
+    structured = next(n for n in t if n.startswith("latent-supervised probe"))
+    lines.append(f"With each latent read out linearly and combined in the choice model's form ({structured}): NLL "
+                 f"{cell(t[structured]['nll'])}, {100 * t[structured]['gap_closed']['value']:.0f}% of the gap; the "
+                 f"probe trained on choices alone: {100 * t[probe]['gap_closed']['value']:.0f}%.")
+    lines.append(diagnosis(result))
     oracle = "oracle-feature logit (true latents, fitted)"
     lines.append(f"For scale, a correctly specified 6-parameter model on the true latents fitted on the same "
                  f"{result['setup']['rows']['train']} training rows: NLL {cell(t[oracle]['nll'])} "
@@ -308,6 +315,28 @@ DEFINITIONS = [
     "logit: whether the information is in the features at all, given help that choices alone do not give.",
     "- *fine-tuned*: direct-answer SFT of the top k layers, epoch chosen on validation NLL.",
 ]
+
+
+COMPOSITES = ("stance_x_lean", "true_utility")
+"""Option-by-viewer quantities: read from option-line features alone they show whether the model
+already combines the option with the viewer at the option's own tokens."""
+
+
+def diagnosis(result: dict) -> str:
+    """Which latent the features carry (best test R^2 over layers vs what the text reveals)."""
+    latent, ceiling = result["latent_probes"], result["text_readable_r2"]
+    parts, weak = {}, []
+    for name, top in ceiling.items():
+        layer, best = max(((k, v[name]["test_r2"]) for k, v in latent.items()), key=lambda kv: kv[1])
+        parts[name] = f"{name} {best:.2f} (layer {layer}; text {top:.2f})"
+        if best < 0.5 * top and name not in COMPOSITES:
+            weak.append(name)
+    single = "; ".join(v for k, v in parts.items() if k not in COMPOSITES)
+    composite = "; ".join(v for k, v in parts.items() if k in COMPOSITES)
+    missing = (f"Read poorly (below half of what the text reveals): {', '.join(weak)}." if weak
+               else "Every single latent is read at least half as well as the text reveals it.")
+    return (f"Linear read-out of each latent, best layer (test R^2): {single}. {missing} From the option's own "
+            f"line alone, the option-by-viewer terms: {composite}.")
 
 
 def markdown(result: dict, images: dict, args) -> str:
