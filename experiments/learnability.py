@@ -43,24 +43,6 @@ CHUNK = 16
 """Rows per cache file (the unit of resumption)."""
 
 
-# ----------------------------------------------------------------------------- data
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 # ----------------------------------------------------------------------------- tokens
 
 @dataclass(frozen=True)
@@ -187,8 +169,6 @@ def probe_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(sorted({max(1, round(n_layers * f)) for f in (0.25, 0.5, 0.75)} | {n_layers}))
 
 
-
-
 def _features(hidden: torch.Tensor, enc: Encoded) -> dict[str, torch.Tensor]:
     """[T, H] stream -> what the probes read at the row's informative positions (fp16)."""
     return {
@@ -222,8 +202,6 @@ def extract_row(model, tokenizer, row: Row, probe_layers: tuple[int, ...], k_max
     return out
 
 
-
-
 def extract(run: Path, rows: dict[str, list[Row]], limits: dict[str, int | None], seed: int,
             model_name: str = MODEL, log=print) -> None:
     """Cache every chunk not yet on disk: test first, then validation, then train."""
@@ -244,94 +222,7 @@ def extract(run: Path, rows: dict[str, list[Row]], limits: dict[str, int | None]
                    "items": items}, target)
             took = time.time() - started
             log(f"extract {split} chunk {index + 1}/{math.ceil(len(ordered) / CHUNK)}: {len(chunk)} rows, "
-                  f"{took / len(chunk):.1f} s/row, {np.mean([it['n_tokens'] for it in items]):.0f} tokens/row",
-)
-
-
-
-# ----------------------------------------------------------------------------- scores
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- references
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- conditional logit
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- cached features
-
-
-
-
-
-# ----------------------------------------------------------------------------- probes
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# ----------------------------------------------------------------------------- latent probes
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
+                f"{took / len(chunk):.1f} s/row, {np.mean([it['n_tokens'] for it in items]):.0f} tokens/row")
 
 
 # ----------------------------------------------------------------------------- fine-tuning
@@ -452,14 +343,9 @@ def finetune(run: Path, spec: FinetuneSpec, train: Cached, evals: dict[str, Cach
     return history
 
 
-
 # ----------------------------------------------------------------------------- stages
 
 SPLITS = ("train", "validation", "test")
-
-
-
-
 
 
 def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
@@ -502,10 +388,6 @@ def probe_stage(run: Path, rows: dict[str, list[Row]], log=print) -> dict:
     }
     _save(result, run / "probe.pt")
     return result
-
-
-
-
 
 
 def parse_finetune(text: str) -> list[FinetuneSpec]:
