@@ -72,31 +72,30 @@ class _RecordingEngine:
 
 class GrailcoreSystem:
     def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str):
-        from grailcore.setup import build
+        from grailcore.build import build_trainer
 
         self.name, self.prefix_sharing = name, prefix_sharing
         self.cfg = grailcore_config(tempfile.mkdtemp(prefix=f"bench-{name}-"), prefix_sharing, checkpointing, engine)
-        self.parts = build(self.cfg)
-        # grailcore.setup leaves the policy in eval mode, where HF checkpointing is a no-op
+        self.trainer = build_trainer(self.cfg)
+        # grailcore.build leaves the policy in eval mode, where HF checkpointing is a no-op
         # (GradientCheckpointingLayer checks `training`): train mode makes the _gc variants
         # real and changes nothing else here (SmolLM2 has no dropout).
-        self.parts.policy.train()
-        self.parts.engine = _RecordingEngine(self.parts.engine)
-        self.step_index = 0
+        self.trainer.policy.model.train()
+        self.trainer.rollout.engine = _RecordingEngine(self.trainer.rollout.engine)
 
     def step(self) -> dict:
-        # The loop's own step function: exactly what `grailcore.train` runs per step.
-        from grailcore.loop import _one_step
-        from grailcore.metrics import StepTimer
+        # The trainer's own step: exactly what `grailcore.train` runs per step.
+        from grailcore.metrics_log import StepTimer
 
         timer = StepTimer()
         with timer("step"):
-            metrics, _ = _one_step(self.step_index, self.parts, self.cfg, timer)
-        self.step_index += 1
+            metrics = self.trainer.step(timer).metrics
+        self.trainer.state.step += 1
         t = timer.as_metrics()
-        work = self.trained_work(*self.parts.engine.last)
+        engine = self.trainer.rollout.engine
+        work = self.trained_work(*engine.last)
         return {"step_s": t["time/step"], "generation_s": t["time/generation"] + t["time/scoring"],
-                "generation_cpu_s": self.parts.engine.cpu_s,
+                "generation_cpu_s": engine.cpu_s,
                 "training_s": t["time/training"], "weight_sync_s": t.get("time/weight_sync", 0.0),
                 "forward_backward_s": metrics["time/forward_backward"],
                 "completion_tokens": int(metrics["tokens/completion"]), "trained_tokens": work[0], "work": work}
@@ -111,14 +110,14 @@ class GrailcoreSystem:
         from grailcore.batch import micro_batches
         from grailcore.prefix import attention_pair_cost, pack_by_prompt
 
-        pair_cost = attention_pair_cost(self.parts.policy.lm.config)
+        pair_cost = attention_pair_cost(self.trainer.policy.model.lm.config)
         batches = micro_batches(prompts, completions, torch.zeros(len(completions)), 0, self.cfg.optim.micro_batch_size)
         packs = [p for b in batches for p in pack_by_prompt(b.input_ids, b.attention_mask, b.num_completion_tokens,
                                                              b.completion_mask, pair_cost)]
         return packed_work(packs)
 
 
-def trl_trainer(parts, drawn: list[int], callback, checkpointing: bool):
+def trl_trainer(trainer, drawn: list[int], callback, checkpointing: bool):
     """TRL's GRPOTrainer on the same model, rewards and prompt order as grailcore."""
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
@@ -139,9 +138,9 @@ def trl_trainer(parts, drawn: list[int], callback, checkpointing: bool):
 
     def reward(prompts, completions, example_index, **kwargs):
         texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return parts.scorer([parts.train[i] for i in example_index], texts).total.tolist()
+        return trainer.rewards([trainer.data.train[i] for i in example_index], texts).total.tolist()
 
-    rows = [{"prompt": [dict(m) for m in parts.train[i].messages], "example_index": i} for i in drawn]
+    rows = [{"prompt": [dict(m) for m in trainer.data.train[i].messages], "example_index": i} for i in drawn]
     args = TRLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False,
         per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
@@ -152,14 +151,14 @@ def trl_trainer(parts, drawn: list[int], callback, checkpointing: bool):
     )
     model = load_policy(resolve_model_path(MODEL), "float32", "sdpa")
     return TimedGRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=Dataset.from_list(rows),
-                            processing_class=parts.tokenizer, callbacks=[callback])
+                            processing_class=trainer.policy.tokenizer, callbacks=[callback])
 
 
 def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps: int, drawn: list[int]):
     """Run TRL's train(); after each of its steps, one step of every grailcore system."""
     from transformers import TrainerCallback
 
-    shape = DecoderShape.from_config(systems[0].parts.policy.lm.config)
+    shape = DecoderShape.from_config(systems[0].trainer.policy.model.lm.config)
     records: list[dict] = []
     peak = _CpuPeak()
     gemm, gemm_flops = matmul_peak_calls(sizes=(2048,))
@@ -196,7 +195,7 @@ def _interleaved(trl_checkpointing: bool, systems: list[GrailcoreSystem], steps:
             for system in systems:
                 measured(system.name, state.global_step - 1, system.step)
 
-    trainer = trl_trainer(systems[0].parts, drawn, Interleave(), trl_checkpointing)
+    trainer = trl_trainer(systems[0].trainer, drawn, Interleave(), trl_checkpointing)
     trainer.train()
     for row in records:
         flops = shape.training_flops(*row.pop("work"))
@@ -261,7 +260,7 @@ def main(argv=None) -> None:
     systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine) for name in args.variants]
     total = args.warmup + args.steps
     # TRL draws the prompts grailcore's sampler will draw, in the same order.
-    drawn = copy.deepcopy(systems[0].parts.sampler).next(total * PROMPTS)
+    drawn = copy.deepcopy(systems[0].trainer.state.sampler).next(total * PROMPTS)
     began = time.time()
     records = _interleaved(not args.trl_no_checkpointing, systems, total, drawn)
     stamp = time.strftime("%Y-%m-%d %H:%M")

@@ -1,6 +1,7 @@
 """CPU demo of GRAIL: configs/demo_gun.py (GRPO from the SFT warm start of
 configs/demo_sft_gun.py: run that first) plus the MiniLM discriminator, whose reward for
-looking human is added to the rule rewards. `python -m grailcore.train --cfg configs/demo_grail_gun.py`
+looking human (`gail`) joins the rule rewards in rewards.names / rewards.weights.
+`python -m grailcore.train --cfg configs/demo_grail_gun.py`
 
 Watch gail/* in the logs: p_human_expert should rise above p_human_policy."""
 
@@ -16,12 +17,14 @@ _demo_gun = load_preset(str(Path(__file__).with_name("demo_gun.py")))
 config = dataclasses.replace(
     _demo_gun,
     run_dir="runs/demo_grail_gun",
+    # gail's weight 0.25 * its clip 2: capped at +-0.5, so the rule rewards (up to 1.5) still lead.
+    rewards=dataclasses.replace(_demo_gun.rewards, names=(*_demo_gun.rewards.names, "gail"),
+                                weights=(*_demo_gun.rewards.weights, 0.25)),
     gail=GailConfig(
-        enabled=True, model="minilm-l6", max_tokens=256,
+        model="minilm-l6", max_tokens=256,
         # A faster D than the real recipes' so it has learned something within 20 steps.
         lr=5e-5, disc_steps=1,
-        # Capped at +-0.5 after weighting: the rule rewards (up to 2) still lead.
-        reward="logit", weight=0.25, reward_clip=2.0,
+        reward="logit", reward_clip=2.0,
         negatives="all", replay_size=64, replay_ratio=0.5,
     ),
 )

@@ -13,18 +13,20 @@ from pathlib import Path
 from grailcore.cli import load_preset
 from grailcore.config import GailConfig
 
-# The GRPO arm with the discriminator added: the two arms differ in nothing else.
+# The GRPO arm with the discriminator's reward added: the two arms differ in nothing else.
 _grpo = load_preset(str(Path(__file__).with_name("grpo_gun.py")))
 
 config = dataclasses.replace(
     _grpo,
     run_dir="runs/grail_gun",
+    # gail's weight 0.5 * its clip 2 = 1 = slate_accuracy's range: a confident D cannot swamp it.
+    rewards=dataclasses.replace(_grpo.rewards, names=(*_grpo.rewards.names, "gail"),
+                                weights=(*_grpo.rewards.weights, 0.5)),
     gail=GailConfig(
-        enabled=True, model="minilm-l6", max_tokens=512,
+        model="minilm-l6", max_tokens=512,
         lr=2e-5, disc_steps=1,
-        # logit = log D - log(1 - D): GAIL's density-ratio reward; clipped so a confident D
-        # cannot swamp the accuracy reward (weight * clip = 1 = slate_accuracy's range).
-        reward="logit", weight=0.5, reward_clip=2.0,
+        # logit = log D - log(1 - D): GAIL's density-ratio reward, clipped (see the weight above).
+        reward="logit", reward_clip=2.0,
         # "all": every parsed policy choice is a negative (the unbiased GAIL estimate), so D
         # learns p_human / (p_human + p_policy) and pays choices humans make more often
         # than the policy, i.e. it pushes toward human choice distributions.

@@ -10,6 +10,7 @@ model.safetensors holds the adapters only (`trainable_only`); the export is merg
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -56,6 +57,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint could not be written or no usable checkpoint could be read."""
 
 
+_run_on_rank0 = functools.partial(gdist.run_on_rank0, error=CheckpointError)  # a failure raises on every rank
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped (corrupt, missing files) or pruned as stale."""
 
@@ -70,8 +74,6 @@ class LoadedCheckpoint:
     """As saved, through JSON (tuples come back as lists)."""
     extra: dict[str, object]
 
-
-# ---------------------------------------------------------------- files
 
 
 def _write_latest(root: Path, final: Path) -> None:
@@ -113,8 +115,6 @@ def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
-# ---------------------------------------------------------------- state
-
 
 def _check_weights_only(obj: object, where: str) -> None:
     """Reject what `torch.load(weights_only=True)` could not read back at resume time."""
@@ -142,8 +142,6 @@ def _trainer_state_json(trainer_state: dict) -> str:
             "there and put tensors or other objects in `extra`"
         ) from e
 
-
-# ---------------------------------------------------------------- save
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
@@ -265,8 +263,6 @@ def _prune(root: Path, keep: int, written: Path) -> None:
             warnings.warn(f"could not remove old checkpoint {path}: {e}", CheckpointWarning, stacklevel=3)
 
 
-# ---------------------------------------------------------------- load
-
 
 def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None,
@@ -296,10 +292,6 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
                       "its current RNG state", CheckpointWarning, stacklevel=2)
     return LoadedCheckpoint(path=path, step=found["step"], trainer_state=found["trainer_state"],
                             extra=found["extra"])
-
-
-def _run_on_rank0(what: str, fn: Callable[[], object]) -> object:
-    return gdist.run_on_rank0(what, fn, CheckpointError)
 
 
 def _verify(path: Path, checksums: bool = True) -> str | None:

@@ -1,18 +1,30 @@
 """Config from the command line: `--cfg configs/x.py|x.yaml` picks a preset, tyro
-overrides any field (`--optim.lr 1e-6 --grpo.group-size 8`)."""
+overrides any field (`--optim.lr 1e-6 --grpo.group-size 8`); `command` runs an entry
+point so that bad input prints as one line (exit 2), with `--debug` for the traceback."""
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import tyro
 import yaml
 
+from grailcore import dist
 from grailcore.config import Config, ConfigError
+from grailcore.data.schema import SchemaError
+from grailcore.model import ModelNotFoundError
+
+USER_ERRORS = (ConfigError, SchemaError, ModelNotFoundError)
+"""Bad input (settings, data rows, model dirs) whose message already says what to change."""
+DEBUG_FLAG = "--debug"
+_MOVED = {"gail.enabled": "list 'gail' in rewards.names instead",
+          "gail.weight": "give 'gail' its weight in rewards.weights instead"}
+"""Fields that no longer exist, and where their setting lives now."""
 
 
 def load_preset(path: str) -> Config:
@@ -39,8 +51,10 @@ def from_dict(data: dict[str, Any], where: str, cls: type = Config) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        section = where.rsplit(":", 1)[-1] if ":" in where else ""
+        hints = [f"{section}.{name}: {_MOVED[f'{section}.{name}']}" for name in unknown if f"{section}.{name}" in _MOVED]
         raise ConfigError(f"{where}: unknown config field(s) {unknown} in {cls.__name__}; "
-                          f"known: {sorted(fields)}")
+                          f"known: {sorted(fields)}" + "".join(f"; {hint}" for hint in hints))
     kwargs = {}
     for name, value in data.items():
         default = getattr(cls(), name)
@@ -74,3 +88,20 @@ def save_config(cfg: Config, run_dir: Path) -> Path:
     tmp.write_text(yaml.safe_dump(json.loads(json.dumps(dataclasses.asdict(cfg))), sort_keys=False))
     tmp.replace(out)
     return out
+
+
+def command(main: Callable[[list[str]], object], argv: Sequence[str] | None = None) -> None:
+    """Run an entry point's `main(argv)` as a command. Bad input (USER_ERRORS) prints as one
+    line on rank 0 and exits 2, like a usage error; `--debug` anywhere in argv re-raises it
+    with its traceback. A finished torchrun worker then leaves (dist.exit_finished_worker)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in args
+    try:
+        main([a for a in args if a != DEBUG_FLAG])
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        if dist.get_rank() == 0:
+            print(f"error: {' '.join(str(err).split())}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    dist.exit_finished_worker()

@@ -2,12 +2,11 @@
 
 Presets are plain `Config` instances in `configs/*.py`; the CLI (tyro) overrides any
 field (`--optim.lr 1e-6 --grpo.group-size 8`). Nothing mutates a config once built;
-`validate()` rejects impossible settings at start.
+`grailcore.validation.validate` rejects impossible settings before anything is built.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -79,7 +78,13 @@ class DataConfig:
     show_ids: bool = False
     """Show video ids in OPTIONS."""
     shuffle_options: bool = True
-    """Shuffle each slate with a seeded RNG (gold index remapped)."""
+    """Shuffle each slate with a seeded RNG (gold index remapped), for every source: synthetic,
+    Decision rows and pre-rendered prompts alike. False shows the order the data stores (logged
+    as a warning: a gold-position bias in the data then reaches training)."""
+    allow_leaks: bool = False
+    """Train even when the leak audit run at build (raw rows and rows as trained, training and
+    eval data) says LEAK; otherwise such a run stops before loading the model. Recorded in
+    the run's config and summary; use it only after reading `python -m grailcore.data.audit PATH`."""
     system_prompt: str | None = None
     """Override the task's default system prompt."""
     skip_bad_rows: bool = False
@@ -155,7 +160,11 @@ class OptimConfig:
 @dataclass(frozen=True)
 class RewardsConfig:
     names: tuple[str, ...] = ("slate_accuracy", "format")
+    """Every reward of a training step: rule rewards (`grailcore.rewards.available_rewards()` lists
+    every name)
+    and the learned `gail` reward (GRAIL's discriminator, set up by `gail.*`)."""
     weights: tuple[float, ...] = (1.0, 0.5)
+    """One weight per name: total reward = sum of weight * reward, the discriminator's included."""
     math_verify_timeout_s: float = 5.0
     length_target: int = 200
     """`length` reward: target completion length in words."""
@@ -163,10 +172,11 @@ class RewardsConfig:
 
 @dataclass(frozen=True)
 class GailConfig:
-    enabled: bool = False
+    """The discriminator behind the `gail` reward; on when rewards.names lists `gail`, weighted
+    by its rewards.weights entry like every other reward."""
+
     model: str = "minilm-l6"
     """Discriminator encoder: registry name or local HF encoder dir."""
-    weight: float = 1.0
     reward: Literal["d", "log_d", "neg_log_1m_d", "logit"] = "logit"
     """r(D): D, log D, -log(1 - D) or log D - log(1 - D). log_d and logit can be negative and
     unparsable completions get 0, so keep a format reward on or use d / neg_log_1m_d."""
@@ -239,6 +249,8 @@ class Config:
     """Continue from the latest good checkpoint in run_dir."""
     deterministic: bool = False
     dry_run: bool = False
+    """Run one step with its update withheld and print what a full run costs (tokens,
+    memory); writes run_dir/dry_run.json, no checkpoint and no metrics."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -253,52 +265,4 @@ class Config:
 
 
 class ConfigError(ValueError):
-    """An impossible or inconsistent setting; the message names the field."""
-
-
-def validate(cfg: Config) -> None:
-    """Fail fast on settings that cannot work. Raises ConfigError naming the field."""
-    checks = [
-        (cfg.grpo.group_size >= 2, "grpo.group_size must be >= 2 (advantages are relative to the group)"),
-        (cfg.grpo.prompts_per_step >= 1, "grpo.prompts_per_step must be >= 1"),
-        (cfg.grpo.num_iterations >= 1, "grpo.num_iterations must be >= 1"),
-        (cfg.grpo.beta >= 0, "grpo.beta must be >= 0"),
-        (cfg.grpo.epsilon_low >= 0 and cfg.grpo.epsilon_high >= 0, "grpo.epsilon_low/high must be >= 0"),
-        (cfg.optim.lr > 0, "optim.lr must be > 0"),
-        (cfg.model.trainable_layers >= 0, "model.trainable_layers must be >= 0 (0 = all)"),
-        (cfg.model.lora_rank >= 0, "model.lora_rank must be >= 0 (0 = no LoRA: full fine-tuning)"),
-        (not (cfg.model.lora_rank and cfg.model.trainable_layers),
-         f"model.lora_rank={cfg.model.lora_rank} and model.trainable_layers={cfg.model.trainable_layers} "
-         "are alternatives (LoRA freezes every base weight); set one of them to 0"),
-        (not cfg.model.lora_rank or cfg.model.lora_alpha > 0, "model.lora_alpha must be > 0"),
-        (not cfg.model.lora_rank or 0 <= cfg.model.lora_dropout < 1, "model.lora_dropout must be in [0, 1)"),
-        (not cfg.model.lora_rank or len(cfg.model.lora_target_modules) > 0,
-         "model.lora_target_modules must name at least one module when model.lora_rank > 0"),
-        (cfg.optim.max_steps >= 1, "optim.max_steps must be >= 1"),
-        (cfg.optim.micro_batch_size >= 1, "optim.micro_batch_size must be >= 1"),
-        (cfg.rollout.temperature > 0, "rollout.temperature must be > 0 (groups need sampling)"),
-        (0 < cfg.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (cfg.rollout.max_prompt_tokens >= 16, "rollout.max_prompt_tokens must be >= 16"),
-        (cfg.rollout.max_completion_tokens >= 1, "rollout.max_completion_tokens must be >= 1"),
-        (cfg.rollout.sync_every >= 1, "rollout.sync_every must be >= 1"),
-        (len(cfg.rewards.names) == len(cfg.rewards.weights),
-         f"rewards.names ({len(cfg.rewards.names)}) and rewards.weights ({len(cfg.rewards.weights)}) "
-         "must have the same length"),
-        (cfg.eval.samples_per_row >= 1, "eval.samples_per_row must be >= 1"),
-        (cfg.eval.permutations >= 0, "eval.permutations must be >= 0 (0 = shown order only)"),
-        (cfg.checkpoint.keep >= 1, "checkpoint.keep must be >= 1"),
-        (cfg.gail.disc_steps >= 1, "gail.disc_steps must be >= 1"),
-        (0 <= cfg.gail.replay_ratio <= 1, "gail.replay_ratio must be in [0, 1]"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-    from grailcore.rewards import available_rewards  # late import: rewards import data
-
-    unknown = [n for n in cfg.rewards.names if n not in available_rewards()]
-    if unknown:
-        raise ConfigError(f"rewards.names: unknown reward(s) {unknown}; available: {sorted(available_rewards())}")
-
-
-def to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    """An impossible or inconsistent setting; the message names the field and the fix."""

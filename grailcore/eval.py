@@ -10,6 +10,7 @@ from typing import Literal, Sequence
 
 import tyro
 
+from grailcore.cli import command, load_preset
 from grailcore.config import Config
 from grailcore.evaluation.evaluate import EvalOptions
 from grailcore.evaluation.run import EvalJob, run
@@ -57,8 +58,6 @@ class EvalArgs:
 
 def resolve(args: EvalArgs) -> tuple[EvalJob, Config]:
     """Fill unset arguments from the preset (or the config defaults)."""
-    from grailcore.cli import load_preset
-
     cfg = load_preset(args.cfg) if args.cfg else Config()
     if args.completions is None and args.model is None and args.cfg is None:
         raise SystemExit("give --completions F.jsonl, or --model (and --data) to sample a model, or --cfg")
@@ -89,4 +88,4 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    command(main)

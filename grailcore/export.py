@@ -13,6 +13,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from grailcore import dist as gdist
 from grailcore.atomic_files import fsync_path, replace_dir
 from grailcore.lora import has_lora
+from grailcore.rollout.sync import iter_full_params
 
 
 def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
@@ -33,8 +34,6 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
     A LoRA policy is written merged (W + scale * B @ A): a plain model, no peft to load it."""
     out = Path(out_dir)
     if has_lora(model):
-        from grailcore.rollout.sync import iter_full_params
-
         keep = gdist.is_main()  # every rank takes part in the gathers; rank 0 keeps the tensors
         state_dict = {name: tensor.cpu() for name, tensor in iter_full_params(model) if keep}
     else:

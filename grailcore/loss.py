@@ -1,6 +1,6 @@
 """Clipped GRPO policy loss + k3 KL, aggregated the grpo / bnpo / dapo / dr_grpo way.
 
-Takes per-token log-probs [B, T] float32 (from `grailcore.logprobs`) and advantages [B]
+Takes per-token log-probs [B, T] float32 (from `grailcore.token_logprobs`) and advantages [B]
 (from `grailcore.advantages`); the loop calls it once per micro-batch.
 """
 

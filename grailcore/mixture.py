@@ -15,6 +15,7 @@ from grailcore import dist as gdist
 from grailcore.config import ConfigError, DataConfig, MixtureSource
 from grailcore.data.loaders import SYNTHETIC_PREFIX, LoadResult, load_examples
 from grailcore.data.schema import Example
+from grailcore.evaluation import evaluate_examples
 from grailcore.sampler import MixtureSampler, PromptSampler
 from grailcore.types import RewardOutput
 
@@ -63,13 +64,17 @@ def _source_cfg(data: DataConfig, src: MixtureSource) -> DataConfig:
 
 
 def _tagged(result: LoadResult, name: str) -> LoadResult:
-    return dataclasses.replace(result, examples=[ex.replace(source=name) for ex in result.examples])
+    raw = None if result.raw_examples is None else [ex.replace(source=name) for ex in result.raw_examples]
+    return dataclasses.replace(result, examples=[ex.replace(source=name) for ex in result.examples],
+                               raw_examples=raw)
 
 
 def _merge(results: Sequence[LoadResult], split: str) -> LoadResult:
+    raw = None if any(r.raw_examples is None for r in results) else [ex for r in results for ex in r.raw_examples]
     return LoadResult(examples=[ex for r in results for ex in r.examples], skipped=sum(r.skipped for r in results),
                       skip_reasons=[why for r in results for why in r.skip_reasons],
-                      source="mixture(" + ",".join(r.examples[0].source for r in results) + ")", split=split)
+                      source="mixture(" + ",".join(r.examples[0].source for r in results) + ")", split=split,
+                      raw_examples=raw)
 
 
 def load_split(data: DataConfig, split: str) -> LoadResult:
@@ -141,8 +146,6 @@ def source_eval_metrics(examples: Sequence[Example], completions: Sequence[Seque
             if "math_accuracy" in rewards.per_reward:
                 out[f"eval/accuracy/{source}"] = float(rewards.per_reward["math_accuracy"][rows].mean())
         else:
-            from grailcore.evaluation import evaluate_examples
-
             result = evaluate_examples(subset, [completions[i] for i in rows], train)
             if "eval/accuracy" in result:
                 out[f"eval/accuracy/{source}"] = result["eval/accuracy"]

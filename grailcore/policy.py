@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from grailcore.logprobs import TokenLogprobs, token_logprobs
+from grailcore.token_logprobs import TokenLogprobs, token_logprobs
 from grailcore.prefix import shared_prefix_logprobs
 
 

@@ -1,6 +1,6 @@
 """Prefix-shared training forward: each distinct prompt of a micro-batch runs once, its
 completions packed behind it under a tree attention mask, so no prompt is repeated and
-no padding is computed. Same contract and results as `grailcore.logprobs.token_logprobs`.
+no padding is computed. Same contract and results as `grailcore.token_logprobs.token_logprobs`.
 
 One packed row per prompt (N = prompt + the completions' inputs; a prompt whose
 completions are long gets a few rows, see `pack_by_prompt`):
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grailcore.logprobs import IGNORE_INDEX, TokenLogprobs, _naive_logprobs, _output_weight
+from grailcore.token_logprobs import IGNORE_INDEX, TokenLogprobs, _naive_logprobs, _output_weight
 from kernels.logprobs import fused_linear_logprobs
 
 # Families whose decoders take a custom 4D mask as-is (checked by tests/test_prefix.py).

@@ -1,7 +1,8 @@
 """Optional online tracking: Weights & Biases metrics beside the local metrics.jsonl
 (`logging.wandb_project`), and uploading the final export to the Hugging Face Hub
-(`checkpoint.push_to_hub`). Both libraries are imported only when configured;
-`check_tracking` fails at start, not after training, when a setting cannot work.
+(`checkpoint.push_to_hub`). Both libraries are imported only when configured (optional);
+`check_tracking` (run by grailcore.validation before anything is built) fails at start, not
+after training, when a setting cannot work.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Mapping
 
 from grailcore.config import Config, ConfigError
-from grailcore.metrics import MetricsLogger
+from grailcore.metrics_log import MetricsLogger
 
 WANDB_ID_FILE = "wandb_run_id"
 """In run_dir: the W&B run id, so a resumed run continues the same W&B run."""
@@ -101,9 +102,7 @@ class Loggers:
 
 
 def build_logger(cfg: Config, enabled: bool, resume_step: int | None = None) -> MetricsLogger | Loggers:
-    """The run's metric logger: metrics.jsonl (+ TensorBoard), plus W&B when configured.
-    Checks every tracking setting first (push_to_hub too), so mistakes surface at start."""
-    check_tracking(cfg)
+    """The run's metric logger: metrics.jsonl (+ TensorBoard), plus W&B when configured."""
     local = MetricsLogger(cfg.run_dir, cfg.logging.tensorboard, enabled=enabled, resume_step=resume_step)
     if cfg.logging.wandb_project is None:
         return local

@@ -1,50 +1,49 @@
 """Entry point: `torchrun --nproc_per_node=N -m grailcore.train --cfg configs/x.py [overrides]`
-(or `python -m grailcore.train ...` for one process). Parse, build, run the loop."""
+(or `python -m grailcore.train ...` for one process). GRPO, or GRAIL when rewards.names
+lists `gail`; `--dry-run` runs one step with its update withheld. A configuration error
+prints as one line (exit 2); `--debug` shows its traceback. Parse, validate, build, run."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
-from grailcore import dist
-from grailcore.cli import parse_config, save_config
-from grailcore.config import validate
+from grailcore import cli
+from grailcore import dist as gdist
+from grailcore.build import build_trainer
+from grailcore.dry_run import dry_run
+from grailcore.validation import Mode, validate
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_config(sys.argv[1:] if argv is None else argv, description=__doc__)
-    validate(cfg)
-    from pathlib import Path
-
-    from grailcore.loop import train
-    from grailcore.setup import build
-
-    # Logging before build(), or what it reports (resumed from, skipped rows) is lost.
-    rank = dist.init_distributed().rank  # idempotent: build() joins the same group
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+def launch(argv: list[str], mode: Mode, description: str) -> dict:
+    """Parse and validate the config, then build and run a `mode` run (or its dry run);
+    every rank calls it. Returns the run's summary."""
+    cfg = cli.parse_config(argv, description=description)
+    dist = gdist.init_distributed()  # idempotent: build_trainer joins the same group
+    validate(cfg, dist.world_size, mode)
+    # Logging before the build, or what it reports (resumed from, skipped rows) is lost.
+    logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parts = build(cfg)
-    if parts.dist.rank == 0:
-        save_config(cfg, Path(cfg.run_dir))
+    trainer = build_trainer(cfg, mode)
+    if dist.rank == 0:
+        cli.save_config(cfg, Path(cfg.run_dir))
     try:
-        if cfg.dry_run:
-            from grailcore.dry_run import dry_run
-
-            result = dry_run(parts, cfg)
-        else:
-            result = train(parts, cfg)
+        result = dry_run(trainer) if cfg.dry_run else trainer.run()
         # Only after a clean run (a failed rank would leave its peers waiting here): no rank
         # tears its group down while a peer's gloo work may still be in flight, which can
         # abort the peer at exit ("terminate called without an active exception", seen once
         # in CI after a finished 2-rank dry run).
-        dist.barrier()
+        gdist.barrier()
         return result
     finally:
-        if parts.engine is not None:
-            parts.engine.close()
-        dist.shutdown()
+        trainer.close()
+        gdist.shutdown()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return launch(sys.argv[1:] if argv is None else argv, "grpo", __doc__)
 
 
 if __name__ == "__main__":
-    main()
-    dist.exit_finished_worker()
+    cli.command(main)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from grailcore.cli import load_preset, parse_config
-from grailcore.config import ConfigError, validate
+from grailcore.config import ConfigError
+from grailcore.validation import validate
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 

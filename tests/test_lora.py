@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from grailcore.build import policy_model
 from grailcore.config import CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, GRPOConfig, \
-    LoggingConfig, ModelConfig, OptimConfig, RewardsConfig, RolloutConfig, validate
+    LoggingConfig, ModelConfig, OptimConfig, RewardsConfig, RolloutConfig
 from grailcore.dist import init_distributed
 from grailcore.lora import AdapterFreeReference, has_lora
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
@@ -21,8 +22,8 @@ from grailcore.optimize import build_optimizer
 from grailcore.rewards import available_rewards, register
 from grailcore.rollout.hf import HFEngine
 from grailcore.rollout.sync import iter_full_params
-from grailcore.setup import _policy_model
 from grailcore.types import SamplingParams
+from grailcore.validation import validate
 
 RANK, ALPHA = 4, 8.0  # scale alpha / rank = 2
 
@@ -34,7 +35,7 @@ def lora_cfg(**model) -> Config:
 
 def lora_policy(**model):
     cfg = lora_cfg(**model)
-    return _policy_model(resolve_model_path(cfg.model.name_or_path), cfg, init_distributed(), trainable=True)
+    return policy_model(resolve_model_path(cfg.model.name_or_path), cfg, init_distributed(), trainable=True)
 
 
 def randomize_adapters(policy, seed: int = 0) -> None:
@@ -67,7 +68,7 @@ def test_impossible_lora_settings_are_config_errors(model, message):
 
 def test_lora_off_by_default():
     assert ModelConfig().lora_rank == 0
-    policy = _policy_model(resolve_model_path("micro-llama"), Config(model=ModelConfig(name_or_path="micro-llama")),
+    policy = policy_model(resolve_model_path("micro-llama"), Config(model=ModelConfig(name_or_path="micro-llama")),
                            init_distributed(), trainable=True)
     assert not has_lora(policy) and all(p.requires_grad for p in policy.parameters())
 
@@ -149,7 +150,7 @@ def test_adapter_free_reference_is_the_base_model():
     policy = lora_policy()
     randomize_adapters(policy)
     cfg = Config(model=ModelConfig(name_or_path="micro-llama", gradient_checkpointing=False))
-    base = _policy_model(path, cfg, init_distributed(), trainable=False)
+    base = policy_model(path, cfg, init_distributed(), trainable=False)
     reference = AdapterFreeReference(policy)
     with torch.no_grad():
         ref, want, own = logprobs(reference, IDS), logprobs(base, IDS), logprobs(policy, IDS)
@@ -184,7 +185,7 @@ TRIVIAL = "test_lora_space_fraction"
 
 
 def _space_fraction(example, completion: str) -> float:
-    """Share of spaces: a signal a random model varies on at once (as in test_loop)."""
+    """Share of spaces: a signal a random model varies on at once (as in test_trainer)."""
     return sum(ch == " " for ch in completion) / len(completion) if completion else 0.0
 
 
@@ -208,7 +209,7 @@ def lora_run_config(run_dir: Path, **overrides) -> Config:
     return dataclasses.replace(cfg, **overrides)
 
 
-from test_loop import _rows, _run  # noqa: E402  (build + train + close the engine, as the loop tests do)
+from test_trainer import _rows, _run  # noqa: E402  (build + run + close the engine, as the trainer tests do)
 
 
 def _steps(run_dir: Path) -> list[dict]:
@@ -219,17 +220,16 @@ def test_sft_with_lora_lowers_the_target_nll_and_exports_a_merged_model(tmp_path
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    from grailcore.setup import build
-    from grailcore.sft import run_sft
+    from grailcore.build import build_trainer
 
     cfg = lora_run_config(tmp_path / "sft", optim=OptimConfig(lr=1e-2, max_steps=8, micro_batch_size=8),
                           rollout=RolloutConfig(max_prompt_tokens=2048, max_completion_tokens=4),
                           eval=EvalConfig(max_samples=2))
-    parts = build(cfg)
+    trainer = build_trainer(cfg, "sft")
     try:
-        run_sft(parts, cfg)
+        trainer.run()
     finally:
-        parts.engine.close()
+        trainer.close()
     nll = [r["sft/nll"] for r in _rows(tmp_path / "sft") if "sft/nll" in r]
     # Frozen random embedding / head, so slower than full fine-tuning: measured 6.31 -> 4.97 nats.
     assert len(nll) == 8 and nll[-1] < nll[0] - 1.0, nll
@@ -242,9 +242,9 @@ def test_sft_with_lora_lowers_the_target_nll_and_exports_a_merged_model(tmp_path
     exported, info = AutoModelForCausalLM.from_pretrained(final, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     # The export is the trained policy: merged weights give the LoRA model's logits.
-    parts.policy.eval()
+    trainer.policy.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(exported(IDS).logits, parts.policy.lm(IDS).logits, rtol=0, atol=1e-4)
+        torch.testing.assert_close(exported(IDS).logits, trainer.policy.model.lm(IDS).logits, rtol=0, atol=1e-4)
     base = load_policy(resolve_model_path("micro-llama"))
     assert (exported(IDS).logits - base(IDS).logits).abs().max() > 1e-2, "the export is the base model"
 
@@ -359,7 +359,7 @@ def test_vllm_engine_receives_merged_lora_weights(tmp_path):
     cfg = Config(model=ModelConfig(name_or_path=str(path), gradient_checkpointing=False, lora_rank=8, lora_alpha=16.0),
                  optim=OptimConfig(lr=5e-3),
                  rollout=RolloutConfig(max_prompt_tokens=256, max_completion_tokens=24, vllm_kv_cache_bytes=1 << 28))
-    policy = _policy_model(path, cfg, init_distributed(), trainable=True)
+    policy = policy_model(path, cfg, init_distributed(), trainable=True)
     prompt = list(tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2? Answer with just the number."}],
                                                 add_generation_prompt=True, tokenize=True, return_dict=False))
     greedy = SamplingParams(greedy=True, max_tokens=24)

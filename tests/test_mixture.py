@@ -130,7 +130,7 @@ def test_source_reward_metrics():
 
 
 def test_mixture_run_logs_per_source_metrics(tmp_path):
-    from test_loop import _run, tiny_config
+    from test_trainer import _run, tiny_config
 
     cfg = tiny_config(tmp_path / "run")
     cfg = dataclasses.replace(

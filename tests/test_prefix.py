@@ -10,7 +10,7 @@ import torch
 
 from grailcore.batch import micro_batches
 from grailcore.config import Config, GRPOConfig, ModelConfig, OptimConfig, RolloutConfig
-from grailcore.logprobs import token_logprobs
+from grailcore.token_logprobs import token_logprobs
 from grailcore.loss import LOSS_TYPES
 from grailcore.model import load_policy, resolve_model_path
 from grailcore.optimize import policy_update

@@ -86,7 +86,7 @@ def test_other_ranks_start_no_wandb_run(tmp_path, fake_wandb):
 
 
 def test_training_loop_logs_to_wandb(tmp_path, fake_wandb):
-    from test_loop import _run, tiny_config
+    from test_trainer import _run, tiny_config
     from grailcore.config import GRPOConfig, OptimConfig
 
     cfg = tiny_config(tmp_path / "run")

@@ -9,260 +9,24 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
-import re
 import sys
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Sequence
+from typing import Sequence
 
+from grailcore.data.audit_rules import RULES, Row, RuleFn, credit, parse_option
+from grailcore.data.audit_stats import PositionTest, design_effect, position_tests, wilson_interval
 from grailcore.data.schema import Example
 
 DEFAULT_THRESHOLD = 0.05
 """A rule must beat random by more than this (absolute accuracy) to count as a leak."""
 CONFIDENCE = 0.95
-MIN_TITLE_CHARS = 12
-"""Shorter titles match history text by accident too often to count as 'already seen'."""
-
-# Option text as rendered: "Title (Channel, 382s long) — Engagement: views 2,433,982, likes 18,834".
-_NUMBER_PREFIX = re.compile(r"^\s*\d+[.)]\s+")
-_ENGAGEMENT = re.compile(r"\s*[—–-]+\s*Engagement:", re.IGNORECASE)
-_TRAILING_PARENS = re.compile(r"\s*\(([^()]*)\)\s*$")
-_DURATION = re.compile(r"^(\d+(\.\d+)?\s*s long|\d+:\d{2}(:\d{2})?)$")
-_UNKNOWN = "unknown"
-_COUNT = re.compile(r"([A-Za-z]+)\s*:?\s+(\d[\d,]*|unknown)")
-
-
-@dataclass(frozen=True)
-class RenderedOption:
-    """What an option's text shows: its fields (the rendering signature), title and views."""
-
-    title: str
-    signature: tuple[str, ...]
-    views: int | None
-
-
-def parse_option(text: str) -> RenderedOption:
-    """Split a rendered option into title, rendering signature and view count. A field
-    rendered as 'unknown' (e.g. 'channel unknown', 'views unknown') enters the signature
-    as 'channel?' / 'views?': it looks different from a known value, but carries none."""
-    text = _NUMBER_PREFIX.sub("", text.strip())
-    match = _ENGAGEMENT.search(text)
-    head, engagement = (text[: match.start()], text[match.end():]) if match else (text, "")
-    fields: list[str] = []
-    title = head.strip()
-    parens = _TRAILING_PARENS.search(title)
-    if parens:
-        for part in (p.strip() for p in parens.group(1).split(",") if p.strip()):
-            if _DURATION.match(part):
-                fields.append("duration")
-            elif part.endswith(_UNKNOWN):
-                fields.append("duration?" if part.startswith("length") else "channel?")
-            else:
-                fields.append("channel")
-        title = title[: parens.start()].strip()
-    counts = {key.lower(): value for key, value in _COUNT.findall(engagement)}
-    fields += [key if value != _UNKNOWN else f"{key}?" for key, value in counts.items()]
-    views = counts.get("views", _UNKNOWN)
-    return RenderedOption(title=title, signature=tuple(sorted(set(fields))),
-                          views=int(views.replace(",", "")) if views != _UNKNOWN else None)
-
-
-# A rule names, per example, the 1-based options it would pick; an empty tuple means
-# "no idea" and earns the expected credit of a random pick, so fallbacks never borrow
-# accuracy from another rule (e.g. a first-position bias).
-Candidates = tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class _Row:
-    gold: int
-    n: int
-    options: tuple[RenderedOption, ...]
-    state: str
-    cluster: str
-    """Viewer id, or the example id when there is none (the row then stands alone)."""
-    has_viewer: bool
-    group: str
-
-
-def _credit(row: _Row, picks: Candidates) -> float:
-    if not picks or len(picks) == row.n:
-        return 1.0 / row.n
-    return (row.gold in picks) / len(picks)
-
-
-def _always_first(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    return [(1,) for _ in rows], ""
-
-
-def _always_last(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    return [(r.n,) for r in rows], ""
-
-
-def _modes(counts: Counter, n: int) -> Candidates:
-    if sum(counts.values()) == 0:
-        return ()
-    best = max(counts[p] for p in range(1, n + 1))
-    return tuple(p for p in range(1, n + 1) if counts[p] == best)
-
-
-def _modal_position(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """Most frequent gold position per slate size, scored leave-one-out so that fitting
-    on the audited rows does not flatter it (with few rows per size it otherwise would)."""
-    counts: dict[int, Counter] = defaultdict(Counter)
-    for r in rows:
-        counts[r.n][r.gold] += 1
-    picks = []
-    for r in rows:
-        counts[r.n][r.gold] -= 1
-        picks.append(_modes(counts[r.n], r.n))
-        counts[r.n][r.gold] += 1
-    fit = ", ".join(f"n={n}->{'/'.join(map(str, _modes(c, n)))}" for n, c in sorted(counts.items()))
-    return picks, fit
-
-
-def _unique_signature_picks(row: _Row, fewest: bool) -> Candidates:
-    seen = Counter(o.signature for o in row.options)
-    unique = [i + 1 for i, o in enumerate(row.options) if seen[o.signature] == 1]
-    if not unique:
-        return ()
-    # Unknown-valued fields ('views?') do not count: they show no information.
-    sizes = {i: sum(not f.endswith("?") for f in row.options[i - 1].signature) for i in unique}
-    target = min(sizes.values()) if fewest else max(sizes.values())
-    return tuple(i for i in unique if sizes[i] == target)
-
-
-def _odd_rendering(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """The option whose rendering signature is unique in its slate. When several are
-    unique (always so in a 2-option slate) pick the one with the fewest fields or the
-    most, a direction fitted leave-one-out; ties in the fit go to 'fewest' (the known
-    flaw: the clicked video appended without channel and duration)."""
-    few = [_unique_signature_picks(r, True) for r in rows]
-    many = [_unique_signature_picks(r, False) for r in rows]
-    credit_few = [_credit(r, p) for r, p in zip(rows, few)]
-    credit_many = [_credit(r, p) for r, p in zip(rows, many)]
-    total_few, total_many = sum(credit_few), sum(credit_many)
-    picks = [
-        f if total_few - cf >= total_many - cm else m
-        for f, m, cf, cm in zip(few, many, credit_few, credit_many)
-    ]
-    if not any(few):
-        return picks, "no slate has a uniquely rendered option"
-    return picks, "fewest fields" if total_few >= total_many else "most fields"
-
-
-def _seen_in_state(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    """Options whose title already appears in the viewer state (current video, history):
-    a clicked video showing up there is post-decision information."""
-    picks = []
-    for r in rows:
-        titles = [o.title.rstrip(". …") for o in r.options]
-        picks.append(tuple(
-            i + 1 for i, t in enumerate(titles) if len(t) >= MIN_TITLE_CHARS and t in r.state
-        ))
-    return picks, ""
-
-
-def _most_viewed(rows: Sequence[_Row]) -> tuple[list[Candidates], str]:
-    picks = []
-    for r in rows:
-        views = [o.views for o in r.options]
-        if not r.options or any(v is None for v in views):
-            picks.append(())
-            continue
-        top = max(views)
-        picks.append(tuple(i + 1 for i, v in enumerate(views) if v == top))
-    return picks, ""
-
-
-RuleFn = Callable[[Sequence[_Row]], tuple[list[Candidates], str]]
-RULES: tuple[tuple[str, str, RuleFn], ...] = (
-    ("always_first", "artifact", _always_first),
-    ("always_last", "artifact", _always_last),
-    ("modal_position", "artifact", _modal_position),
-    ("odd_rendering", "artifact", _odd_rendering),
-    ("seen_in_state", "artifact", _seen_in_state),
-    ("most_viewed", "content", _most_viewed),
-)
-"""(name, kind, rule). 'artifact' rules exploit how the data was made and decide the
-verdict; 'content' rules use a real signal (popularity) and are a baseline to beat."""
-
-
-def wilson_interval(p: float, n: float, z: float) -> tuple[float, float]:
-    """Wilson score interval for a proportion `p` seen over `n` (possibly effective) trials;
-    unlike the normal or bootstrap interval it stays honest for tiny n and p near 0 or 1."""
-    if n <= 0:
-        return 0.0, 1.0
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def design_effect(credits: Sequence[float], clusters: Sequence[str]) -> float:
-    """Variance inflation from correlated rows (several decisions per viewer): ratio of the
-    cluster-robust to the independent-rows variance of the mean, at least 1."""
-    n = len(credits)
-    mean = sum(credits) / n if n else 0.0
-    sums: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
-    for y, c in zip(credits, clusters):
-        sums[c][0] += y
-        sums[c][1] += 1
-    n_clusters = len(sums)
-    if n < 2 or n_clusters < 2:
-        return 1.0
-    iid = sum((y - mean) ** 2 for y in credits) * n / (n - 1)
-    clustered = sum((s - mean * m) ** 2 for s, m in sums.values()) * n_clusters / (n_clusters - 1)
-    return max(1.0, clustered / iid) if iid > 0 else 1.0
-
-
-def chi2_sf(stat: float, df: int) -> float:
-    """P(X >= stat) for X ~ chi-square(df), from the closed forms of the regularized upper
-    incomplete gamma Q(df/2, stat/2) at integer and half-integer df/2."""
-    if stat <= 0:
-        return 1.0
-    half = stat / 2
-    if df % 2 == 0:
-        term = total = math.exp(-half)
-        for k in range(1, df // 2):
-            term *= half / k
-            total += term
-        return min(1.0, total)
-    total = math.erfc(math.sqrt(half))
-    term = math.exp(-half) * math.sqrt(half) / math.gamma(1.5)
-    for k in range((df - 1) // 2):
-        total += term
-        term *= half / (k + 1.5)
-    return min(1.0, total)
-
-
-@dataclass(frozen=True)
-class PositionTest:
-    """Gold positions of the slates of one size against a uniform distribution."""
-
-    n_options: int
-    rows: int
-    counts: tuple[int, ...]
-    """Gold count per position 1..n_options."""
-    chi2: float
-    df: int
-    p_value: float
-    min_expected: float
-    """Below ~5 the chi-square p-value is only a rough guide."""
-
-
-def position_tests(golds_by_size: dict[int, list[int]]) -> list[PositionTest]:
-    tests = []
-    for n, golds in sorted(golds_by_size.items()):
-        counts = Counter(golds)
-        observed = tuple(counts[p] for p in range(1, n + 1))
-        expected = len(golds) / n
-        chi2 = sum((o - expected) ** 2 / expected for o in observed) if n > 1 else 0.0
-        p_value = chi2_sf(chi2, n - 1) if n > 1 else 1.0
-        tests.append(PositionTest(n, len(golds), observed, chi2, n - 1, p_value, expected))
-    return tests
+"""Of each rule's interval and the position tests; family-wise, of the evidence a SUSPECT needs."""
+VERDICT_CONFIDENCE = 0.999
+"""Family-wise confidence of a LEAK verdict (Bonferroni over the comparisons made). A LEAK
+stops training, so chance must not cause one: at 95%, 2% of 4-row sets of uniformly random
+golds (all in one position) were called a leak; at 99%, 0.1-0.3% of 6- to 32-row sets."""
 
 
 @dataclass(frozen=True)
@@ -303,7 +67,9 @@ class GroupAudit:
 @dataclass(frozen=True)
 class AuditReport:
     """Verdict 'LEAK': an artifact rule's margin over random has its lower confidence bound
-    above `threshold`; 'SUSPECT': a point margin above it but too few rows to be sure."""
+    (family-wise VERDICT_CONFIDENCE) above `threshold`; 'SUSPECT': a rule beats random
+    (family-wise CONFIDENCE) by a point margin above `threshold`, but too few rows to be
+    sure of the margin; 'OK' otherwise."""
 
     source: str
     n_examples: int
@@ -312,14 +78,18 @@ class AuditReport:
     threshold: float
     verdict: str
     comparisons: int
-    """(group, artifact rule) pairs tested; the verdict's interval is Bonferroni-corrected."""
+    """Hypotheses tested: one per (group, artifact rule), modal_position counting one per
+    position it could pick; the verdict's interval is Bonferroni-corrected for them."""
     verdict_confidence: float
     best_group: str
     best_rule: str
     best_margin: float
     best_margin_ci: tuple[float, float]
     reasons: list[str]
-    """One line per (group, artifact rule) whose point margin exceeds the threshold."""
+    """One line per (group, artifact rule) over threshold: point margin above it and beating
+    random family-wise (the pairs behind a LEAK or SUSPECT verdict; none when OK)."""
+    flagged: list[tuple[str, str]]
+    """(group, rule) of each line of `reasons`, in the same order."""
     position_notes: list[str]
     """Slate sizes whose gold positions differ from uniform (chi-square, Bonferroni 5%):
     a position prior a model can learn, even when no rule clears the threshold."""
@@ -333,7 +103,7 @@ class AuditReport:
         return dataclasses.asdict(self)
 
 
-def _to_rows(examples: Sequence[Example]) -> list[_Row]:
+def _to_rows(examples: Sequence[Example]) -> list[Row]:
     rows = []
     for ex in examples:
         if ex.task != "viewer" or ex.gold_index is None or not ex.n_options:
@@ -341,15 +111,15 @@ def _to_rows(examples: Sequence[Example]) -> list[_Row]:
         # Without one text per option the text rules abstain (it shows as lower coverage).
         texts = ex.option_texts if len(ex.option_texts) == ex.n_options else ()
         state = ex.state_text or ex.prompt.split("\nOPTIONS", 1)[0]
-        rows.append(_Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
+        rows.append(Row(ex.gold_index, ex.n_options, tuple(parse_option(t) for t in texts),
                          state, ex.viewer_id or ex.example_id, ex.viewer_id is not None,
                          f"{ex.issue or '-'}/{ex.study or '-'}"))
     return rows
 
 
-def _score_rule(rows: Sequence[_Row], name: str, kind: str, rule: RuleFn, random: float) -> RuleResult:
+def _score_rule(rows: Sequence[Row], name: str, kind: str, rule: RuleFn, random: float) -> RuleResult:
     picks, fit = rule(rows)
-    credits = [_credit(r, p) for r, p in zip(rows, picks)]
+    credits = [credit(r, p) for r, p in zip(rows, picks)]
     covered = [c for r, p, c in zip(rows, picks, credits) if p and len(p) < r.n]
     accuracy = sum(credits) / len(credits)
     deff = design_effect(credits, [r.cluster for r in rows])
@@ -363,7 +133,7 @@ def _score_rule(rows: Sequence[_Row], name: str, kind: str, rule: RuleFn, random
     )
 
 
-def _audit_group(name: str, rows: Sequence[_Row]) -> GroupAudit:
+def _audit_group(name: str, rows: Sequence[Row]) -> GroupAudit:
     random = sum(1.0 / r.n for r in rows) / len(rows)
     golds: dict[int, list[int]] = defaultdict(list)
     for r in rows:
@@ -375,11 +145,11 @@ def _audit_group(name: str, rows: Sequence[_Row]) -> GroupAudit:
     )
 
 
-def _group_rows(examples: Sequence[Example]) -> dict[str, list[_Row]]:
+def _group_rows(examples: Sequence[Example]) -> dict[str, list[Row]]:
     """All rows, plus one group per issue/study when there are several: a leak confined to
     one study (the gun study's appended gold) is diluted in the pooled numbers."""
     rows = _to_rows(examples)
-    groups: dict[str, list[_Row]] = {"all": rows}
+    groups: dict[str, list[Row]] = {"all": rows}
     if len({r.group for r in rows}) > 1:
         for r in sorted(rows, key=lambda r: r.group):
             groups.setdefault(r.group, []).append(r)
@@ -398,7 +168,8 @@ def audit_examples(
     groups = [_audit_group(name, rows) for name, rows in grouped.items()]
     tested = [(g, r) for g in groups for r in g.rules if r.kind == "artifact"]
     # Bonferroni: the best of many (group, rule) pairs beats random by luck alone.
-    level = 1 - (1 - CONFIDENCE) / len(tested)
+    comparisons = sum(_hypotheses(g, r) for g, r in tested)
+    level = 1 - (1 - VERDICT_CONFIDENCE) / comparisons
     z = NormalDist().inv_cdf(0.5 + level / 2)
 
     def margin_ci(g: GroupAudit, r: RuleResult) -> tuple[float, float]:
@@ -406,7 +177,11 @@ def audit_examples(
         return low - g.random_accuracy, high - g.random_accuracy
 
     leaking = [(g, r) for g, r in tested if margin_ci(g, r)[0] > threshold]
-    suspect = sorted(((g, r) for g, r in tested if r.margin > threshold), key=lambda p: -p[1].margin)
+    # A point margin above threshold alone is common luck in small sets (over half of 32-row
+    # sets of random golds): a SUSPECT also needs the rule to beat random, family-wise.
+    z_suspect = NormalDist().inv_cdf(1 - (1 - CONFIDENCE) / comparisons / 2)
+    suspect = sorted(((g, r) for g, r in tested if r.margin > threshold and wilson_interval(
+        r.accuracy, g.n_examples / r.design_effect, z_suspect)[0] > g.random_accuracy), key=lambda p: -p[1].margin)
     if leaking:
         verdict, (best_g, best_r) = "LEAK", max(leaking, key=lambda p: margin_ci(*p)[0])
     else:
@@ -420,11 +195,16 @@ def audit_examples(
     ]
     return AuditReport(
         source=source, n_examples=n_examples, ignored=len(examples) - n_examples,
-        threshold=threshold, verdict=verdict, comparisons=len(tested), verdict_confidence=level,
+        threshold=threshold, verdict=verdict, comparisons=comparisons, verdict_confidence=level,
         best_group=best_g.name, best_rule=best_r.name, best_margin=best_r.margin,
-        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons,
+        best_margin_ci=margin_ci(best_g, best_r), reasons=reasons, flagged=[(g.name, r.name) for g, r in suspect],
         position_notes=_position_notes(groups[0].positions), groups=groups,
     )
+
+
+def _hypotheses(group: GroupAudit, rule: RuleResult) -> int:
+    """modal_position picks the best of up to n positions: n hypotheses (the largest slate's)."""
+    return max(t.n_options for t in group.positions) if rule.name == "modal_position" else 1
 
 
 def _position_notes(tests: Sequence[PositionTest]) -> list[str]:
@@ -435,8 +215,8 @@ def _position_notes(tests: Sequence[PositionTest]) -> list[str]:
 _VERDICT_MEANING = {
     "LEAK": "an artifact rule beats random by more than the threshold, even at the lower "
             "confidence bound: a model can score without modelling the viewer",
-    "SUSPECT": "an artifact rule beats random by more than the threshold, but there are too "
-               "few rows to exclude luck: audit more rows",
+    "SUSPECT": "an artifact rule beats random, by more than the threshold at its point value, but "
+               "there are too few rows to be sure of the margin: audit more rows",
     "OK": "no artifact rule beats random by more than the threshold",
 }
 
@@ -467,7 +247,8 @@ def format_report(report: AuditReport) -> str:
         f"Verdict: {report.verdict} - {_VERDICT_MEANING[report.verdict]}.",
         f"  Rule: LEAK when the lower bound of an artifact rule's margin over random exceeds "
         f"{report.threshold:.3f}; intervals are Wilson at {report.verdict_confidence:.2%} "
-        f"(Bonferroni over {report.comparisons} group x rule pairs).",
+        f"(Bonferroni over {report.comparisons} group x rule hypotheses); SUSPECT when a rule beats "
+        f"random at {CONFIDENCE:.0%} family-wise by a point margin over the threshold.",
         f"  Best artifact rule: {report.best_group} {report.best_rule}, margin "
         f"{report.best_margin:+.3f} CI [{report.best_margin_ci[0]:+.3f}, {report.best_margin_ci[1]:+.3f}]",
     ]
@@ -484,33 +265,39 @@ def format_report(report: AuditReport) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m grailcore.data.audit",
-        description="Check whether trivial rules (slate position, option rendering, "
-                    "already-seen titles, popularity) find the gold option of a viewer dataset.")
+        description="Check whether trivial rules (slate position, option rendering, already-seen titles, "
+                    "popularity) find the gold option of a viewer dataset, in the rows as the file gave them "
+                    "(raw) and as training shows them (re-rendered, options shuffled): the check a training "
+                    "run makes before it loads a model.")
     parser.add_argument("path", help="any dataset load_examples reads, or synthetic:<issue>")
     parser.add_argument("--split", default="train")
-    parser.add_argument("--strict", action="store_true", help="exit 1 when the verdict is LEAK")
-    parser.add_argument("--json", metavar="OUT", help="also write the report as JSON")
+    parser.add_argument("--strict", action="store_true", help="exit 1 when either verdict is LEAK")
+    parser.add_argument("--json", metavar="OUT", help="also write both reports as JSON")
     parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
                         help="absolute margin over random accuracy that counts as a leak")
     parser.add_argument("--no-shuffle", action="store_true",
-                        help="audit options in stored order (default: as training shows them)")
+                        help="as trained with data.shuffle_options=False (options in stored order)")
     args = parser.parse_args(argv)
 
     # Imported here so the pure audit does not pull in the loaders' dependencies.
     from grailcore.config import DataConfig
     from grailcore.data.loaders import load_examples
+    from grailcore.data.training_audit import audit_for_training
 
     data_cfg = DataConfig(train_path=args.path, shuffle_options=not args.no_shuffle)
     loaded = load_examples(args.path, data_cfg, split=args.split)
-    report = audit_examples(loaded.examples, threshold=args.threshold,
-                            source=f"{loaded.source or args.path} [{loaded.split or args.split}]")
-    print(format_report(report))
+    audit = audit_for_training({loaded.split or args.split: loaded}, data_cfg, threshold=args.threshold)
+    for a in audit.audits:
+        print(format_report(a.report) + "\n")
+    print("Summary:\n" + "\n".join(f"  {line}" for line in audit.lines()))
+    if audit.leaks:
+        print(audit.leak_message())
     if loaded.skipped:
         print(f"\nloader skipped {loaded.skipped} rows: " + "; ".join(loaded.skip_reasons[:5]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report.to_json(), f, indent=2)
-    return 1 if args.strict and report.leak else 0
+            json.dump(audit.to_json(), f, indent=2)
+    return 1 if args.strict and audit.leaks else 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """Load any supported dataset into `Example`s: synthetic study dirs, `synthetic:<issue>`,
 JSONL / parquet / HF on-disk Decisions, pre-rendered prompt files, and math (via data.math).
+Every viewer row is shown alike whatever its source: options rendered by one rule and
+shuffled by `data.shuffle_options`; the rows as the file gave them are kept for the audit.
 """
 
 from __future__ import annotations
@@ -7,13 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import dataclasses
 import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 from grailcore.config import DataConfig
-from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT, build_example
+from grailcore.data.options import common_fields, parse_option_fields, render_option, unreadable
+from grailcore.data.prompt import DEFAULT_SYSTEM_PROMPT, build_example, option_order
 from grailcore.data.schema import (
     ISSUES, OPINION_DIRECTIONS, Example, SchemaError, decision_from_dict, validate_example,
 )
@@ -37,6 +41,10 @@ class LoadResult:
     source: str = ""
     split: str = ""
     """The split loaded, or 'all' for a single file (it has no splits: every row is returned)."""
+    raw_examples: list[Example] | None = None
+    """The same rows as the file gave them, aligned with `examples`: pre-rendered prompts
+    as written, Decisions rendered in their stored slate order. None where loading changes
+    nothing (math). The leak audit reads them to say what the data itself carries."""
 
 
 def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> LoadResult:
@@ -60,8 +68,9 @@ def load_examples(path: str, data_cfg: DataConfig, split: str = "train") -> Load
     if result.skipped:
         log.warning("%s: skipped %d malformed row(s), e.g. %s", path, result.skipped, result.skip_reasons[0])
     if split == "train" and data_cfg.max_train_samples is not None:
-        result = LoadResult(result.examples[: data_cfg.max_train_samples], result.skipped,
-                            result.skip_reasons, result.source, result.split)
+        cap = data_cfg.max_train_samples
+        result = dataclasses.replace(result, examples=result.examples[:cap], raw_examples=(
+            None if result.raw_examples is None else result.raw_examples[:cap]))
     return result
 
 
@@ -100,34 +109,44 @@ def _load_synthetic(path: str, data_cfg: DataConfig, split: str) -> LoadResult:
         raise ValueError(f"{path}: unknown issue {issue!r}; use synthetic:<issue> with issue in {ISSUES}")
     decisions = split_by_viewer(generate_study(issue, data_cfg.synthetic_n, data_cfg.seed), data_cfg.seed)[split]
     options = _render_options(data_cfg, path)
-    return LoadResult([build_example(d, **options) for d in decisions], source=path, split=split)
+    stored = {**options, "shuffle_options": False}
+    return LoadResult([build_example(d, **options) for d in decisions], source=path, split=split,
+                      raw_examples=[build_example(d, **stored) for d in decisions])
 
 
 def _load_rows(path: str, data_cfg: DataConfig, split: str) -> LoadResult:
     rows, split_loaded = _rows(path, split)
     source = _source_name(path)
-    examples, reasons = [], []
+    examples, raw, reasons = [], [], []
     for where, row in rows:
         try:
-            examples.append(_to_example(row, where, data_cfg, source))
+            shown, given = _to_examples(row, where, data_cfg, source)
         except SchemaError as err:
             if not data_cfg.skip_bad_rows:
                 raise SchemaError(f"{err} (fix the row, or set data.skip_bad_rows to count and skip "
                                   "malformed rows)") from None
             reasons.append(str(err))
-    return LoadResult(examples, len(reasons), reasons, source, split_loaded)
+            continue
+        examples.append(shown)
+        raw.append(given)
+    return LoadResult(examples, len(reasons), reasons, source, split_loaded, raw_examples=raw)
 
 
-def _to_example(row: Any, where: str, data_cfg: DataConfig, source: str) -> Example:
+def _to_examples(row: Any, where: str, data_cfg: DataConfig, source: str) -> tuple[Example, Example]:
+    """(the row as training shows it, the row as the file gave it)."""
     if isinstance(row, SchemaError):  # a line that is not even a JSON object
         raise row
     # Decision rows have no 'prompt' and no 'n_options'; either marks a pre-rendered row.
     if isinstance(row, Mapping) and ("prompt" in row or "n_options" in row):
-        example = prerendered_example(row, where, data_cfg.system_prompt, source)
+        given = prerendered_example(row, where, data_cfg.system_prompt, source)
+        validate_example(given, where)
+        shown = rerender_prerendered(given, data_cfg.seed, data_cfg.shuffle_options)
     else:
-        example = build_example(decision_from_dict(row, where), **_render_options(data_cfg, source))
-    validate_example(example, where)
-    return example
+        decision, options = decision_from_dict(row, where), _render_options(data_cfg, source)
+        shown = build_example(decision, **options)
+        given = build_example(decision, **{**options, "shuffle_options": False})
+    validate_example(shown, where)
+    return shown, given
 
 
 def _rows(path: str, split: str) -> tuple[Iterator[tuple[str, Any]], str]:
@@ -181,7 +200,9 @@ def _source_name(path: str) -> str:
 
 def prerendered_example(row: Mapping[str, Any], where: str, system_prompt: str | None = None,
                         source: str = "") -> Example:
-    """An Example from a row like the seed sample: the prompt text kept as-is, options parsed from OPTIONS."""
+    """An Example from a row like the seed sample, exactly as the file wrote it (options parsed
+    from OPTIONS). Training and evaluation show it through `rerender_prerendered`; scoring a
+    completions file keeps it as-is (the completions answered that prompt)."""
     unknown = sorted(set(row) - _PRERENDERED_KEYS)
     if unknown:
         raise SchemaError(f"{where}: unknown field(s) {unknown}; pre-rendered rows have {sorted(_PRERENDERED_KEYS)}")
@@ -217,14 +238,52 @@ def _typed(row: Mapping[str, Any], key: str, kind: type, where: str) -> Any:
 
 def split_prompt(prompt: str, where: str) -> tuple[str, tuple[str, ...]]:
     """(text before OPTIONS, option texts without their numbers) of a rendered prompt."""
+    head, options, _ = _prompt_parts(prompt, where)
+    return head.strip(), options
+
+
+def _prompt_parts(prompt: str, where: str) -> tuple[str, tuple[str, ...], str]:
+    """(text before OPTIONS, option texts, text after the OPTIONS block with its leading
+    blank line) of a rendered prompt: head + OPTIONS + options + tail is the prompt again."""
     head, marker, rest = prompt.partition("\n\nOPTIONS\n")
     if not marker:
         raise SchemaError(f"{where}: field 'prompt' has no OPTIONS section")
+    block, blank, after = rest.partition("\n\n")
     options = []
-    for line in rest.split("\n\n", 1)[0].splitlines():
+    for line in block.splitlines():
         match = _OPTION_LINE.match(line)
         if not match or int(match.group(1)) != len(options) + 1:
             raise SchemaError(f"{where}: field 'prompt' has a malformed OPTIONS line {line!r:.80} "
                               f"(expected '{len(options) + 1}. <text>')")
         options.append(match.group(2))
-    return head.strip(), tuple(options)
+    return head, tuple(options), blank + after
+
+
+def rerender_prerendered(example: Example, seed: int, shuffle: bool) -> Example:
+    """A pre-rendered row (as `prerendered_example` read it) shown like a row built from a
+    Decision: every option rendered by one rule (a field that only some options carry is
+    dropped for all) and the options in `option_order`'s seeded order, gold remapped.
+    An option that cannot be read into fields raises SchemaError naming file, line and field."""
+    where = example.meta["where"]
+    head, _, tail = _prompt_parts(example.prompt, where)
+    slate = []
+    for k, text in enumerate(example.option_texts, 1):
+        fields = parse_option_fields(text)
+        why = unreadable(fields)
+        if why:
+            raise SchemaError(f"{where}: field 'prompt', OPTIONS line {k} cannot be re-rendered: {why} "
+                              f"(option text {text[:80]!r}); make it 'TITLE (CHANNEL, Ns long) — Engagement: "
+                              "name value, ...'")
+        slate.append(fields)
+    keep = common_fields(slate)
+    texts = [render_option(fields, keep) for fields in slate]
+    order = option_order(example.example_id, len(texts), seed, shuffle)
+    shown = tuple(texts[i] for i in order)
+    block = "\n".join(f"{k}. {text}" for k, text in enumerate(shown, 1))
+    prompt = f"{head}\n\nOPTIONS\n{block}{tail}"
+    dropped = sorted({name for fields in slate for name in fields.carried()} - set(keep))
+    return example.replace(
+        messages=tuple({**m, "content": prompt} if m["role"] == "user" else m for m in example.messages),
+        gold_index=order.index(example.gold_index - 1) + 1, option_texts=shown,
+        meta={**example.meta, "shown_order": tuple(order), "dropped_fields": tuple(dropped)},
+    )

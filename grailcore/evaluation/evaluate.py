@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from grailcore.data.audit import audit_examples
 from grailcore.data.schema import Example
 from grailcore.evaluation import baselines as bl
 from grailcore.evaluation import fidelity, metrics, order, population
@@ -39,6 +40,14 @@ def _baseline_table(model_scores: np.ndarray, baselines: dict[str, bl.Baseline],
     return table
 
 
+def scored_rows_audit(examples: Sequence[Example]) -> dict[str, Any]:
+    """What the leak audit finds on the scored rows as the model saw them: its verdict, the
+    rules over threshold and each artifact rule's margin over random (all rows pooled)."""
+    report = audit_examples(examples)
+    return {"verdict": report.verdict, "n_rows": report.n_examples, "rules_over_threshold": report.reasons,
+            "margins": {r.name: r.margin for r in report.groups[0].rules if r.kind == "artifact"}}
+
+
 def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples: Sequence[Example] | None = None,
                   options: EvalOptions = EvalOptions(),
                   permuted_runs: Sequence[order.OrderRun] = ()) -> dict[str, Any]:
@@ -56,6 +65,7 @@ def evaluate_rows(rows: ScoredRows, examples: Sequence[Example], train_examples:
         "bootstrap": plan.describe() if plan else None,
         "choice": metrics.choice_summary(rows, plan),
         "baselines": _baseline_table(metrics.correct_first(rows), bl.choice_baselines(rows, examples, prior), plan),
+        "data_audit": scored_rows_audit(examples),
         "breakdowns": metrics.breakdowns(rows, plan),
         "opinion": metrics.opinion_summary(rows, plan),
         "opinion_baselines": _baseline_table(
@@ -112,6 +122,11 @@ def flatten(results: dict[str, Any], prefix: str = "eval/") -> dict[str, float]:
         put(f"opinion_{name}", est)
     for name, row in {**results["baselines"], **results["opinion_baselines"]}.items():
         put(f"baseline/{name}", row["accuracy"])
+    audit = results["data_audit"]
+    put("audit/leak", float(audit["verdict"] == "LEAK"))
+    put("audit/suspect", float(audit["verdict"] == "SUSPECT"))
+    for name, margin in audit["margins"].items():
+        put(f"audit/margin/{name}", margin)
     fid = results["fidelity"]
     for key in ("tv_choice", "tv_choice_sampling_floor", "tv_position_histogram", "ece", "unparsed_sample_share"):
         put(key, fid.get(key))

@@ -71,6 +71,8 @@ def _choice_sections(r: dict) -> list[str]:
     out += ["", "## Accuracy vs baselines (same rows)", ""]
     out += _table(["predictor", "accuracy", "model - baseline", "how"],
                   _baseline_rows("model", r["choice"]["accuracy"], r["baselines"]))
+    out += ["", f"Leak audit of these {r['data_audit']['n_rows']} rows as the model saw them "
+                f"(`grailcore.data.audit`): {audit_line(r['data_audit'])}."]
     for name, groups in r["breakdowns"].items():
         out += ["", f"### By {name.replace('_', ' ')}", ""]
         out += _table([name, "rows", "accuracy", "parsed", "format", "original rule acc."],
@@ -205,9 +207,16 @@ def render_markdown(r: dict, meta: dict[str, Any], images: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def audit_line(audit: dict) -> str:
+    """'OK' or 'LEAK: all: always_last accuracy 1.000 vs random 0.250 (...); ...'."""
+    reasons = audit["rules_over_threshold"]
+    return audit["verdict"] + (": " + "; ".join(reasons) if reasons else "")
+
+
 def summary_table(r: dict) -> str:
-    """The short console table: headline choice metrics, then every baseline."""
+    """The short console table: headline choice metrics, the leak audit of the rows, then every baseline."""
     rows = [(CHOICE_LABELS.get(k, k), fmt(v)) for k, v in r["choice"].items()]
+    rows.append(("leak audit of these rows", audit_line(r["data_audit"])))
     order = r.get("order_robustness") or {}
     rows += [(f"order robustness: accuracy {k.split('_')[1]}", fmt(order[k]))
              for k in ("accuracy_mean", "accuracy_std", "accuracy_min", "accuracy_max") if k in order]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from grailcore.config import Config
+from grailcore.data.audit import audit_examples
 from grailcore.data.schema import Example
 from grailcore.evaluation.completions_io import read_completions, write_completions
 from grailcore.evaluation.evaluate import EvalOptions, evaluate
@@ -47,6 +48,11 @@ def load_rows(job: EvalJob, cfg: Config) -> tuple[list[Example], list[Example] |
     examples = sample_rows(result.examples, job.max_samples or None, job.options.seed)
     meta = {"data": job.data, "split": result.split, "rows_loaded": len(result.examples),
             "rows_skipped_as_malformed": result.skipped}
+    raw = [ex for ex in result.raw_examples or () if ex.task == "viewer"]
+    if raw:  # what the file carries before re-rendering and shuffling (the scored rows' audit is in results)
+        report = audit_examples(raw)
+        meta["leak_audit_of_the_file_as_given"] = (f"{report.verdict} on {report.n_examples} rows"
+                                                   + "".join(f"; {reason}" for reason in report.reasons))
     return examples, load_train(job, cfg, eval_has_splits=result.split != "all"), meta
 
 
@@ -147,6 +153,8 @@ def score(job: EvalJob, examples: list[Example], completions: list[list[str]], t
     results = evaluate(examples, completions, train, job.options, permuted)
     paths = write_report(results, out, meta)
     print(summary_table(results))
+    if "leak_audit_of_the_file_as_given" in meta:
+        print(f"leak audit of the file as given: {meta['leak_audit_of_the_file_as_given']}")
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return results
 

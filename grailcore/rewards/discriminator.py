@@ -1,6 +1,7 @@
-"""GRAIL's discriminator D(state, action) -> P(the human made this choice): trained on the
-policy's rollouts of training examples against the humans' choices, it pays the policy
-`gail.weight * r(D)` for choices that look human (added to the rule rewards)."""
+"""GRAIL's discriminator D(state, action) -> P(the human made this choice), the learned
+reward `gail`: trained on the policy's rollouts of training examples against the humans'
+choices, it pays the policy r(D) for choices that look human, weighted by its entry in
+rewards.weights like every other reward."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from grailcore.dist import DistInfo
 from grailcore.model import resolve_model_path
 from grailcore.rewards.gail import stats
 from grailcore.rewards.gail.encoding import ActionTooLongError, check_actions_fit, encode_pairs
-from grailcore.rewards.gail.objective import (REWARD_KINDS, TrainingRows, gail_reward, training_rows,
+from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_training_examples, training_rows,
                                               weighted_bce)
 from grailcore.rewards.parsing import parse_viewer
-from grailcore.rollout.collect import Rollouts, Scorer
+from grailcore.rewards.registry import register_learned
 from grailcore.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,7 @@ _WEIGHT_DECAY = 0.01
 _TRUNCATION_SAMPLE = 512
 """Training examples whose state truncation is measured and logged at build."""
 
-__all__ = ["ActionTooLongError", "Discriminator", "REWARD_KINDS", "SAVE_FORMAT", "build_discriminator",
-           "gail_reward"]
+__all__ = ["ActionTooLongError", "Discriminator", "SAVE_FORMAT", "build_discriminator", "gail_reward"]
 
 
 def _world_size() -> int:
@@ -45,26 +45,29 @@ def _world_size() -> int:
 class Discriminator(nn.Module):
     """HF encoder (mean-pooled) + MLP head -> logit of P(human) for (action, state) text.
 
+    A learned reward (grailcore.rewards.stack.LearnedReward): `score` pays, `update` learns.
     Owns its training state (AdamW, replay buffer of past policy negatives, counters), so
     `state_dict()` is the FULL training state, not only the weights. Identical on every
-    rank. Collectives: construction, `observe` and `metrics` run on every rank together.
+    rank. Collectives: construction, `update` and `metrics` run on every rank together.
     """
 
     def __init__(self, gail: GailConfig, train_examples: Sequence[Example], *,
-                 device: torch.device | str = "cpu", seed: int = 0):
+                 device: torch.device | str = "cpu", seed: int = 0, weight: float = 1.0):
         super().__init__()
+        # transformers is heavy: imported when a discriminator is built, not with grailcore.rewards.
         from transformers import AutoConfig, AutoModel, AutoTokenizer
 
-        _check_config(gail)
         self.gail, self.seed, self.device = gail, seed, torch.device(device)
+        self.weight = weight
+        """Its rewards.weights entry: only for the gail/reward_share metric (the stack weighs)."""
         self.rank = tdist.get_rank() if _world_size() > 1 else 0
-        self._train = _index_training_examples(train_examples)
+        self._train = index_training_examples(train_examples)
         path = resolve_model_path(gail.model)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         config = AutoConfig.from_pretrained(path)
         if hasattr(config, "attention_probs_dropout_prob"):
             # Attention dropout sends torch's SDPA to its math path, which keeps every
-            # [heads, T, T] map for backward: +1 GB per 16 MiniLM rows of 256 tokens on CPU.
+            # [heads, T, T] map for backward (memory quadratic in gail.max_tokens).
             config.attention_probs_dropout_prob = 0.0
         self.encoder = AutoModel.from_pretrained(path, config=config)
         positions = getattr(self.encoder.config, "max_position_embeddings", None)
@@ -96,7 +99,7 @@ class Discriminator(nn.Module):
         self.updates = 0
         """D optimizer steps taken."""
         self.observed = 0
-        """Training observe() calls (seeds the replay draw: a resumed run draws the same)."""
+        """Training update() calls (seeds the replay draw: a resumed run draws the same)."""
         self.stats = stats.StepStats()
         self._check_training_inputs()
 
@@ -137,7 +140,7 @@ class Discriminator(nn.Module):
 
     # ---- reward ----------------------------------------------------------------------------
 
-    def rewards(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
+    def score(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
         """[N] unweighted GAIL reward r(D) of each completion; 0 without a parsable answer
         (and for non-viewer examples)."""
         keys: dict[tuple[str, int], int] = {}
@@ -159,38 +162,22 @@ class Discriminator(nn.Module):
             out[index] = values[pair]
         return out
 
-    def wrap_scorer(self, scorer: Scorer) -> Scorer:
-        """`scorer` plus the GAIL reward: total += gail.weight * r(D); per_reward['gail'] = r(D)
-        (unweighted, like every per_reward entry)."""
-
-        def score(examples: list[Example], completions: list[str]) -> RewardOutput:
-            base = scorer(examples, completions)
-            if "gail" in base.per_reward:
-                raise ValueError("the wrapped scorer already returns a 'gail' reward: wrap_scorer "
-                                 "was applied twice, or a rule reward is named 'gail'")
-            gail = self.rewards(examples, completions)  # [N]
-            return RewardOutput(total=base.total + self.gail.weight * gail,
-                                per_reward={**base.per_reward, "gail": gail},
-                                errors={**base.errors, "gail": 0})
-
-        return score
-
     # ---- training ----------------------------------------------------------------------------
 
-    def observe(self, rollouts: Rollouts) -> None:
+    def update(self, examples: Sequence[Example], completions: Sequence[str], rewards: RewardOutput) -> None:
         """D's update for one trainer step: `gail.disc_steps` AdamW steps on the human's
         choices (positives) vs the policy's parsed choices (negatives, plus replay).
-        Collective: every rank calls it once per step with its own rollouts."""
-        self._check_training(rollouts.examples)
-        rewards = rollouts.rewards
+        `rewards` scored these completions (with this reward as 'gail'). Collective: every
+        rank calls it once per step with its own rollouts."""
+        self._check_training(examples)
         if "gail" not in rewards.per_reward:
-            raise ValueError("observe: rollouts.rewards has no 'gail' reward; build the scorer "
-                             "with discriminator.wrap_scorer(scorer)")
-        self.stats.record_reward_share(self.gail.weight * rewards.per_reward["gail"], rewards.total)
+            raise ValueError("update: the rewards have no 'gail' entry; score the rollouts with the "
+                             "RewardStack that holds this discriminator")
+        self.stats.record_reward_share(self.weight * rewards.per_reward["gail"], rewards.total)
         if self.frozen:
             self.stats.add("frozen_skips", 1)
             return
-        slots = [(ex, _parsed_answer(ex, c.text)) for ex, c in zip(rollouts.examples, rollouts.completions)
+        slots = [(ex, _parsed_answer(ex, text)) for ex, text in zip(examples, completions, strict=True)
                  if ex.task == "viewer"]
         examples, answers = [ex for ex, _ in slots], [a for _, a in slots]
         replayed = self._draw_replay(examples, answers)
@@ -261,7 +248,7 @@ class Discriminator(nn.Module):
 
     def _draw_replay(self, examples: Sequence[Example], answers: Sequence[int | None]) -> list[tuple[str, int]]:
         """round(replay_ratio * fresh negatives) past negatives, uniformly without
-        replacement, seeded by (seed, rank, observe count) so a resumed run draws the same."""
+        replacement, seeded by (seed, rank, update count) so a resumed run draws the same."""
         if self.gail.replay_size == 0 or not self.replay:
             return []
         fresh = sum(a is not None and (self.gail.negatives == "all" or a != ex.gold_index)
@@ -287,9 +274,9 @@ class Discriminator(nn.Module):
             known = self._train.get(ex.example_id)
             if known is None or (known is not ex and known != ex):
                 raise ValueError(
-                    f"discriminator.observe got example {ex.example_id!r} (source {ex.source!r}), which is "
+                    f"discriminator.update got example {ex.example_id!r} (source {ex.source!r}), which is "
                     "not one of the training examples it was built with: D must never train on "
-                    "evaluation data. Call observe only with the training step's rollouts.")
+                    "evaluation data. Call update only with the training step's rollouts.")
 
     # ---- metrics and state ----------------------------------------------------------------
 
@@ -387,46 +374,10 @@ def _cpu_copy(obj):
     return obj
 
 
-def _check_config(gail: GailConfig) -> None:
-    checks = [
-        (gail.reward in REWARD_KINDS, f"gail.reward must be one of {REWARD_KINDS}, got {gail.reward!r}"),
-        (gail.reward_clip > 0, f"gail.reward_clip must be > 0, got {gail.reward_clip}"),
-        (gail.lr > 0, f"gail.lr must be > 0, got {gail.lr}"),
-        (gail.disc_steps >= 1, f"gail.disc_steps must be >= 1, got {gail.disc_steps}"),
-        (gail.max_tokens >= 8, f"gail.max_tokens must be >= 8, got {gail.max_tokens}"),
-        (0 <= gail.label_smoothing < 1, f"gail.label_smoothing must be in [0, 1), got {gail.label_smoothing}"),
-        (gail.negatives in ("differing", "all"),
-         f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
-        (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),
-        (0 <= gail.replay_ratio <= 1, f"gail.replay_ratio must be in [0, 1], got {gail.replay_ratio}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
-
-
-def _index_training_examples(examples: Sequence[Example]) -> dict[str, Example]:
-    """example_id -> example, checking viewer examples carry one option text per option."""
-    index: dict[str, Example] = {}
-    for ex in examples:
-        if ex.task == "viewer" and (ex.gold_index is None or len(ex.option_texts) != ex.n_options):
-            raise ConfigError(
-                f"gail.enabled: viewer example {ex.example_id!r} (source {ex.source!r}) has gold_index="
-                f"{ex.gold_index} and {len(ex.option_texts)} option texts for n_options={ex.n_options}; "
-                "the discriminator needs the gold and every option's rendered text")
-        if ex.example_id in index and index[ex.example_id] != ex:
-            raise ConfigError(f"two different training examples share example_id {ex.example_id!r}; "
-                              "the discriminator's guard and replay buffer need unique ids")
-        index[ex.example_id] = ex
-    if not any(ex.task == "viewer" for ex in index.values()):
-        raise ConfigError("gail.enabled needs viewer examples in the training data (it judges option "
-                          "choices); disable gail for math-only runs")
-    return index
-
-
-def build_discriminator(cfg: Config, train_examples: Sequence[Example],
-                        dist: DistInfo | None = None) -> Discriminator:
+@register_learned("gail", task="viewer")
+def build_discriminator(cfg: Config, train_examples: Sequence[Example], dist: DistInfo | None = None,
+                        weight: float = 1.0) -> Discriminator:
     """The trainer's discriminator: on `dist.device`, identical on every rank (rank 0's
     initial weights are broadcast), frozen when gail.frozen_path is set."""
     device = dist.device if dist is not None else torch.device("cpu")
-    return Discriminator(cfg.gail, train_examples, device=device, seed=cfg.seed)
+    return Discriminator(cfg.gail, train_examples, device=device, seed=cfg.seed, weight=weight)

@@ -1,7 +1,9 @@
 """Reward registry and `score_completions`, which turns completions into a RewardOutput.
 
-A reward is a pure `fn(example, completion) -> float`. Settings reach it as keyword-only
-parameters named like a `RewardsConfig` field (e.g. `length_target`), bound at score time.
+A rule reward is a pure `fn(example, completion) -> float`. Settings reach it as
+keyword-only parameters named like a `RewardsConfig` field (e.g. `length_target`), bound at
+score time. A learned reward (GRAIL's discriminator, `gail`) is registered by its builder
+(`register_learned`); `grailcore.rewards.stack.RewardStack` combines both kinds.
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ import functools
 import inspect
 import logging
 import math
-from dataclasses import dataclass
 import typing
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -36,6 +38,8 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_LEARNED: dict[str, _Entry] = {}
+"""Learned rewards: name -> builder (see `register_learned`)."""
 _warned: set[str] = set()
 """Reward names whose first failure was logged: one warning per name and process, the
 counts go to RewardOutput.errors every step."""
@@ -48,20 +52,44 @@ def register(name: str, task: str | None = None) -> Callable[[RewardFn], RewardF
         raise ValueError(f"reward {name!r}: task must be one of {TASKS} or None, got {task!r}")
 
     def decorator(fn: RewardFn) -> RewardFn:
-        if name in _REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered (by {_REGISTRY[name].fn!r})")
+        _check_new(name)
         _REGISTRY[name] = _Entry(fn, task)
         return fn
 
     return decorator
 
 
-def available_rewards() -> dict[str, RewardFn]:
-    """All registered rewards, name -> function."""
-    return {name: entry.fn for name, entry in _REGISTRY.items()}
+def register_learned(name: str, task: str | None = None) -> Callable[[Callable], Callable]:
+    """Decorator: register the builder of a learned reward, `build(cfg, train_examples, dist,
+    weight) -> LearnedReward` (see grailcore.rewards.stack), for examples of `task`."""
+
+    def decorator(build: Callable) -> Callable:
+        _check_new(name)
+        _LEARNED[name] = _Entry(build, task)
+        return build
+
+    return decorator
+
+
+def _check_new(name: str) -> None:
+    known = _REGISTRY.get(name) or _LEARNED.get(name)
+    if known is not None:
+        raise ValueError(f"reward {name!r} is already registered (by {known.fn!r})")
+
+
+def available_rewards() -> dict[str, Callable]:
+    """Every registered reward, name -> its function (a learned reward: its builder)."""
+    return {name: entry.fn for name, entry in {**_REGISTRY, **_LEARNED}.items()}
+
+
+def learned_rewards() -> dict[str, Callable]:
+    """The learned rewards, name -> builder."""
+    return {name: entry.fn for name, entry in _LEARNED.items()}
 
 
 def _entry(name: str) -> _Entry:
+    if name in _LEARNED:
+        raise KeyError(f"reward {name!r} is learned (it has a model); score it through a RewardStack")
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -74,7 +102,7 @@ def get_reward(name: str) -> RewardFn:
 
 def reward_task(name: str) -> str | None:
     """The task whose examples `name` scores (None = any); others get 0 from it."""
-    return _entry(name).task
+    return _LEARNED[name].task if name in _LEARNED else _entry(name).task
 
 
 def bind_config(fn: RewardFn, cfg: RewardsConfig) -> RewardFn:
@@ -105,34 +133,37 @@ def _score_one(name: str, fn: RewardFn, example: Example, completion: str) -> fl
         return None
 
 
-def score_completions(examples: list[Example], completions: list[str], cfg: RewardsConfig) -> RewardOutput:
-    """Score each completion against its example (aligned lists, len N = prompts * group_size).
+def score_rule(name: str, examples: list[Example], completions: list[str], cfg: RewardsConfig) -> tuple[torch.Tensor, int]:
+    """([N] float32 scores, how many failed) of rule reward `name` on aligned lists.
 
-    A reward scores 0 on examples of another task; one that raises or times out scores 0
-    and is counted in `errors[name]`.
+    It scores 0 on examples of another task; where it raises or times out it scores 0
+    and is counted as failed.
     """
     if len(examples) != len(completions):
         raise ValueError(f"{len(examples)} examples for {len(completions)} completions; "
                          "repeat each example group_size times")
-    if len(cfg.names) != len(cfg.weights):
-        raise ValueError(f"rewards.names ({len(cfg.names)}) and rewards.weights "
-                         f"({len(cfg.weights)}) must have the same length")
-    if len(set(cfg.names)) != len(cfg.names):
+    entry = _entry(name)
+    fn = bind_config(entry.fn, cfg)
+    scores, failed = [], 0
+    for example, completion in zip(examples, completions):
+        score = 0.0
+        if entry.task is None or entry.task == example.task:
+            score = _score_one(name, fn, example, completion)
+            failed += score is None
+        scores.append(score or 0.0)
+    return torch.tensor(scores, dtype=torch.float32), failed
+
+
+def score_completions(examples: list[Example], completions: list[str], cfg: RewardsConfig) -> RewardOutput:
+    """Score each completion against its example with the rule rewards of `cfg` (aligned
+    lists, len N = prompts * group_size): total = sum of weight * reward (see `score_rule`).
+    Learned rewards need their model: score those through a RewardStack."""
+    if len(set(cfg.names)) != len(cfg.names):  # a guard for hand-made configs (validation checks presets)
         raise ValueError(f"rewards.names lists a reward twice: {cfg.names}")
     per_reward: dict[str, torch.Tensor] = {}
     errors: dict[str, int] = {}
     total = torch.zeros(len(completions), dtype=torch.float32)  # [N]
-    for name, weight in zip(cfg.names, cfg.weights):
-        entry = _entry(name)
-        fn = bind_config(entry.fn, cfg)
-        scores, failed = [], 0
-        for example, completion in zip(examples, completions):
-            score = 0.0
-            if entry.task is None or entry.task == example.task:
-                score = _score_one(name, fn, example, completion)
-                failed += score is None
-            scores.append(score or 0.0)
-        per_reward[name] = torch.tensor(scores, dtype=torch.float32)  # [N]
-        errors[name] = failed
+    for name, weight in zip(cfg.names, cfg.weights, strict=True):
+        per_reward[name], errors[name] = score_rule(name, examples, completions, cfg)  # [N]
         total += weight * per_reward[name]
     return RewardOutput(total=total, per_reward=per_reward, errors=errors)

@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 
 from grailcore.data import build_example, generate_study
-from grailcore.data.audit import (
-    audit_examples, chi2_sf, design_effect, format_report, main, parse_option, wilson_interval,
-)
+from grailcore.data.audit import audit_examples, format_report, main, parse_option
+from grailcore.data.audit_stats import chi2_sf, design_effect, wilson_interval
 from grailcore.data.schema import Example
 
 # A copy of the shared seed_prompts_sample.jsonl (6 real rows), so the test needs nothing outside the repo.
@@ -195,28 +194,55 @@ def test_fitted_position_is_scored_leave_one_out():
     assert modal.accuracy == 0.0 and modal.fit == "n=2->1/2"
 
 
-def test_few_rows_are_suspect_not_leak():
+def test_few_rows_are_no_verdict():
     rng = random.Random(7)
     # 5 of 5 two-option slates with the gold last happen by chance 1 time in 32: one 95%
-    # interval would call it a leak, but the best of 5 rules needs the corrected interval.
+    # interval would call it a leak, but the best of 6 hypotheses needs the corrected interval.
     report = audit_examples([example(i, 2, plain_slate(rng, 2)) for i in range(5)])
-    assert report.verdict == "SUSPECT" and not report.leak
-    assert report.comparisons == 5 and report.verdict_confidence == pytest.approx(0.99)
+    assert report.verdict == "OK" and not report.leak and not report.reasons
+    # 4 single rules + modal_position choosing between 2 positions; 0.1% family-wise.
+    assert report.comparisons == 6 and report.verdict_confidence == pytest.approx(1 - 0.001 / 6)
     assert rule(report, "always_last").accuracy == 1.0 and report.best_margin_ci[0] < 0.05
     # 8 of 8 four-option slates happen 1 time in 65536: enough rows for a verdict.
     assert audit_examples([example(i, 4, plain_slate(rng, 4)) for i in range(8)]).leak
 
 
+def test_a_real_margin_too_uncertain_for_a_leak_is_suspect():
+    rng = random.Random(13)
+    # 100 of 300 golds last, the rest spread over 1..3: always_last 0.333 vs random 0.25.
+    golds = [4 if i % 3 == 0 else (i // 3) % 3 + 1 for i in range(300)]
+    report = audit_examples([example(i, g, plain_slate(rng, 4)) for i, g in enumerate(golds)])
+    assert report.verdict == "SUSPECT" and not report.leak
+    assert rule(report, "always_last").margin == pytest.approx(1 / 3 - 1 / 4)
+    assert report.best_margin_ci[0] < 0.05 < report.best_margin
+    assert any("always_last" in reason for reason in report.reasons)
+
+
+def test_chance_alone_rarely_makes_a_leak_and_seldom_a_suspect():
+    # Golds uniformly random: a LEAK would stop a run on clean data. At the old 95%
+    # family-wise level with modal_position counted once, 1.2% of 8-row sets were LEAKs
+    # and 75% SUSPECT (a point margin over threshold alone is common luck).
+    verdicts = {n: [] for n in (4, 8, 32)}
+    for n, found in verdicts.items():
+        for seed in range(300):
+            rng = random.Random(1000 + seed)
+            slates = [example(i, rng.randint(1, 4), plain_slate(rng, 4), viewer=f"v{i // 3}") for i in range(n)]
+            found.append(audit_examples(slates).verdict)
+    for n, found in verdicts.items():
+        assert found.count("LEAK") == 0, n
+        assert found.count("SUSPECT") < 0.2 * len(found), (n, found.count("SUSPECT"))
+
+
 def test_repeated_rows_of_one_viewer_do_not_count_as_independent_evidence():
     rng = random.Random(11)
-    # 6 viewers with 25 decisions each; 4 always pick the last option, 2 the first. As 150
-    # independent rows always_last would be a leak; as 6 viewers it is only suspect.
-    examples = [example(i, 2 if viewer < 4 else 1, plain_slate(rng, 2), viewer=f"v{viewer}")
+    # 6 viewers with 25 decisions each; 5 always pick the last option, 1 the first. As 150
+    # independent rows always_last would be a leak; as 6 viewers it is no evidence at all.
+    examples = [example(i, 2 if viewer < 5 else 1, plain_slate(rng, 2), viewer=f"v{viewer}")
                 for viewer in range(6) for i in range(viewer * 25, viewer * 25 + 25)]
     last = rule(audit_examples(examples), "always_last")
-    assert last.accuracy == pytest.approx(4 / 6) and last.design_effect > 10
+    assert last.accuracy == pytest.approx(5 / 6) and last.design_effect > 10
     assert last.ci_high - last.ci_low > 0.4  # about 6 rows' worth of evidence, not 150
-    assert audit_examples(examples).verdict == "SUSPECT"
+    assert audit_examples(examples).verdict == "OK"
     assert audit_examples(examples).groups[0].n_viewers == 6
     independent = [dataclasses.replace(e, viewer_id=None) for e in examples]
     assert audit_examples(independent).verdict == "LEAK"
@@ -248,17 +274,20 @@ def test_seed_sample_shows_the_gun_study_flaw_but_six_rows_cannot_prove_it():
     from grailcore.config import DataConfig
     from grailcore.data import load_examples
 
-    examples = load_examples(SEED_SAMPLE, DataConfig(train_path=SEED_SAMPLE)).examples
-    report = audit_examples(examples)
+    loaded = load_examples(SEED_SAMPLE, DataConfig(train_path=SEED_SAMPLE))
+    report = audit_examples(loaded.raw_examples)  # the rows as the file gave them
     gun = "gun_control/study1"
     assert rule(report, "always_last", gun).accuracy == 1.0
     odd = rule(report, "odd_rendering", gun)
     assert (odd.accuracy, odd.coverage) == (1.0, 1.0)
     # The wage studies render every option alike: the rendering rule has nothing to go on.
     assert rule(report, "odd_rendering", "minimum_wage/study2").coverage == 0.0
-    # 3 gun rows: a +0.6 point margin whose corrected interval still includes 0.
-    assert report.verdict == "SUSPECT" and report.best_group == gun
+    # 3 gun rows: a +0.6 point margin that 3 rows and 34 hypotheses cannot tell from luck.
+    assert report.verdict == "OK" and report.best_group == gun
     assert report.best_margin == pytest.approx(0.6) and report.best_margin_ci[0] < 0
+    # As training shows them, no option is rendered differently.
+    shown = audit_examples(loaded.examples)
+    assert all(rule(shown, "odd_rendering", g.name).coverage == 0.0 for g in shown.groups)
 
 
 def synthetic_examples(shuffle: bool, leak: bool = False) -> list[Example]:
@@ -305,9 +334,14 @@ def test_cli_strict_exit_code_and_json(tmp_path, capsys):
     leaky = write_prerendered(tmp_path / "leaky.jsonl", golds_last=True)
     assert main([leaky]) == 0
     assert main([leaky, "--strict", "--json", str(tmp_path / "r.json")]) == 1
-    assert "Verdict: LEAK" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Verdict: LEAK" in out and "--data.allow-leaks" in out
     written = json.loads((tmp_path / "r.json").read_text())
-    assert written["verdict"] == "LEAK" and written["best_rule"] in ("always_last", "modal_position")
+    # The file's own order leaks; shuffled as training shows it, it does not.
+    assert written["verdicts"] == {"all": {"raw": "LEAK", "as trained": "OK"}}
+    raw = next(a for a in written["audits"] if a["stage"] == "raw")
+    assert raw["verdict"] == "LEAK" and raw["best_rule"] in ("always_last", "modal_position")
+    assert main([leaky, "--strict", "--no-shuffle"]) == 1
     fair = write_prerendered(tmp_path / "fair.jsonl", golds_last=False)
     assert main([fair, "--strict"]) == 0
-    assert main([SEED_SAMPLE, "--strict"]) == 0  # SUSPECT: too few rows for --strict to fail
+    assert main([SEED_SAMPLE, "--strict"]) == 0  # too few rows for a verdict

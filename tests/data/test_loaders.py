@@ -1,6 +1,7 @@
 """load_examples over every accepted input, malformed rows (errors and skip mode), and caps."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -40,22 +41,46 @@ def seed_rows():
 def test_seed_sample_loads_with_gold_options_and_state(seed_rows):
     result = load_examples(str(SEED_SAMPLE), DataConfig(), split="validation")
     assert isinstance(result, LoadResult) and result.skipped == 0 and result.split == "all"
-    assert len(result.examples) == len(seed_rows) == 6
-    for ex, row in zip(result.examples, seed_rows):
-        assert (ex.gold_index, ex.n_options, ex.issue, ex.study) == (row["gold_index"], row["n_options"],
-                                                                    row["issue"], row["study"])
-        assert ex.prompt == row["prompt"]
-        assert ex.messages[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
-        assert len(ex.option_texts) == ex.n_options
-        assert ex.state_text.startswith("VIEWER ") and ex.state_text.endswith(".")
-        assert "OPTIONS" not in ex.state_text
-    first = result.examples[0]
+    assert len(result.examples) == len(result.raw_examples) == len(seed_rows) == 6
+    for raw, row in zip(result.raw_examples, seed_rows):  # as the file gave them
+        assert (raw.gold_index, raw.n_options, raw.issue, raw.study) == (row["gold_index"], row["n_options"],
+                                                                         row["issue"], row["study"])
+        assert raw.prompt == row["prompt"]
+        assert raw.messages[0] == {"role": "system", "content": DEFAULT_SYSTEM_PROMPT}
+        assert len(raw.option_texts) == raw.n_options
+        assert raw.state_text.startswith("VIEWER ") and raw.state_text.endswith(".")
+        assert "OPTIONS" not in raw.state_text
+    first = result.raw_examples[0]
     assert first.option_texts[0] == ("Piers Morgan Argues With Pro-Gun Campaigner About Orlando Shooting | "
                                      "Good Morning Britain (Good Morning Britain, 382s long) — Engagement: "
                                      "views 2,433,982, likes 18,834, comments 40")
     assert first.option_texts[4] == ("Most Americans Want More Gun Control. Why Doesn’t It Happen? | NYT — "
                                      "Engagement: views 43,105, likes 706")
     assert first.example_id == f"{SEED_SAMPLE.stem}:1"
+    for ex, raw in zip(result.examples, result.raw_examples):  # as training shows them
+        assert (ex.example_id, ex.n_options, ex.issue, ex.study, ex.state_text, ex.messages[0]) == (
+            raw.example_id, raw.n_options, raw.issue, raw.study, raw.state_text, raw.messages[0])
+        order = ex.meta["shown_order"]
+        assert sorted(order) == list(range(ex.n_options)) and order[ex.gold_index - 1] == raw.gold_index - 1
+        assert ex.prompt.endswith(raw.prompt[raw.prompt.index("\n\nQUESTIONS"):])
+    # The gun rows' gold carried no channel, duration or comments: now no option does.
+    assert result.examples[0].option_texts[order_of(result.examples[0], 0)] == (
+        "Piers Morgan Argues With Pro-Gun Campaigner About Orlando Shooting | Good Morning Britain — "
+        "Engagement: views 2,433,982, likes 18,834")
+    assert result.examples[0].meta["dropped_fields"] == ("channel", "comments", "duration")
+
+
+def order_of(example, stored: int) -> int:
+    """Shown index (0-based) of the option stored at `stored`."""
+    return example.meta["shown_order"].index(stored)
+
+
+def test_prerendered_rows_rendered_alike_keep_their_text_in_stored_order(seed_rows):
+    # The wage rows render every option alike: unshuffled, their prompt is the file's, byte for byte.
+    result = load_examples(str(SEED_SAMPLE), DataConfig(shuffle_options=False))
+    for ex, raw, row in zip(result.examples, result.raw_examples, seed_rows):
+        assert ex.gold_index == raw.gold_index == row["gold_index"]
+        assert (ex.prompt == row["prompt"]) == (row["issue"] == "minimum_wage"), ex.example_id
 
 
 def test_study_dir_splits_render_and_share_no_viewer(study_dir):
@@ -144,6 +169,11 @@ def test_malformed_prerendered_rows_name_file_line_and_field(tmp_path, seed_rows
         ({k: v for k, v in seed_rows[0].items() if k != "prompt"}, "field 'prompt' is missing"),
         (dict(seed_rows[0], prompt="VIEWER x"), "field 'prompt' has no OPTIONS section"),
         (dict(seed_rows[0], opinion_direction="more"), "field 'opinion_direction' must be one of"),
+        (dict(seed_rows[0], prompt=seed_rows[0]["prompt"].replace("likes 706", "liked by many")),
+         "field 'prompt', OPTIONS line 5 cannot be re-rendered: engagement text 'liked by many'"),
+        (dict(seed_rows[0], prompt=seed_rows[0]["prompt"].replace(
+            "\n1. Piers Morgan Argues With Pro-Gun Campaigner About Orlando Shooting | Good Morning Britain (",
+            "\n1. (")), "field 'prompt', OPTIONS line 1 cannot be re-rendered: no title"),
     ]
     for row, expected in cases:
         path = _write_jsonl(tmp_path / "pre.jsonl", [seed_rows[1], row])
@@ -198,3 +228,42 @@ def test_sample_rows_is_seeded_in_stored_order_and_spread_over_viewers():
     # sessions are stored together: the first 16 rows cover far fewer viewers than a sample
     assert len({ex.viewer_id for ex in picked}) > len({ex.viewer_id for ex in rows[:16]})
     assert sample_rows(rows, None, seed=0) == rows and sample_rows(rows, 10**6, seed=0) == rows
+
+
+def test_the_original_gun_flaw_is_gone_from_the_rows_training_sees():
+    # 200 rows whose clicked video was appended last, without channel, duration and comments.
+    from gun_flaw_fixture import FIXTURE
+
+    shown = load_examples(str(FIXTURE), DataConfig())
+    unshuffled = load_examples(str(FIXTURE), DataConfig(shuffle_options=False))
+    assert all(raw.gold_index == raw.n_options for raw in shown.raw_examples)  # the flaw, as given
+    assert gold_position_p_value(unshuffled.examples) < 1e-30  # the stored order keeps it
+    assert gold_position_p_value(shown.examples) > 0.01
+    for n in {ex.n_options for ex in shown.examples}:  # and no position holds a share far from 1/n
+        rows = [ex for ex in shown.examples if ex.n_options == n]
+        for position in range(1, n + 1):
+            share = sum(ex.gold_index == position for ex in rows) / len(rows)
+            assert abs(share - 1 / n) < 4 * (1 / n * (1 - 1 / n) / len(rows)) ** 0.5, (n, position, share)
+    alike = re.compile(r"^\d+\. [^()]+ — Engagement: views [\d,]+, likes [\d,]+$")
+    for ex, raw in zip(shown.examples, shown.raw_examples):
+        # every option line has the same fields, none the dropped channel, duration or comments
+        lines = ex.prompt.split("\n\nOPTIONS\n", 1)[1].split("\n\n", 1)[0].splitlines()
+        assert len(lines) == ex.n_options and all(alike.match(line) for line in lines), lines
+        # the gold is still the video the viewer clicked: same title (less a trailing
+        # '(Full Segment)', dropped with the channel) and the same counts
+        title, counts = ex.option_texts[ex.gold_index - 1].split(" — Engagement: ")
+        raw_title, raw_counts = raw.option_texts[raw.gold_index - 1].split(" — Engagement: ")
+        assert raw_title.startswith(title) and counts == raw_counts
+        assert ex.meta["shown_order"][ex.gold_index - 1] == raw.gold_index - 1
+        assert ex.meta["dropped_fields"] == ("channel", "comments", "duration")
+
+
+def gold_position_p_value(examples) -> float:
+    """Chi-square p-value of gold positions against uniform, pooled over slate sizes."""
+    from grailcore.data.audit_stats import chi2_sf, position_tests
+
+    by_size: dict[int, list[int]] = {}
+    for ex in examples:
+        by_size.setdefault(ex.n_options, []).append(ex.gold_index)
+    tests = position_tests(by_size)
+    return chi2_sf(sum(t.chi2 for t in tests), sum(t.df for t in tests))

@@ -91,7 +91,6 @@ def latest_step(run_dir: Path) -> int:
     return int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
 
 
-
 def tiny_config(run_dir: Path, max_steps: int, **overrides):
     """The PRESET as an in-process Config, with top-level fields replaced."""
     import dataclasses
@@ -101,12 +100,12 @@ def tiny_config(run_dir: Path, max_steps: int, **overrides):
     return dataclasses.replace(namespace["config"], **overrides)
 
 
-def run_in_process(cfg) -> dict:
-    from grailcore.loop import train
-    from grailcore.setup import build
+def run_in_process(cfg, mode: str = "grpo") -> dict:
+    """Build the trainer of `mode` ("grpo" or "sft"), run it, close its engine."""
+    from grailcore.build import build_trainer
 
-    parts = build(cfg)
+    trainer = build_trainer(cfg, mode)
     try:
-        return train(parts, cfg)
+        return trainer.run()
     finally:
-        parts.engine.close()
+        trainer.close()

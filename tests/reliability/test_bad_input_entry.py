@@ -45,15 +45,15 @@ def test_malformed_rows_stop_before_training_naming_file_and_line(preset, bad_ro
 
 
 def test_skip_bad_rows_counts_and_reports_each_skipped_row(bad_rows_file, tmp_path, caplog):
-    from grailcore.setup import build
+    from grailcore.build import build_trainer
 
     cfg = tiny_config(tmp_path / "run", max_steps=1)
     cfg = cfg.__class__(**{**cfg.__dict__, "data": cfg.data.__class__(
         **{**cfg.data.__dict__, "train_path": bad_rows_file, "eval_path": bad_rows_file, "skip_bad_rows": True})})
-    with caplog.at_level(logging.WARNING, logger="grailcore.setup"):
-        parts = build(cfg)
-    parts.engine.close()
-    assert len(parts.train) == 5
+    with caplog.at_level(logging.WARNING, logger="grailcore.build"):
+        trainer = build_trainer(cfg)
+    trainer.close()
+    assert len(trainer.data.train) == 5
     reported = [r.getMessage() for r in caplog.records if "bad rows" in r.getMessage()]
     assert reported and "skipped 4 bad rows" in reported[0], reported
     assert f"{bad_rows_file}:2" in reported[0] and "not valid JSON" in reported[0]
@@ -103,8 +103,8 @@ def test_resume_without_a_checkpoint_says_how_to_start_fresh(preset):
 def test_vllm_engine_failing_to_start_stops_clearly_or_falls_back_to_hf(tmp_path, monkeypatch):
     import dataclasses
 
+    from grailcore.build import build_trainer
     from grailcore.rollout.hf import HFEngine
-    from grailcore.setup import build
 
     class BrokenVLLM:
         @staticmethod
@@ -117,8 +117,8 @@ def test_vllm_engine_failing_to_start_stops_clearly_or_falls_back_to_hf(tmp_path
     cfg = tiny_config(tmp_path / "run", max_steps=1)
     vllm = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, engine="vllm"))
     with pytest.raises(RuntimeError, match=r"vLLM engine failed to start \(CUDA out of memory.*fallback_to_hf"):
-        build(vllm)
+        build_trainer(vllm)
     fallback = dataclasses.replace(vllm, rollout=dataclasses.replace(vllm.rollout, fallback_to_hf=True))
-    parts = build(fallback)
-    parts.engine.close()
-    assert isinstance(parts.engine, HFEngine)
+    trainer = build_trainer(fallback)
+    trainer.close()
+    assert isinstance(trainer.rollout.engine, HFEngine)

@@ -70,26 +70,25 @@ def test_sigterm_checkpoints_and_exits_cleanly(tmp_path):
 
 def test_sigterm_during_generation_finishes_the_step_and_checkpoints(tmp_path):
     """In-process: the engine signals its own process mid-generation, like a scheduler would."""
-    from grailcore.loop import train
-    from grailcore.setup import build
+    from grailcore.build import build_trainer
 
     cfg = tiny_config(tmp_path / "run", max_steps=5)
-    parts = build(cfg)
-    generate = parts.engine.generate
+    trainer = build_trainer(cfg)
+    generate = trainer.rollout.engine.generate
 
     def generate_then_sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)  # delivered now, in the middle of this step
         return generate(*args, **kwargs)
 
-    parts.engine.generate = generate_then_sigterm
+    trainer.rollout.engine.generate = generate_then_sigterm
     before = signal.getsignal(signal.SIGTERM)
     try:
-        summary = train(parts, cfg)
+        summary = trainer.run()
     finally:
-        parts.engine.close()
+        trainer.close()
     assert summary["steps"] == 1
     assert latest_step(tmp_path / "run") == 1
-    assert signal.getsignal(signal.SIGTERM) is before, "train() left its signal handler installed"
+    assert signal.getsignal(signal.SIGTERM) is before, "run() left its signal handler installed"
 
 
 def _flag_only(signum, frame) -> None:
@@ -98,14 +97,13 @@ def _flag_only(signum, frame) -> None:
 
 @pytest.mark.parametrize("prior", [signal.default_int_handler, _flag_only], ids=["default", "engine_like"])
 def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path, prior):
-    from grailcore.loop import train
-    from grailcore.setup import build
+    from grailcore.build import build_trainer
 
-    outer = signal.signal(signal.SIGINT, prior)  # what train() finds installed, and must give back
+    outer = signal.signal(signal.SIGINT, prior)  # what run() finds installed, and must give back
     try:
         cfg = tiny_config(tmp_path / "run", max_steps=5)
-        parts = build(cfg)
-        generate = parts.engine.generate
+        trainer = build_trainer(cfg)
+        generate = trainer.rollout.engine.generate
 
         def generate_then_two_sigints(*args, **kwargs):
             # To this thread: a thread signalling itself gets the signal before pthread_kill
@@ -114,13 +112,13 @@ def test_a_second_sigint_stops_at_once_without_a_checkpoint(tmp_path, prior):
             signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # "no, now"
             return generate(*args, **kwargs)
 
-        parts.engine.generate = generate_then_two_sigints
+        trainer.rollout.engine.generate = generate_then_two_sigints
         before = signal.getsignal(signal.SIGINT)
         try:
             with pytest.raises(KeyboardInterrupt):
-                train(parts, cfg)
+                trainer.run()
         finally:
-            parts.engine.close()
+            trainer.close()
         assert not (tmp_path / "run" / "checkpoints").exists()
         assert signal.getsignal(signal.SIGINT) is before
     finally:

@@ -1,9 +1,9 @@
-"""GRAIL discriminator: action-first inputs, learning, rewards, eval-data guard, state,
-frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (MiniLM)."""
+"""GRAIL discriminator, the learned `gail` reward: action-first inputs, learning, rewards
+through the RewardStack, eval-data guard, state, frozen mode and 2-rank sync. tiny-bert
+everywhere except the truncation test (MiniLM)."""
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 
@@ -13,11 +13,12 @@ import torch.multiprocessing as mp
 
 from grailcore.config import Config, ConfigError, GailConfig, RewardsConfig
 from grailcore.data.schema import Example
+from grailcore.rewards import RewardStack, available_rewards, register
 from grailcore.rewards.discriminator import ActionTooLongError, Discriminator, build_discriminator, gail_reward
 from grailcore.rewards.gail.objective import training_rows
-from grailcore.rewards import score_completions
 from grailcore.rollout.collect import Rollouts, collect_rollouts
-from grailcore.types import Completion, RewardOutput, SamplingParams
+from grailcore.types import Completion, SamplingParams
+from grailcore.validation import validate
 
 LEFT = ("Why gun control saves lives", "The case for gun control now", "Gun control explained by a doctor")
 RIGHT = ("Why gun rights protect everyone", "The case for gun rights now", "Gun rights explained by a sheriff")
@@ -44,19 +45,28 @@ def answer(k: int | None) -> str:
     return "no answer here" if k is None else f"<think>t</think><answer>{k}</answer><opinion>increase</opinion>"
 
 
-def rule_scorer(examples, completions) -> RewardOutput:
-    """A stand-in rule reward: 1 for every completion."""
-    ones = torch.ones(len(completions))
-    return RewardOutput(total=ones.clone(), per_reward={"rule": ones}, errors={"rule": 0})
+RULE = "test_rule_one"
+if RULE not in available_rewards():
+    register(RULE)(lambda example, completion: 1.0)  # a stand-in rule reward: 1 for every completion
+
+
+def stack(d: Discriminator, rule_weight: float = 1.0) -> RewardStack:
+    """The rule reward and d's `gail` reward in one table, d weighted as d.weight."""
+    return RewardStack(RewardsConfig(names=(RULE, "gail"), weights=(rule_weight, d.weight)), {"gail": d})
 
 
 def rollouts(d: Discriminator, examples: list[Example], answers: list[int | None]) -> Rollouts:
-    """Rollouts of one completion per (example, answer) slot, scored through d's wrapped scorer."""
+    """Rollouts of one completion per (example, answer) slot, scored through the stack holding d."""
     texts = [answer(a) for a in answers]
-    rewards = d.wrap_scorer(rule_scorer)(examples, texts)
+    rewards = stack(d)(examples, texts)
     completions = [Completion(text=t, token_ids=(1,), logprobs=None, finish_reason="stop") for t in texts]
     return Rollouts(examples=examples, prompt_ids=[[1]] * len(examples), completions=completions,
                     rewards=rewards, resampled_groups=0, resample_attempts=0)
+
+
+def observe(d: Discriminator, batch: Rollouts) -> None:
+    """d.update on a step's rollouts, as the trainer calls it."""
+    d.update(batch.examples, [c.text for c in batch.completions], batch.rewards)
 
 
 def random_policy_rollouts(d, train, rng, prompts=8, group_size=4) -> Rollouts:
@@ -64,9 +74,9 @@ def random_policy_rollouts(d, train, rng, prompts=8, group_size=4) -> Rollouts:
     return rollouts(d, chosen, [rng.randint(1, 4) for _ in chosen])
 
 
-def make(train, seed=0, **gail) -> Discriminator:
+def make(train, seed=0, weight=1.0, **gail) -> Discriminator:
     gail = {"model": "tiny-bert", "max_tokens": 64, "lr": 1e-3, **gail}
-    return Discriminator(GailConfig(enabled=True, **gail), train, seed=seed)
+    return Discriminator(GailConfig(**gail), train, seed=seed, weight=weight)
 
 
 def weights(d: Discriminator) -> dict[str, torch.Tensor]:
@@ -81,7 +91,7 @@ def test_action_first_truncation_never_cuts_the_action_minilm():
     short = Example(example_id="s", task="viewer", messages=({"role": "user", "content": "q"},), gold_index=1,
                     n_options=1, option_texts=(action,), state_text="VIEWER 56-year-old man.")
     long = short.replace(example_id="l", state_text="RECENTLY WATCHED " + "a long video title, " * 200)
-    d = Discriminator(GailConfig(enabled=True, model="minilm-l6", max_tokens=48), [short, long])
+    d = Discriminator(GailConfig(model="minilm-l6", max_tokens=48), [short, long])
     d.metrics()
     batch = d.encode([short, long], [1, 1])
     action_ids = d.tokenizer(action, add_special_tokens=False)["input_ids"]
@@ -162,15 +172,15 @@ def test_discriminator_learns_to_separate_human_from_random_choices():
     assert heldout_accuracy(d, heldout) == 0.0  # logits all 0 at the start: no pair ranked right
     for _ in range(12):
         d.metrics()
-        d.observe(random_policy_rollouts(d, train, rng))
+        observe(d, random_policy_rollouts(d, train, rng))
     last = d.metrics()
     assert heldout_accuracy(d, heldout) >= 0.9
     # Only an interaction of state and action separates them: every viewer's human choice
     # and random choices use the same titles, just with the other lean's viewers.
     assert last["gail/p_human_expert"] > last["gail/p_human_policy"] + 0.2
     assert (last["gail/d_acc_expert"] + last["gail/d_acc_policy"]) / 2 > 0.75
-    human = d.rewards(heldout, [answer(ex.gold_index) for ex in heldout])
-    other = d.rewards(heldout, [answer(ex.gold_index % 4 + 1) for ex in heldout])
+    human = d.score(heldout, [answer(ex.gold_index) for ex in heldout])
+    other = d.score(heldout, [answer(ex.gold_index % 4 + 1) for ex in heldout])
     assert human.mean() > other.mean() + 1.0  # the reward pays human-like choices more
 
 
@@ -182,20 +192,22 @@ def train_examples():
     return lean_examples(16, seed=3)
 
 
-def test_wrapped_scorer_adds_weighted_reward_and_unparsable_get_zero(train_examples):
+def test_stack_adds_the_weighted_gail_reward_and_unparsable_get_zero(train_examples):
     d = make(train_examples, reward="logit", weight=0.5, reward_clip=1.5)
     with torch.no_grad():
         d.head[2].bias.fill_(2.0)  # D logit = 2 for every input (output weights are zero at init)
     exs = train_examples[:4]
     texts = [answer(1), answer(None), "<answer>9</answer>", answer(3)]
-    out = d.wrap_scorer(rule_scorer)(exs, texts)
+    out = stack(d)(exs, texts)
     assert out.per_reward["gail"].tolist() == [1.5, 0.0, 0.0, 1.5]  # clipped 2 -> 1.5; unparsable -> 0
     assert out.total.tolist() == [1.75, 1.0, 1.0, 1.75]
-    assert out.per_reward["rule"].tolist() == [1.0] * 4 and out.errors["gail"] == 0
+    assert out.per_reward[RULE].tolist() == [1.0] * 4 and out.errors["gail"] == 0
+    rules_only = stack(d)(exs, texts, learned=False)  # evaluation: the discriminator is not run
+    assert set(rules_only.per_reward) == {RULE} and rules_only.total.tolist() == [1.0] * 4
     d_kind = make(train_examples, reward="d", weight=1.0)
-    assert d_kind.wrap_scorer(rule_scorer)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
+    assert stack(d_kind)(exs, texts).per_reward["gail"].tolist() == [0.5, 0.0, 0.0, 0.5]
     with pytest.raises(ValueError, match="twice"):
-        d.wrap_scorer(d.wrap_scorer(rule_scorer))(exs, texts)
+        RewardStack(RewardsConfig(names=("gail", "gail"), weights=(1.0, 1.0)), {"gail": d})
 
 
 class FixedEngine:
@@ -206,42 +218,41 @@ class FixedEngine:
                  for g in range(params.n)] for _ in prompt_ids]
 
 
-def test_trainer_seam_collect_rollouts_then_observe(train_examples):
-    """The trainer's path: rule scorer wrapped by D -> collect_rollouts -> observe -> metrics."""
+def test_trainer_seam_collect_rollouts_then_update(train_examples):
+    """The trainer's path: the reward stack (rule + D) -> collect_rollouts -> update -> metrics."""
     d = make(train_examples, reward="d", weight=2.0)
-    scorer = d.wrap_scorer(functools.partial(score_completions, cfg=RewardsConfig(names=("option_accuracy",),
-                                                                                  weights=(1.0,))))
+    scorer = RewardStack(RewardsConfig(names=("option_accuracy", "gail"), weights=(1.0, 2.0)), {"gail": d})
     prompts = train_examples[:2]
     out = collect_rollouts(FixedEngine(), prompts, [[1]] * 2, SamplingParams(n=4), scorer)
     right = torch.tensor([float(g % 4 + 1 == ex.gold_index) for ex in prompts for g in range(4)])
     assert out.rewards.per_reward["option_accuracy"].tolist() == right.tolist()
     assert out.rewards.total.tolist() == (right + 2.0 * 0.5).tolist()  # D = 0.5 before any update
-    d.observe(out)
+    observe(d, out)
     m = d.metrics()
     assert d.updates == 1 and m["gail/negatives"] == 6 and m["gail/unparsed"] == 0  # 2 of 8 right
     assert m["gail/reward_share"] == pytest.approx(8.0 / (8.0 + 2.0))  # |gail| 8 x 1.0, |rule| 2
     assert m["gail/p_human_correct"] == 0.5 and m["gail/d_acc_expert"] == 0.0  # scored before the step
 
 
-def test_observe_refuses_examples_it_was_not_built_with(train_examples):
+def test_update_refuses_examples_it_was_not_built_with(train_examples):
     d = make(train_examples)
     evaluation = lean_examples(2, seed=9, prefix="eval")
     with pytest.raises(ValueError, match="never train on evaluation data"):
-        d.observe(rollouts(d, [train_examples[0], evaluation[0]], [1, 1]))
+        observe(d, rollouts(d, [train_examples[0], evaluation[0]], [1, 1]))
     same_id = train_examples[1].replace(state_text="another viewer")
     with pytest.raises(ValueError, match="not one of the training examples"):
-        d.observe(rollouts(d, [same_id], [1]))
-    d.observe(rollouts(d, train_examples[:2], [1, 2]))  # training examples pass
+        observe(d, rollouts(d, [same_id], [1]))
+    observe(d, rollouts(d, train_examples[:2], [1, 2]))  # training examples pass
 
 
 def test_no_update_without_any_policy_choice(train_examples):
     d = make(train_examples)
     before = weights(d)
-    d.observe(rollouts(d, train_examples[:4], [None] * 4))  # positives alone teach nothing
+    observe(d, rollouts(d, train_examples[:4], [None] * 4))  # positives alone teach nothing
     assert all(torch.equal(before[k], v) for k, v in weights(d).items())
     m = d.metrics()
     assert m["gail/skipped_updates"] == 1 and m["gail/unparsed"] == 4 and d.updates == 0
-    d.observe(rollouts(d, train_examples[:4], [None, 1, 2, 3]))
+    observe(d, rollouts(d, train_examples[:4], [None, 1, 2, 3]))
     assert d.updates == 1 and d.metrics()["gail/skipped_updates"] == 0
 
 
@@ -249,8 +260,8 @@ def test_build_rejects_non_viewer_data_and_bad_settings(train_examples):
     math_ex = Example(example_id="m", task="math", messages=({"role": "user", "content": "1+1"},), answer="2")
     with pytest.raises(ConfigError, match="viewer examples"):
         make([math_ex])
-    with pytest.raises(ConfigError, match="gail.reward_clip"):
-        make(train_examples, reward_clip=0.0)
+    with pytest.raises(ConfigError, match="gail.reward_clip"):  # checked before anything is built
+        validate(Config(gail=GailConfig(reward_clip=0.0)))
     with pytest.raises(ConfigError, match="positions"):
         make(train_examples, max_tokens=4096)
 
@@ -262,7 +273,7 @@ def test_state_dict_round_trip_restores_outputs_optimizer_and_replay(train_examp
     rng = random.Random(1)
     d = make(train_examples, replay_size=12, replay_ratio=0.5, disc_steps=2)
     for _ in range(3):
-        d.observe(random_policy_rollouts(d, train_examples, rng, prompts=4))
+        observe(d, random_policy_rollouts(d, train_examples, rng, prompts=4))
     assert len(d.replay) == 12 and d.metrics()["gail/replayed"] > 0
     torch.save(d.state_dict(), tmp_path / "d.pt")
     state = torch.load(tmp_path / "d.pt", weights_only=True)  # plain tensors/lists only
@@ -279,21 +290,21 @@ def test_state_dict_round_trip_restores_outputs_optimizer_and_replay(train_examp
     batch = random_policy_rollouts(d, train_examples, rng, prompts=4)
     for model in (d, restored):
         torch.manual_seed(7)
-        model.observe(batch)
+        observe(model, batch)
     assert all(torch.equal(a, b) for a, b in zip(weights(d).values(), weights(restored).values()))
 
 
 def test_frozen_discriminator_never_changes(train_examples, tmp_path):
     rng = random.Random(2)
     trained = make(train_examples)
-    trained.observe(random_policy_rollouts(trained, train_examples, rng, prompts=4))
+    observe(trained, random_policy_rollouts(trained, train_examples, rng, prompts=4))
     trained.save(tmp_path / "d.pt")
     frozen = make(train_examples, seed=3, frozen_path=str(tmp_path / "d.pt"))
     before = weights(frozen)
     assert all(torch.equal(before[k], v) for k, v in weights(trained).items())
     for _ in range(3):
-        frozen.observe(random_policy_rollouts(frozen, train_examples, rng, prompts=4))
-        trained.observe(random_policy_rollouts(trained, train_examples, rng, prompts=4))
+        observe(frozen, random_policy_rollouts(frozen, train_examples, rng, prompts=4))
+        observe(trained, random_policy_rollouts(trained, train_examples, rng, prompts=4))
     assert all(torch.equal(before[k], v) for k, v in weights(frozen).items())
     assert not all(torch.equal(before[k], v) for k, v in weights(trained).items())  # same calls do train
     m = frozen.metrics()
@@ -312,13 +323,13 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(rank)
     train = lean_examples(16, seed=3)
-    cfg = Config(seed=rank, gail=GailConfig(enabled=True, model="tiny-bert", max_tokens=64, lr=1e-3,
+    cfg = Config(seed=rank, gail=GailConfig(model="tiny-bert", max_tokens=64, lr=1e-3,
                                             replay_size=8))  # seed differs per rank: the broadcast must fix it
     d = build_discriminator(cfg, train)
     initial = weights(d)
     rng = random.Random(100 + rank)  # each rank trains on its own rollouts
     for _ in range(3):
-        d.observe(random_policy_rollouts(d, train, rng, prompts=4))
+        observe(d, random_policy_rollouts(d, train, rng, prompts=4))
     torch.save({"initial": initial, "final": weights(d), "replay": d.replay, "metrics": d.metrics()},
                f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -9,6 +9,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from grailcore.config import ConfigError
 from grailcore.data.schema import Example
 
 REWARD_KINDS: tuple[str, ...] = ("d", "log_d", "neg_log_1m_d", "logit")
@@ -113,3 +114,22 @@ def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
 def weighted_bce(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Scalar sum_i w_i * BCE(logit_i, target_i); weights already hold the 1/N of each mean."""
     return (weights * F.binary_cross_entropy_with_logits(logits, targets, reduction="none")).sum()
+
+
+def index_training_examples(examples: Sequence[Example]) -> dict[str, Example]:
+    """example_id -> example, checking viewer examples carry one option text per option."""
+    index: dict[str, Example] = {}
+    for ex in examples:
+        if ex.task == "viewer" and (ex.gold_index is None or len(ex.option_texts) != ex.n_options):
+            raise ConfigError(
+                f"rewards.names lists 'gail': viewer example {ex.example_id!r} (source {ex.source!r}) has gold_index="
+                f"{ex.gold_index} and {len(ex.option_texts)} option texts for n_options={ex.n_options}; "
+                "the discriminator needs the gold and every option's rendered text")
+        if ex.example_id in index and index[ex.example_id] != ex:
+            raise ConfigError(f"two different training examples share example_id {ex.example_id!r}; "
+                              "the discriminator's guard and replay buffer need unique ids")
+        index[ex.example_id] = ex
+    if not any(ex.task == "viewer" for ex in index.values()):
+        raise ConfigError("the 'gail' reward needs viewer examples in the training data (it judges option "
+                          "choices); drop 'gail' from rewards.names for math-only runs")
+    return index

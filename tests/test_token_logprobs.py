@@ -2,7 +2,7 @@ import pytest
 import torch
 import transformers
 
-from grailcore.logprobs import token_logprobs
+from grailcore.token_logprobs import token_logprobs
 from grailcore.loss import grpo_loss
 
 PROMPT_LENGTHS = [4, 6, 2]  # left padded to 6

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from grailcore.metrics import METRICS_FILE, MetricsLogger, Progress, StepTimer, read_metrics
+from grailcore.metrics_log import METRICS_FILE, MetricsLogger, Progress, StepTimer, read_metrics
 
 
 def scalars(run_dir, tag: str) -> list[tuple[int, float]]:

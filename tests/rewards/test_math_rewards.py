@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from grailcore.config import Config, ConfigError, RewardsConfig, validate
+from grailcore.config import Config, ConfigError, RewardsConfig
 from grailcore.data.schema import Example
 from grailcore.rewards import registry
-from grailcore.rewards.math import (
+from grailcore.rewards.math_rewards import (
     DEFAULT_MATH_REWARDS,
     VerifyTimeout,
     VerifyWorker,
@@ -22,6 +22,7 @@ from grailcore.rewards.math import (
     reasoning_steps,
 )
 from grailcore.rewards.registry import score_completions
+from grailcore.validation import validate
 
 
 def math_example(answer="\\frac{1}{2}"):

@@ -2,7 +2,7 @@
 reward and accuracy curves, final eval against baselines, runs side by side (e.g.
 GRPO vs GRAIL) and where step time goes.
 
-    python -m grailcore.report runs/grpo_gun runs/grail_gun --out reports/gun
+    python -m grailcore.run_report runs/grpo_gun runs/grail_gun --out reports/gun
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
-from grailcore.metrics import METRICS_FILE, read_metrics  # noqa: E402
+from grailcore.metrics_log import METRICS_FILE, read_metrics  # noqa: E402
 
 REPORT_FILE = "report.md"
 TIME_PHASES = ("time/generation", "time/scoring", "time/training", "time/weight_sync")
@@ -287,7 +287,7 @@ def write_report(runs: Sequence[Run], out_dir: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m grailcore.report", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m grailcore.run_report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", help="run_dir(s) holding metrics.jsonl")
     parser.add_argument("--out", required=True, help="directory for report.md and the PNGs")

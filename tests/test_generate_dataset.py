@@ -1,4 +1,4 @@
-"""grailcore.generate: k scored completions per prompt as a datasets dataset, the
+"""grailcore.generate_dataset: k scored completions per prompt as a datasets dataset, the
 --keep correct filter (rejection-sampled SFT data), resumption, and a micro-llama run."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from grailcore.config import Config, ConfigError, DataConfig, RewardsConfig
 from grailcore.data.loaders import load_examples
-from grailcore.generate import GenerateOptions, generate_dataset, main, scoring_config
+from grailcore.generate_dataset import GenerateOptions, generate_dataset, main, scoring_config
 from grailcore.types import Completion
 
 ANSWERS = ("<think>a</think><answer>1</answer><opinion>increase</opinion>",

@@ -1,4 +1,4 @@
-"""grailcore.report on hand-written metrics.jsonl files: curves, baselines, step time, runs side by side."""
+"""grailcore.run_report on hand-written metrics.jsonl files: curves, baselines, step time, runs side by side."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from grailcore.report import baseline_table, load_run, main, time_breakdown
+from grailcore.run_report import baseline_table, load_run, main, time_breakdown
 
 
 def _write_run(run_dir: Path, gail: bool, reward_slope: float, steps: int = 30, with_eval: bool = True) -> Path:

@@ -2,7 +2,7 @@
 attached, saved as a `datasets` dataset for SFT warm starts (`--keep correct` keeps the
 completions whose answer is right: rejection-sampled SFT data).
 
-    python -m grailcore.generate --cfg configs/demo_gun.py --out data/gun_k4 --samples-per-row 4 --keep correct
+    python -m grailcore.generate_dataset --cfg configs/demo_gun.py --out data/gun_k4 --samples-per-row 4 --keep correct
 
 Resumable: prompts are done in shards (OUT/shards/*.jsonl, each written atomically); a
 rerun with the same settings skips finished shards, and a rerun with another --keep only
@@ -25,11 +25,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
+from grailcore import dist as gdist
+from grailcore.build import build_policy, load_rows, seed_everything, training_data
+from grailcore.cli import command, parse_config
 from grailcore.config import Config, ConfigError, RewardsConfig
+from grailcore.data.prompt import encode_prompt
 from grailcore.data.schema import Example
-from grailcore.rewards import score_completions
+from grailcore.mixture import load_split
+from grailcore.rewards import learned_rewards, score_completions
+from grailcore.rollout import build_engine
 from grailcore.rollout.base import RolloutEngine
 from grailcore.types import Completion, SamplingParams
+from grailcore.validation import validate
 
 log = logging.getLogger(__name__)
 CORRECTNESS_REWARD = {"viewer": "option_accuracy", "math": "math_accuracy"}
@@ -48,9 +55,12 @@ class GenerateOptions:
 
 
 def scoring_config(rewards: RewardsConfig, tasks: Sequence[str]) -> RewardsConfig:
-    """The run's rewards plus each task's correctness reward at weight 0 (the total is unchanged)."""
-    extra = tuple(CORRECTNESS_REWARD[t] for t in sorted(set(tasks)) if CORRECTNESS_REWARD[t] not in rewards.names)
-    return dataclasses.replace(rewards, names=rewards.names + extra, weights=rewards.weights + (0.0,) * len(extra))
+    """The run's rule rewards (a learned one, the discriminator, exists only inside its training
+    run) plus each task's correctness reward at weight 0 (the total is unchanged)."""
+    rules = [(n, w) for n, w in zip(rewards.names, rewards.weights) if n not in learned_rewards()]
+    names, weights = tuple(n for n, _ in rules), tuple(w for _, w in rules)
+    extra = tuple(CORRECTNESS_REWARD[t] for t in sorted(set(tasks)) if CORRECTNESS_REWARD[t] not in names)
+    return dataclasses.replace(rewards, names=names + extra, weights=weights + (0.0,) * len(extra))
 
 
 def sample_records(rows: Sequence[int], examples: Sequence[Example], groups: Sequence[Sequence[Completion]],
@@ -168,16 +178,14 @@ def generate_dataset(engine: RolloutEngine, examples: Sequence[Example], prompt_
             "correct_rate": {s: sum(v) / len(v) for s, v in sorted(by_source.items())}}
 
 
-def _split_prompts(parts, cfg: Config, split: str) -> tuple[list[Example], list[list[int]]]:
+def _split_prompts(tokenizer, cfg: Config, split: str) -> tuple[list[Example], list[list[int]]]:
     """The split's examples and prompt ids; 'train' is exactly what training samples from."""
     if split == "train":
-        return parts.train, parts.train_ids
-    from grailcore.data.prompt import encode_prompt
-    from grailcore.mixture import load_split
-
+        data = training_data(cfg, tokenizer, *load_rows(cfg, rank0=True), audit=None, rank0=True)
+        return data.train, data.train_ids
     examples, ids, too_long = [], [], []
     for ex in load_split(cfg.data, split).examples:
-        tokens = encode_prompt(parts.tokenizer, ex)
+        tokens = encode_prompt(tokenizer, ex)
         if len(tokens) > cfg.rollout.max_prompt_tokens:
             too_long.append(ex.example_id)
             continue
@@ -192,12 +200,7 @@ def _split_prompts(parts, cfg: Config, split: str) -> tuple[list[Example], list[
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    from grailcore import dist as gdist
-    from grailcore.cli import parse_config
-    from grailcore.config import validate
-    from grailcore.setup import build
-
-    parser = argparse.ArgumentParser(prog="python -m grailcore.generate", description=__doc__, allow_abbrev=False,
+    parser = argparse.ArgumentParser(prog="python -m grailcore.generate_dataset", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output directory (resumed if it exists)")
     parser.add_argument("--samples-per-row", type=int, default=4, help="completions per prompt (k)")
@@ -207,28 +210,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--shard-size", type=int, default=64, help="prompts per shard (unit of resumption)")
     args, config_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     cfg = parse_config(config_args, description=__doc__)
+    dist = gdist.init_distributed()
+    if dist.world_size > 1:
+        raise ConfigError("grailcore.generate_dataset runs in one process; launch it with python, not torchrun")
     validate(cfg)
-    # Only the policy and the engine are needed: no reference model, no discriminator.
-    cfg = dataclasses.replace(cfg, resume=False, grpo=dataclasses.replace(cfg.grpo, beta=0.0),
-                              gail=dataclasses.replace(cfg.gail, enabled=False))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    parts = build(cfg)
+    seed_everything(cfg.seed, cfg.deterministic)
+    # Only the policy and the engine are needed: no reference model, no optimizer, no discriminator.
+    policy, model_dir = build_policy(cfg, dist, reference=False)
+    examples, prompt_ids = _split_prompts(policy.tokenizer, cfg, args.split)
+    engine = build_engine(cfg, model_dir, dist, policy.model.lm, policy.tokenizer)
     try:
-        if parts.dist.world_size > 1:
-            raise ConfigError("grailcore.generate runs in one process; launch it with python, not torchrun")
-        examples, prompt_ids = _split_prompts(parts, cfg, args.split)
         options = GenerateOptions(out=args.out, samples_per_row=args.samples_per_row, split=args.split,
                                   keep=args.keep, shard_size=args.shard_size)
-        summary = generate_dataset(parts.engine, examples, prompt_ids, cfg, options)
+        summary = generate_dataset(engine, examples, prompt_ids, cfg, options)
     finally:
-        parts.engine.close()
+        engine.close()
         gdist.shutdown()
     print(json.dumps(summary, indent=2))
     return summary
 
 
 if __name__ == "__main__":
-    main()
-    from grailcore import dist
-
-    dist.exit_finished_worker()
+    command(main)

@@ -1,0 +1,192 @@
+"""The pluggable step of the Trainer: one optimizer step of GRPO (GRAIL when the rewards
+include the discriminator) or of SFT. A step draws its prompts, applies its update through
+`Update` and returns a `StepOutput`; the Trainer's shell (signals, non-finite guard,
+evaluation, checkpoints, export) is the same for every step.
+
+    grpo: prompts -> rollouts (engine) -> rewards (+ discriminator update) -> advantages
+          -> policy update (loss, kernels, optimizer) -> weight sync
+    sft:  prompts -> gold targets -> completion-only NLL -> optimizer step
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from grailcore.advantages import group_advantages
+from grailcore.batch import micro_batches
+from grailcore.data.schema import Example
+from grailcore.metrics_log import StepTimer
+from grailcore.mixture import source_reward_metrics
+from grailcore.optimize import UpdateStats, policy_update
+from grailcore.rollout.collect import Rollouts
+from grailcore.types import Completion, RewardOutput, SamplingParams
+
+if TYPE_CHECKING:  # annotations only: the trainer imports this module
+    from grailcore.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class Update:
+    """Where a step applies its update. The run passes the trainer's optimizer and
+    scheduler; the dry run passes withheld ones (`applied=False`), and a step then leaves
+    every other state alone too (no discriminator update, no weight sync)."""
+
+    optimizer: Any
+    scheduler: Any
+    applied: bool = True
+
+
+@dataclass
+class StepOutput:
+    """One step on this rank. Lists are this rank's sequences."""
+
+    metrics: dict[str, float]
+    """This rank's metrics (the trainer averages them over ranks)."""
+    skipped: bool
+    """Every update of the step was skipped: its loss or gradient was not finite."""
+    tokens: int
+    """Completion (GRPO) or target (SFT) tokens trained on."""
+    loss: float
+    grad_norm: float
+    prompt_ids: list[list[int]]
+    completions: list[Completion]
+    """Sampled completions (GRPO) or gold targets (SFT)."""
+    sequences_per_step: int
+    """Sequences of a whole step (all ranks) at the configured sizes."""
+    rewards: RewardOutput | None = None
+    zero_variance_groups: int | None = None
+    samples: list[tuple[Example, str]] = field(default_factory=list)
+    """(example, model output) pairs the trainer may print."""
+
+
+StepFn = Callable[["Trainer", int, StepTimer, Update], StepOutput]
+
+
+def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> StepOutput:
+    """One GRPO step on this rank's share of grpo.prompts_per_step prompts."""
+    cfg, dist, data = trainer.cfg, trainer.dist, trainer.data
+    mine = trainer.next_prompts(cfg.grpo.prompts_per_step)  # whole groups per rank
+    params = SamplingParams(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
+                            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_completion_tokens,
+                            seed=cfg.seed * 1_000_003 + step * 97 + dist.rank)
+    with timer("generation"):
+        rollouts = trainer.rollout.collect(
+            [data.train[i] for i in mine], [data.train_ids[i] for i in mine], params, trainer.rewards,
+            dynamic_sampling=cfg.grpo.dynamic_sampling, reject_threshold=cfg.grpo.reject_threshold,
+            max_resample_attempts=cfg.grpo.max_resample_attempts)
+    with timer("scoring"):
+        if update.applied:  # the discriminator learns from this step's rollouts (GRAIL)
+            trainer.rewards.update(rollouts.examples, [c.text for c in rollouts.completions], rollouts.rewards)
+        adv = group_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
+    with timer("training"):
+        batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
+                                trainer.policy.tokenizer.pad_token_id, cfg.optim.micro_batch_size,
+                                cfg.grpo.mask_truncated)
+        # A withheld update needs one pass: more would repeat it on the same weights.
+        passes = cfg if update.applied else dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=1))
+        updates = policy_update(trainer.policy.model, trainer.policy.reference, update.optimizer, update.scheduler,
+                                batches, passes, dist.world_size)
+        if update.applied:
+            trainer.rollout.mark_stale()
+    if update.applied and (step + 1) % cfg.rollout.sync_every == 0:
+        with timer("weight_sync"):
+            trainer.rollout.sync()
+    metrics = _grpo_metrics(trainer, rollouts, adv.zero_variance_groups, updates)
+    metrics.update(trainer.rewards.metrics())  # the discriminator's; a collective: every rank, every step
+    tokens = sum(len(c.token_ids) for c in rollouts.completions)
+    metrics["tokens/completion"] = float(tokens)
+    return StepOutput(
+        metrics=metrics, skipped=all(u.skipped for u in updates), tokens=tokens, loss=updates[0].loss,
+        grad_norm=updates[0].grad_norm, prompt_ids=rollouts.prompt_ids, completions=rollouts.completions,
+        sequences_per_step=cfg.grpo.prompts_per_step * cfg.grpo.group_size, rewards=rollouts.rewards,
+        zero_variance_groups=adv.zero_variance_groups,
+        samples=[(rollouts.examples[0], rollouts.completions[0].text)])
+
+
+def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: int,
+                  updates: list[UpdateStats]) -> dict[str, float]:
+    rewards = rollouts.rewards
+    m: dict[str, float] = {"reward/total": float(rewards.total.mean()),
+                           "reward/total_std": float(rewards.total.std())}
+    for name, values in rewards.per_reward.items():
+        m[f"reward/{name}"] = float(values.mean())
+        m[f"reward/{name}/std"] = float(values.std())
+        m[f"reward/{name}/errors"] = float(rewards.errors.get(name, 0))
+    if trainer.cfg.data.mixture:  # reward/total/<source>, over the whole step (a collective: all ranks)
+        m.update(source_reward_metrics(rollouts.examples, rewards.total))
+    lengths = torch.tensor([len(c.token_ids) for c in rollouts.completions], dtype=torch.float32)
+    m["completion/length"] = float(lengths.mean())
+    m["completion/truncated"] = float(sum(c.finish_reason == "length" for c in rollouts.completions)
+                                      / len(rollouts.completions))
+    m["grpo/zero_variance_groups"] = float(zero_variance_groups)
+    m["grpo/resampled_groups"] = float(rollouts.resampled_groups)
+    first = updates[0]
+    m.update({"loss": first.loss, "kl": first.kl, "clip_fraction": first.clip_fraction,
+              "entropy": first.entropy, "grad_norm": first.grad_norm,
+              "rollout/logprob_diff": first.logprob_diff,
+              "lr": trainer.scheduler.get_last_lr()[0],
+              "grpo/skipped_updates": float(sum(u.skipped for u in updates)),
+              # Sub-phases of time/training (the rest: micro-batching, frozen old/ref log-probs).
+              "time/forward_backward": sum(u.forward_backward_s for u in updates),
+              "time/optimizer": sum(u.optimizer_s for u in updates)})
+    return m
+
+
+# ---------------------------------------------------------------- SFT
+
+
+def sft_target(example: Example, rationale: str) -> str:
+    """The completion a perfect simulator writes for `example` (viewer or math)."""
+    if example.task == "math":
+        return f"<think>\nThe answer is {example.answer}.\n</think>\n<answer>{example.answer}</answer>"
+    think = rationale.format(answer=example.gold_index)
+    opinion = f"<opinion>{example.opinion_direction}</opinion>" if example.opinion_direction else ""
+    return f"<think>\n{think}\n</think>\n<answer>{example.gold_index}</answer>{opinion}"
+
+
+def target_completions(tokenizer, examples: list[Example], rationale: str) -> list[Completion]:
+    """Tokenised targets, each ending with EOS so the model learns to stop."""
+    out = []
+    for ex in examples:
+        text = sft_target(ex, rationale)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out.append(Completion(text=text, token_ids=tuple(ids), logprobs=None, finish_reason="stop"))
+    return out
+
+
+def sft_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> StepOutput:
+    """One step of mean target-token NLL (completion-only) on this rank's share of
+    sft.batch_size examples; skipped (no optimizer step) when the loss or gradient is not finite."""
+    cfg, data, policy = trainer.cfg, trainer.data, trainer.policy
+    mine = trainer.next_prompts(cfg.sft.batch_size)
+    with timer("training"):
+        targets = target_completions(policy.tokenizer, [data.train[i] for i in mine], cfg.sft.rationale)
+        prompt_ids = [data.train_ids[i] for i in mine]
+        batches = micro_batches(prompt_ids, targets, torch.zeros(len(mine)), policy.tokenizer.pad_token_id,
+                                cfg.optim.micro_batch_size)
+        tokens = sum(float(b.completion_mask.sum()) for b in batches)
+        nll = 0.0
+        for b in batches:
+            out = policy.model(b.input_ids, b.attention_mask, b.num_completion_tokens,
+                               temperature=1.0, completion_mask=b.completion_mask)
+            loss = -(out.logprobs * b.completion_mask).sum() / tokens  # [] mean over the step
+            loss.backward()
+            nll += float(loss.detach())
+        params = [p for p in policy.model.parameters() if p.requires_grad]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip))
+        skipped = not (math.isfinite(grad_norm) and math.isfinite(nll))
+        if not skipped:
+            update.optimizer.step()
+        update.scheduler.step()
+        update.optimizer.zero_grad(set_to_none=True)
+        if update.applied:
+            trainer.rollout.mark_stale()
+    metrics = {"sft/nll": nll, "loss": nll, "grad_norm": grad_norm, "lr": trainer.scheduler.get_last_lr()[0],
+               "tokens/target": tokens, "sft/skipped_updates": float(skipped)}
+    return StepOutput(metrics=metrics, skipped=skipped, tokens=int(tokens), loss=nll, grad_norm=grad_norm,
+                      prompt_ids=prompt_ids, completions=targets, sequences_per_step=cfg.sft.batch_size)

@@ -1,0 +1,48 @@
+"""Config validation (grailcore/validation.py): every check runs before anything is built and
+names the field; the reward table holds the discriminator's weight like any other."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from grailcore.config import CheckpointConfig, Config, ConfigError, GailConfig, GRPOConfig, RewardsConfig, SFTConfig
+from grailcore.validation import validate
+
+
+def test_gail_is_an_ordinary_entry_of_the_reward_table():
+    validate(Config(rewards=RewardsConfig(names=("slate_accuracy", "format", "gail"), weights=(1.0, 0.5, 0.25))))
+    with pytest.raises(ConfigError, match=r"rewards.names \(3\) and rewards.weights \(2\).*`gail`"):
+        validate(Config(rewards=RewardsConfig(names=("slate_accuracy", "format", "gail"), weights=(1.0, 0.5))))
+    with pytest.raises(ConfigError, match="twice"):
+        validate(Config(rewards=RewardsConfig(names=("gail", "gail"), weights=(1.0, 1.0))))
+
+
+@pytest.mark.parametrize("gail, field", [
+    (dict(reward="exp"), "gail.reward"), (dict(reward_clip=0.0), "gail.reward_clip"), (dict(lr=0.0), "gail.lr"),
+    (dict(disc_steps=0), "gail.disc_steps"), (dict(max_tokens=4), "gail.max_tokens"),
+    (dict(label_smoothing=1.0), "gail.label_smoothing"), (dict(negatives="some"), "gail.negatives"),
+    (dict(replay_size=-1), "gail.replay_size"), (dict(replay_ratio=2.0), "gail.replay_ratio"),
+])
+def test_discriminator_settings_are_checked_before_it_is_built(gail, field):
+    with pytest.raises(ConfigError, match=field):
+        validate(Config(gail=GailConfig(**gail)))
+
+
+def test_a_step_must_split_evenly_over_the_ranks_of_its_mode():
+    cfg = Config(grpo=GRPOConfig(prompts_per_step=3), sft=SFTConfig(batch_size=4))
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"grpo.prompts_per_step=3 must be divisible by the world size 2"):
+        validate(cfg, world_size=2, mode="grpo")
+    validate(cfg, world_size=2, mode="sft")  # SFT draws sft.batch_size examples, not prompts_per_step
+    with pytest.raises(ConfigError, match=r"sft.batch_size=4 must be divisible by the world size 3"):
+        validate(cfg, world_size=3, mode="sft")
+
+
+def test_tracking_and_mixture_settings_are_checked_here_too():
+    with pytest.raises(ConfigError, match="not a Hub repo id"):
+        validate(Config(checkpoint=CheckpointConfig(push_to_hub="just-a-name")))
+    bad_mixture = dataclasses.replace(Config().data, mixture=({"path": "synthetic:gun_control", "weight": 0.0},))
+    with pytest.raises(ConfigError, match=r"data.mixture\[0\].*weight must be > 0"):
+        validate(Config(data=bad_mixture))
