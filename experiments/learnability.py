@@ -431,7 +431,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-rows", type=int, default=None, help="cap on training rows (whole viewers, seeded)")
     p.add_argument("--val-rows", type=int, default=None, help="cap on validation rows")
     p.add_argument("--test-rows", type=int, default=None, help="cap on test rows")
-    p.add_argument("--finetune", default="1:1e-4:6,1:1e-3:6,2:1e-4:4",
+    p.add_argument("--finetune", default="1:1e-4:6,1:1e-3:6",
                    help="fine-tuning runs as k:lr:epochs (top-k layers trained), comma separated")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a shared 2-core machine more threads oversubscribe and run slower)")

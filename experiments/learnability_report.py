@@ -148,7 +148,7 @@ def plot_nll(table: dict, path: Path) -> Path | None:
     ax.set_yticks(range(len(names)), [n if len(n) < 60 else n[:57] + "..." for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("held-out NLL of the person's choice (test rows; 95% viewer bootstrap)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -248,7 +248,7 @@ def write_report(run: Path, out: Path, rows: dict, args) -> dict:
         "row_ids": [r.example.example_id for r in test.rows], "viewer_ids": test.viewer_ids,
         "gold": test.gold.tolist(), "n_options": test.n_options.tolist(),
         "probs": {name: np.round(p, 6).tolist() for name, p in preds.items()}}))
-    (out / "README.md").write_text(markdown(result, images, args))
+    (out / "README.md").write_text(markdown(result, images, args, kept_conclusion(out / "README.md")))
     return result
 
 
@@ -339,12 +339,25 @@ def diagnosis(result: dict) -> str:
             f"line alone, the option-by-viewer terms: {composite}.")
 
 
-def markdown(result: dict, images: dict, args) -> str:
+CONCLUSION = ("<!-- conclusion -->", "<!-- /conclusion -->")
+"""A hand-written block between these markers in an existing README.md (the comparison across
+studies, which one run of this report cannot compute) is kept when the report is rewritten."""
+
+
+def kept_conclusion(readme: Path) -> list[str]:
+    text = readme.read_text() if readme.exists() else ""
+    start, end = text.find(CONCLUSION[0]), text.find(CONCLUSION[1])
+    return [text[start:end + len(CONCLUSION[1])], ""] if 0 <= start < end else []
+
+
+def markdown(result: dict, images: dict, args, conclusion: list[str] = ()) -> str:
     s, t = result["setup"], result["test"]
     cmd = (f"python experiments/learnability.py all --run {args.run} --out {args.out}"
+           + (f" --variant {args.variant}" if args.variant != "default" else "")
            + (f" --train-rows {args.train_rows}" if args.train_rows else "")
            + (f" --val-rows {args.val_rows}" if args.val_rows else "")
-           + (f" --finetune {args.finetune}"))
+           + (f" --test-rows {args.test_rows}" if args.test_rows else "")
+           + (f" --finetune {args.finetune}" if args.finetune else " --finetune ''"))
     lines = [
         f"# Learnability check: can `{s['model']}` learn the synthetic choice? (issue #21, item 4)", "",
         f"Study `{s['study']}` ({s['n']} decisions, seed {s['seed']}, variant `{s['variant']}`), split by viewer as "
@@ -353,7 +366,7 @@ def markdown(result: dict, images: dict, args) -> str:
         f"`build_example` (options shuffled, history 12) with a direct-answer system prompt, chat template, then "
         f"the assistant prefix `{L.ANSWER_PREFIX}`: the next token is the option digit; {s['prompt_tokens_test']['mean']:.0f} "
         f"tokens a row on average. Model `{s['model']}` in fp32 on {s['cpu']}.", "",
-        "## Verdict", "", *[f"- {line}" for line in result["verdict"]], "",
+        *conclusion, "## Verdict", "", *[f"- {line}" for line in result["verdict"]], "",
         "## Held-out scores (test rows)", "",
         f"NLL of the person's choice; expected accuracy = the true probability of the predictor's top option (the "
         f"Bayes row is the expected argmax accuracy); TV to the true choice probabilities; gaps to Bayes paired on the "

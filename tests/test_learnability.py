@@ -255,3 +255,15 @@ def test_latent_and_structured_probes_recover_planted_latents():
     got, ceiling = (H.mean_nll(x["probs"]["test"], test) for x in (structured, oracle))
     assert got < H.mean_nll(R.uniform_probs(test.n_options), test) - 0.15
     assert abs(got - ceiling) < 0.03
+
+
+def test_report_keeps_a_hand_written_conclusion_and_nothing_else(tmp_path):
+    import learnability_report as report
+
+    readme = tmp_path / "README.md"
+    assert report.kept_conclusion(readme) == []
+    block = f"{report.CONCLUSION[0]}\n## Conclusion\ncompact_sharp is learnable\n{report.CONCLUSION[1]}"
+    readme.write_text(f"# old title\n\n{block}\n\n## Verdict\nold numbers\n")
+    assert report.kept_conclusion(readme) == [block, ""]
+    readme.write_text(f"# old\n{report.CONCLUSION[1]} then {report.CONCLUSION[0]}\n")  # markers out of order
+    assert report.kept_conclusion(readme) == []
