@@ -339,6 +339,14 @@ def diagnosis(result: dict) -> str:
             f"line alone, the option-by-viewer terms: {composite}.")
 
 
+LAYOUTS = {
+    "full": "grailcore's `build_example` (options shuffled, history 12) with a direct-answer system prompt",
+    "compact": "`learnability_rows.compact_example` (viewer's party, ideology, interest and support score; the current "
+               "video; each option's title, channel and views; options shuffled as grailcore shuffles them) with a "
+               "one-line direct-answer system prompt",
+}
+
+
 CONCLUSION = ("<!-- conclusion -->", "<!-- /conclusion -->")
 """A hand-written block between these markers in an existing README.md (the comparison across
 studies, which one run of this report cannot compute) is kept when the report is rewritten."""
@@ -362,8 +370,8 @@ def markdown(result: dict, images: dict, args, conclusion: list[str] = ()) -> st
         f"# Learnability check: can `{s['model']}` learn the synthetic choice? (issue #21, item 4)", "",
         f"Study `{s['study']}` ({s['n']} decisions, seed {s['seed']}, variant `{s['variant']}`), split by viewer as "
         f"grailcore's loader does ({s['rows_in_study']}). Rows used: {s['rows']} (train and validation rows "
-        f"are a seeded sample of whole viewers; the test rows are all of the test split). Prompts: grailcore's "
-        f"`build_example` (options shuffled, history 12) with a direct-answer system prompt, chat template, then "
+        f"are a seeded sample of whole viewers; the test rows are all of the test split). Variant: "
+        f"{R.VARIANTS[s['variant']].note}. Prompts: {LAYOUTS[R.VARIANTS[s['variant']].layout]}, chat template, then "
         f"the assistant prefix `{L.ANSWER_PREFIX}`: the next token is the option digit; {s['prompt_tokens_test']['mean']:.0f} "
         f"tokens a row on average. Model `{s['model']}` in fp32 on {s['cpu']}.", "",
         *conclusion, "## Verdict", "", *[f"- {line}" for line in result["verdict"]], "",
