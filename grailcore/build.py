@@ -25,6 +25,7 @@ from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.parallel import parallelize
 from grailcore.policy import PolicyModel
+from grailcore.rewards.likelihood import SlotReader
 from grailcore.rewards.stack import build_rewards
 from grailcore.rollout import build_engine
 from grailcore.rollout.worker import RolloutWorker
@@ -74,6 +75,8 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
                             bucket_bytes=cfg.rollout.sync_bucket_mib << 20)
     if state.step:
         rollout.sync()  # the engine was built from the initial weights
+    if rewards.reads_slots:  # choice_likelihood: the sampling engine reads its own answer slots
+        rewards.attach_reader(SlotReader(rollout.engine.next_token_logprobs, policy.tokenizer, cfg.rollout.temperature))
     evaluator = Evaluator(cfg, dist, policy.tokenizer, rollout, rewards, data.eval_examples, data.train)
     return Trainer(cfg, dist, policy, optimizer, scheduler, data, rollout, rewards, evaluator, state, checkpointer,
                    STEPS[mode])

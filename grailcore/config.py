@@ -203,13 +203,17 @@ class OptimConfig:
 class RewardsConfig:
     names: tuple[str, ...] = ("slate_accuracy", "format")
     """Every reward of a training step: rule rewards (`grailcore.rewards.available_rewards()` lists
-    every name)
-    and the learned `gail` reward (GRAIL's discriminator, set up by `gail.*`)."""
+    every name), the policy's own log-probability of the person's choice (`choice_likelihood`,
+    `opinion_likelihood`, read at the answer slot) and the learned `gail` reward (GRAIL's
+    discriminator, set up by `gail.*`)."""
     weights: tuple[float, ...] = (1.0, 0.5)
     """One weight per name: total reward = sum of weight * reward, the discriminator's included."""
     math_verify_timeout_s: float = 5.0
     length_target: int = 200
     """`length` reward: target completion length in words."""
+    likelihood_floor: float = -10.0
+    """`choice_likelihood` / `opinion_likelihood`: log-probabilities are clipped below here
+    (nats; -10 = p of 4.5e-5), and a completion without a committed answer gets it."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from grailcore.config import Config, ConfigError, RewardsConfig
 from grailcore.data.prompt import encode_prompt
 from grailcore.data.schema import Example
 from grailcore.mixture import load_split
-from grailcore.rewards import learned_rewards, score_completions
+from grailcore.rewards import learned_rewards, score_completions, slot_rewards
 from grailcore.rollout import build_engine
 from grailcore.rollout.base import RolloutEngine
 from grailcore.types import Completion, SamplingParams
@@ -56,8 +56,10 @@ class GenerateOptions:
 
 def scoring_config(rewards: RewardsConfig, tasks: Sequence[str]) -> RewardsConfig:
     """The run's rule rewards (a learned one, the discriminator, exists only inside its training
-    run) plus each task's correctness reward at weight 0 (the total is unchanged)."""
-    rules = [(n, w) for n, w in zip(rewards.names, rewards.weights) if n not in learned_rewards()]
+    run; a slot reward reads the training engine) plus each task's correctness reward at
+    weight 0 (the total is unchanged)."""
+    model_rewards = {**learned_rewards(), **slot_rewards()}
+    rules = [(n, w) for n, w in zip(rewards.names, rewards.weights) if n not in model_rewards]
     names, weights = tuple(n for n, _ in rules), tuple(w for _, w in rules)
     extra = tuple(CORRECTNESS_REWARD[t] for t in sorted(set(tasks)) if CORRECTNESS_REWARD[t] not in names)
     return dataclasses.replace(rewards, names=names + extra, weights=weights + (0.0,) * len(extra))

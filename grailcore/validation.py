@@ -8,7 +8,7 @@ from typing import Literal
 
 from grailcore.config import Config, ConfigError
 from grailcore.mixture import sources
-from grailcore.rewards import available_rewards
+from grailcore.rewards import available_rewards, slot_rewards
 from grailcore.rewards.gail.objective import REWARD_KINDS
 from grailcore.tracking import check_tracking
 from kernels.objective import KL_ESTIMATORS, LOSS_TYPES, POLICY_LOSSES
@@ -146,3 +146,13 @@ def _check_rewards(cfg: Config) -> None:
     unknown = [n for n in names if n not in available_rewards()]
     if unknown:
         raise ConfigError(f"rewards.names: unknown reward(s) {unknown}; available: {sorted(available_rewards())}")
+    reads = [n for n in names if n in slot_rewards()]
+    if reads and cfg.data.layout == "direct":
+        raise ConfigError(f"rewards.names {reads} with data.layout='direct': without reasoning every sample of a "
+                          "group reads the same answer slot, so the reward is the same for the whole group and "
+                          "GRPO learns nothing from it; use data.layout='think' (or train the direct layout "
+                          "with grailcore.sft, whose loss is the same log-likelihood)")
+    if reads and cfg.data.task != "viewer":
+        raise ConfigError(f"rewards.names {reads} score viewer choices, got data.task={cfg.data.task!r}")
+    if not cfg.rewards.likelihood_floor < 0:
+        raise ConfigError(f"rewards.likelihood_floor must be < 0 (a log-probability), got {cfg.rewards.likelihood_floor}")

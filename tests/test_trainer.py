@@ -142,6 +142,23 @@ def test_grail_run_logs_discriminator_metrics_and_checkpoints_it(tmp_path):
     assert extra["rewards"]["gail"]["observed"] == 2  # D saw each step's rollouts once
 
 
+@pytest.mark.parametrize("names", [("choice_likelihood", "format"), ("choice_likelihood", "opinion_likelihood", "gail")])
+def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(tmp_path, names):
+    """`--rewards.names choice_likelihood ...`: the trainer attaches its engine as the slot
+    reader; every step logs the reward, a log-probability in [floor, 0]."""
+    cfg = tiny_config(tmp_path / "run", optim=OptimConfig(lr=1e-3, max_steps=2, micro_batch_size=16),
+                      grpo=GRPOConfig(prompts_per_step=2, group_size=4, loss_type="grpo"),
+                      rewards=RewardsConfig(names=names, weights=(1.0,) * len(names)),
+                      gail=GailConfig(model="tiny-bert", max_tokens=256))
+    _run(cfg)
+    steps = _steps(tmp_path / "run")
+    assert len(steps) == 2
+    floor = cfg.rewards.likelihood_floor
+    for row in steps:
+        assert floor <= row["reward/choice_likelihood"] < 0 and row["reward/choice_likelihood/errors"] == 0
+        assert ("reward/gail" in row) == ("gail" in names)
+
+
 # ---------------------------------------------------------------- every feature, every mode
 
 MODES = ("grpo", "grail", "sft")

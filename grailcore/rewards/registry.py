@@ -3,7 +3,10 @@
 A rule reward is a pure `fn(example, completion) -> float`. Settings reach it as
 keyword-only parameters named like a `RewardsConfig` field (e.g. `length_target`), bound at
 score time. A learned reward (GRAIL's discriminator, `gail`) is registered by its builder
-(`register_learned`); `grailcore.rewards.stack.RewardStack` combines both kinds.
+(`register_learned`). A slot reward (`choice_likelihood`) is `fn(example, completion, slots)`
+of the policy's answer-slot distributions, read from the rollout engine
+(`register_slot`, grailcore/rewards/likelihood.py). `grailcore.rewards.stack.RewardStack`
+combines all three kinds.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import math
 import typing
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -40,6 +43,8 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 _LEARNED: dict[str, _Entry] = {}
 """Learned rewards: name -> builder (see `register_learned`)."""
+_SLOT: dict[str, _Entry] = {}
+"""Slot rewards: name -> fn(example, completion, slots: SampleSlots, **settings)."""
 _warned: set[str] = set()
 """Reward names whose first failure was logged: one warning per name and process, the
 counts go to RewardOutput.errors every step."""
@@ -71,15 +76,27 @@ def register_learned(name: str, task: str | None = None) -> Callable[[Callable],
     return decorator
 
 
+def register_slot(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
+    """Decorator: register a reward of the policy's slot distributions,
+    `fn(example, completion, slots, **settings) -> float`, for examples of `task`."""
+
+    def decorator(fn: RewardFn) -> RewardFn:
+        _check_new(name)
+        _SLOT[name] = _Entry(fn, task)
+        return fn
+
+    return decorator
+
+
 def _check_new(name: str) -> None:
-    known = _REGISTRY.get(name) or _LEARNED.get(name)
+    known = _REGISTRY.get(name) or _LEARNED.get(name) or _SLOT.get(name)
     if known is not None:
         raise ValueError(f"reward {name!r} is already registered (by {known.fn!r})")
 
 
 def available_rewards() -> dict[str, Callable]:
     """Every registered reward, name -> its function (a learned reward: its builder)."""
-    return {name: entry.fn for name, entry in {**_REGISTRY, **_LEARNED}.items()}
+    return {name: entry.fn for name, entry in {**_REGISTRY, **_LEARNED, **_SLOT}.items()}
 
 
 def learned_rewards() -> dict[str, Callable]:
@@ -87,9 +104,17 @@ def learned_rewards() -> dict[str, Callable]:
     return {name: entry.fn for name, entry in _LEARNED.items()}
 
 
+def slot_rewards() -> dict[str, Callable]:
+    """The rewards of the policy's slot distributions, name -> fn."""
+    return {name: entry.fn for name, entry in _SLOT.items()}
+
+
 def _entry(name: str) -> _Entry:
     if name in _LEARNED:
         raise KeyError(f"reward {name!r} is learned (it has a model); score it through a RewardStack")
+    if name in _SLOT:
+        raise KeyError(f"reward {name!r} reads the policy's answer slot; score it through a RewardStack "
+                       "with a reader attached (the trainer attaches its rollout engine)")
     if name not in _REGISTRY:
         raise KeyError(f"unknown reward {name!r}; available: {sorted(_REGISTRY)}")
     return _REGISTRY[name]
@@ -102,7 +127,9 @@ def get_reward(name: str) -> RewardFn:
 
 def reward_task(name: str) -> str | None:
     """The task whose examples `name` scores (None = any); others get 0 from it."""
-    return _LEARNED[name].task if name in _LEARNED else _entry(name).task
+    if name in _LEARNED:
+        return _LEARNED[name].task
+    return _SLOT[name].task if name in _SLOT else _entry(name).task
 
 
 def bind_config(fn: RewardFn, cfg: RewardsConfig) -> RewardFn:
@@ -149,6 +176,24 @@ def score_rule(name: str, examples: list[Example], completions: list[str], cfg: 
         score = 0.0
         if entry.task is None or entry.task == example.task:
             score = _score_one(name, fn, example, completion)
+            failed += score is None
+        scores.append(score or 0.0)
+    return torch.tensor(scores, dtype=torch.float32), failed
+
+
+def score_slot(name: str, examples: Sequence[Example], completions: Sequence[str], slots: Sequence,
+               cfg: RewardsConfig) -> tuple[torch.Tensor, int]:
+    """([N] float32 scores, how many failed) of slot reward `name`, given each completion's
+    `SampleSlots`; 0 on examples of another task, as `score_rule`."""
+    if not len(examples) == len(completions) == len(slots):
+        raise ValueError(f"{len(examples)} examples, {len(completions)} completions, {len(slots)} slot reads")
+    entry = _SLOT[name]
+    fn = bind_config(entry.fn, cfg)
+    scores, failed = [], 0
+    for example, completion, slot in zip(examples, completions, slots):
+        score = 0.0
+        if entry.task is None or entry.task == example.task:
+            score = _score_one(name, functools.partial(fn, slots=slot), example, completion)
             failed += score is None
         scores.append(score or 0.0)
     return torch.tensor(scores, dtype=torch.float32), failed

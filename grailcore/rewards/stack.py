@@ -1,18 +1,23 @@
 """Every reward of a run behind one weight table (`rewards.names` / `rewards.weights`): rule
-rewards (pure functions) and learned ones (GRAIL's discriminator, `gail`), which keep a
-model, learn from each step's rollouts (`update`) and are checkpointed (`state_dict`)."""
+rewards (pure functions), slot rewards (`choice_likelihood`: the policy's own probability of
+the person's choice, read through a `SlotReader`), and learned ones (GRAIL's discriminator,
+`gail`), which keep a model, learn from each step's rollouts (`update`) and are
+checkpointed (`state_dict`)."""
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 import torch
 
 from grailcore.config import Config, RewardsConfig
 from grailcore.data.schema import Example
 from grailcore.dist import DistInfo
-from grailcore.rewards.registry import learned_rewards, score_rule
+from grailcore.rewards.registry import learned_rewards, score_rule, score_slot, slot_rewards
 from grailcore.types import RewardOutput
+
+Tokens = Sequence[tuple[Sequence[int], Sequence[int]]]
+"""Per completion: (its chat-templated prompt's token ids, its own token ids as sampled)."""
 
 
 class LearnedReward(Protocol):
@@ -36,8 +41,9 @@ class LearnedReward(Protocol):
 
 class RewardStack:
     """Scores completions with every reward of the table, in table order: total = sum of
-    weight * reward. Learned rewards score training rollouts only: evaluation passes
-    `learned=False`, so a discriminator never sees a held-out row."""
+    weight * reward. Learned and slot rewards score training rollouts only: evaluation
+    passes `learned=False`, so a discriminator never sees a held-out row (the evaluation
+    reports the exact NLL of the person's choice itself)."""
 
     def __init__(self, cfg: RewardsConfig, learned: dict[str, LearnedReward]) -> None:
         if len(set(cfg.names)) != len(cfg.names):  # validation stops this for configs; a guard for hand-made ones
@@ -45,16 +51,33 @@ class RewardStack:
         self.cfg = cfg
         self.learned = learned
         """name -> learned reward (each one listed in cfg.names)."""
+        self.reader: Callable[[Sequence[Example], Tokens], list] | None = None
+        """Reads each completion's slot distributions (`likelihood.SlotReader`); see attach_reader."""
+
+    @property
+    def reads_slots(self) -> bool:
+        """Whether a reward of the table needs the completions' slot distributions."""
+        return any(name in slot_rewards() for name in self.cfg.names)
+
+    def attach_reader(self, reader: Callable[[Sequence[Example], Tokens], list]) -> None:
+        """Give the slot rewards their reader (the trainer's: its rollout engine)."""
+        self.reader = reader
 
     def __call__(self, examples: Sequence[Example], completions: Sequence[str], *,
-                 learned: bool = True) -> RewardOutput:
-        """RewardOutput of aligned lists (len N). learned=False: the rule rewards only."""
+                 learned: bool = True, tokens: Tokens | None = None) -> RewardOutput:
+        """RewardOutput of aligned lists (len N). learned=False: the rule rewards only.
+        tokens: per completion (prompt ids, completion ids), needed by slot rewards."""
         per_reward: dict[str, torch.Tensor] = {}
         errors: dict[str, int] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)  # [N]
         learned_names = learned_rewards()
+        slots = self._read_slots(examples, tokens) if learned and self.reads_slots else None
         for name, weight in zip(self.cfg.names, self.cfg.weights, strict=True):
-            if name in learned_names:
+            if name in slot_rewards():
+                if not learned:
+                    continue
+                values, failed = score_slot(name, examples, completions, slots, self.cfg)  # [N]
+            elif name in learned_names:
                 if not learned:
                     continue
                 if name not in self.learned:
@@ -66,6 +89,15 @@ class RewardStack:
             per_reward[name], errors[name] = values, failed
             total += weight * values
         return RewardOutput(total=total, per_reward=per_reward, errors=errors)
+
+    def _read_slots(self, examples: Sequence[Example], tokens: Tokens | None) -> list:
+        names = [n for n in self.cfg.names if n in slot_rewards()]
+        if self.reader is None:
+            raise RuntimeError(f"rewards {names} read the policy's answer slot, but no reader is attached "
+                               "(RewardStack.attach_reader; the trainer attaches its rollout engine)")
+        if tokens is None:
+            raise RuntimeError(f"rewards {names} need each completion's token ids: pass tokens=")
+        return self.reader(examples, tokens)
 
     def update(self, examples: Sequence[Example], completions: Sequence[str], rewards: RewardOutput) -> None:
         """Every learned reward learns from this step's training rollouts."""

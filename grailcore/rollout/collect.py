@@ -14,7 +14,9 @@ from grailcore.rng import derive_seed
 from grailcore.rollout.base import RolloutEngine
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
-Scorer = Callable[[list[Example], list[str]], RewardOutput]
+Scorer = Callable[..., RewardOutput]
+"""`scorer(examples, texts, tokens=[(prompt ids, completion ids)] per completion)`: a
+`RewardStack` (its slot rewards read the completions' tokens)."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,13 @@ def _needs_resample(totals: torch.Tensor, dynamic_sampling: bool, reject_thresho
     return needs
 
 
+def _score(scorer: Scorer, flat_examples: list[Example], prompt_ids: list[list[int]],
+           groups: list[list[Completion]]) -> RewardOutput:
+    """Score the groups (prompt-major, flat) with their texts and token ids."""
+    tokens = [(ids, c.token_ids) for ids, group in zip(prompt_ids, groups, strict=True) for c in group]
+    return scorer(flat_examples, [c.text for g in groups for c in g], tokens=tokens)
+
+
 def collect_rollouts(
     engine: RolloutEngine,
     examples: list[Example],
@@ -59,7 +68,7 @@ def collect_rollouts(
     group_size = params.n
     groups = engine.generate(prompt_ids, params)  # P x [G]
     flat_examples = [ex for ex in examples for _ in range(group_size)]
-    rewards = scorer(flat_examples, [c.text for g in groups for c in g])
+    rewards = _score(scorer, flat_examples, prompt_ids, groups)
     resampled = attempts = 0
     for attempt in range(1, max_resample_attempts + 1):
         needs = _needs_resample(rewards.total.view(-1, group_size), dynamic_sampling, reject_threshold)
@@ -70,8 +79,8 @@ def collect_rollouts(
         seed = None if params.seed is None else params.seed + 7919 * attempt
         seeds = None if params.seeds is None else tuple(derive_seed(params.seeds[p], "resample", attempt) for p in redo)
         new_groups = engine.generate([prompt_ids[p] for p in redo], dataclasses.replace(params, seed=seed, seeds=seeds))
-        new_rewards = scorer([examples[p] for p in redo for _ in range(group_size)],
-                             [c.text for g in new_groups for c in g])
+        new_rewards = _score(scorer, [examples[p] for p in redo for _ in range(group_size)],
+                             [prompt_ids[p] for p in redo], new_groups)
         new_totals = new_rewards.total.view(-1, group_size)
         still = _needs_resample(new_totals, dynamic_sampling, reject_threshold)
         replaced = [(k, p) for k, p in enumerate(redo) if not still[k]]
@@ -79,7 +88,7 @@ def collect_rollouts(
             groups[p] = new_groups[k]
         resampled += len(replaced)
         if replaced:
-            rewards = scorer(flat_examples, [c.text for g in groups for c in g])
+            rewards = _score(scorer, flat_examples, prompt_ids, groups)
     return Rollouts(
         examples=flat_examples,
         prompt_ids=[ids for ids in prompt_ids for _ in range(group_size)],

@@ -1,0 +1,82 @@
+"""Proper-scoring choice rewards: the policy's own probability of the person's choice.
+
+`choice_likelihood` pays log p_policy(person's option | prompt, sampled reasoning), read at
+the completion's answer slot under softmax(logits / T) at the sampling temperature
+(`grailcore.evaluation.answer_slot`: the same distribution the exact fidelity metrics use);
+`opinion_likelihood` the same for the opinion direction. Both are clipped below at
+`rewards.likelihood_floor`.
+
+Why: a 0/1 accuracy reward is maximised by always naming the most likely option. The
+expected log-probability of the person's choice, E_{y ~ people}[log p(y | x, z)], is a
+proper scoring rule: over the reasoning z the policy can write, it is largest where the
+answer distribution that z leads to is closest (in cross-entropy) to people's, not where it
+puts all mass on the mode. The reward is a property of the reasoning: the answer token the
+policy then samples does not change it, so in the direct layout (no reasoning, one slot per
+prompt) every sample of a group gets the same reward and GRPO learns nothing from it
+(validation refuses that combination).
+
+Dodging: a completion without a committed answer in the layout (`format_ok`) gets the
+floor, the least any committed answer can get, so not answering never pays (issue 21's
+rule, as for the discriminator's `reward_floor`).
+
+The reads go to the rollout engine (`RolloutEngine.next_token_logprobs`), i.e. the weights
+that sampled the completions; `RewardStack.attach_reader` connects them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from grailcore.data.schema import OPINION_DIRECTIONS, Example
+from grailcore.evaluation.answer_slot import SampleSlots, Scorer, SlotVocabulary, slot_distributions
+from grailcore.rewards.parsing import parse_viewer
+from grailcore.rewards.registry import register_slot
+from grailcore.rewards.stack import Tokens
+
+
+class SlotReader:
+    """Reads each sampled completion's answer- and opinion-slot distributions from an engine."""
+
+    def __init__(self, score: Scorer, tokenizer, temperature: float) -> None:
+        if temperature <= 0:
+            raise ValueError(f"the slot rewards read softmax(logits / T) at the sampling temperature; got T={temperature}")
+        self.score, self.vocab, self.temperature = score, SlotVocabulary(tokenizer), temperature
+
+    def __call__(self, examples: Sequence[Example], tokens: Tokens) -> list[SampleSlots]:
+        if len(examples) != len(tokens):
+            raise ValueError(f"{len(examples)} examples for {len(tokens)} token sequences")
+        rows = slot_distributions(self.score, self.vocab, [p for p, _ in tokens], [[c] for _, c in tokens],
+                                  [ex.n_options for ex in examples],
+                                  [ex.meta.get("layout", "think") for ex in examples], self.temperature)
+        return [row.samples[0] for row in rows]
+
+
+def _committed(example: Example, completion: str) -> bool:
+    return parse_viewer(completion, example.n_options, example.meta.get("layout", "think")).format_ok
+
+
+def _clipped_log(p: float, floor: float) -> float:
+    return max(math.log(p), floor) if p > 0 else floor
+
+
+@register_slot("choice_likelihood", task="viewer")
+def choice_likelihood(example: Example, completion: str, slots: SampleSlots, *, likelihood_floor: float) -> float:
+    """log p(person's option) at the answer slot, >= likelihood_floor; the floor without a
+    committed answer."""
+    if example.gold_index is None or not _committed(example, completion):
+        return likelihood_floor
+    return _clipped_log(slots.choice[example.gold_index - 1], likelihood_floor)
+
+
+@register_slot("opinion_likelihood", task="viewer")
+def opinion_likelihood(example: Example, completion: str, slots: SampleSlots, *, likelihood_floor: float) -> float:
+    """log p(person's opinion direction) at the opinion slot, >= likelihood_floor; the floor
+    without a committed answer; 0 on rows without a gold direction (no signal, as
+    `opinion_accuracy`)."""
+    if example.opinion_direction is None:
+        return 0.0
+    if not _committed(example, completion):
+        return likelihood_floor
+    return _clipped_log(slots.opinion[OPINION_DIRECTIONS.index(example.opinion_direction)], likelihood_floor)
+
