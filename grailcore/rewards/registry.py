@@ -52,37 +52,28 @@ counts go to RewardOutput.errors every step."""
 
 def register(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register `fn` under `name` for examples of `task` (None = any)."""
-
-    if task not in (*TASKS, None):
-        raise ValueError(f"reward {name!r}: task must be one of {TASKS} or None, got {task!r}")
-
-    def decorator(fn: RewardFn) -> RewardFn:
-        _check_new(name)
-        _REGISTRY[name] = _Entry(fn, task)
-        return fn
-
-    return decorator
+    return _registrar(_REGISTRY, name, task)
 
 
 def register_learned(name: str, task: str | None = None) -> Callable[[Callable], Callable]:
     """Decorator: register the builder of a learned reward, `build(cfg, train_examples, dist,
     weight) -> LearnedReward` (see grailcore.rewards.stack), for examples of `task`."""
-
-    def decorator(build: Callable) -> Callable:
-        _check_new(name)
-        _LEARNED[name] = _Entry(build, task)
-        return build
-
-    return decorator
+    return _registrar(_LEARNED, name, task)
 
 
 def register_slot(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register a reward of the policy's slot distributions,
     `fn(example, completion, slots, **settings) -> float`, for examples of `task`."""
+    return _registrar(_SLOT, name, task)
 
-    def decorator(fn: RewardFn) -> RewardFn:
+
+def _registrar(table: dict[str, _Entry], name: str, task: str | None) -> Callable[[Callable], Callable]:
+    if task not in (*TASKS, None):
+        raise ValueError(f"reward {name!r}: task must be one of {TASKS} or None, got {task!r}")
+
+    def decorator(fn: Callable) -> Callable:
         _check_new(name)
-        _SLOT[name] = _Entry(fn, task)
+        table[name] = _Entry(fn, task)
         return fn
 
     return decorator
