@@ -51,7 +51,7 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
     """Every component of a `mode` run, in dependency order; resumes when cfg.resume. SFT
     builds no reference model and no learned reward (its step samples nothing)."""
-    dist = gdist.init_distributed()
+    dist = gdist.init_distributed(cfg.collective_timeout_s)
     seed_everything(cfg.seed, cfg.deterministic)
     # Data and its leak audit come before any model: a LEAK stops the run here.
     train_rows, eval_rows = load_rows(cfg, dist.rank == 0)

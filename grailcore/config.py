@@ -304,6 +304,10 @@ class Config:
     dry_run: bool = False
     """Run one step with its update withheld and print what a full run costs (tokens,
     memory); writes run_dir/dry_run.json, no checkpoint and no metrics."""
+    collective_timeout_s: float = 1800.0
+    """Under torchrun: a collective that does not complete within this many seconds (a peer
+    rank died or is stuck) fails the job with a message naming the phase it was in
+    (rollout, update, weight sync, checkpoint, evaluation), instead of hanging."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -11,8 +11,10 @@ import logging
 import os
 import sys
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal, TypeVar
+from datetime import timedelta
+from typing import Callable, Iterator, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -47,12 +49,19 @@ def _env_int(name: str) -> int:
         ) from e
 
 
-def init_distributed() -> DistInfo:
+_timeout_s: float | None = None
+"""The group's collective timeout, as set by `init_distributed` (None: torch's default)."""
+
+
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
     """Join torchrun's process group (nccl on CUDA, gloo on CPU), or run as world 1.
 
     torchrun's RANK/WORLD_SIZE/LOCAL_RANK are the only environment variables read: torch
-    demands them. Idempotent: a second call returns the same info.
+    demands them. timeout_s (`Config.collective_timeout_s`): a collective waiting longer
+    raises on the waiting rank (see `named_failures`). Idempotent: a second call returns
+    the same info (the first call's timeout stays).
     """
+    global _timeout_s
     cuda = torch.cuda.is_available()
     if "RANK" not in os.environ:
         device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -68,9 +77,43 @@ def init_distributed() -> DistInfo:
         device = torch.device("cpu")
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if cuda else None)
+        timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
+        dist.init_process_group(backend=backend, device_id=device if cuda else None, **timeout)
+        _timeout_s = timeout_s
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                     backend=dist.get_backend())
+
+
+class CollectiveFailure(RuntimeError):
+    """A collective failed on this rank (it timed out, or a peer's connection closed)."""
+
+
+_PEER_FAILURE_SIGNS = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+                       "Broken pipe", "NCCL communicator was aborted")
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    backend_error = getattr(dist, "DistBackendError", ())
+    return isinstance(err, backend_error) or (
+        isinstance(err, RuntimeError) and any(sign in str(err) for sign in _PEER_FAILURE_SIGNS))
+
+
+@contextmanager
+def named_failures(where: Callable[[], str]) -> Iterator[None]:
+    """Re-raise a collective's failure inside the block as a `CollectiveFailure` that names
+    `where()` (e.g. "the update phase of step 3"): what a rank waited in when its peer died
+    or hung, instead of a bare backend error, or a hang without a timeout."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, CollectiveFailure) or not _active() or not _is_collective_failure(err):
+            raise
+        limit = f"{_timeout_s:g} s (collective_timeout_s)" if _timeout_s is not None else "torch's default timeout"
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise CollectiveFailure(
+            f"rank {get_rank()}: a collective failed in {where()}: a peer rank died or did not reach it "
+            f"within {limit} ({first}). The other ranks' logs say where they were; the last checkpoint "
+            "is intact, resume with --resume.") from err
 
 
 def _active() -> bool:

@@ -153,12 +153,17 @@ class StepTimer:
     def __init__(self) -> None:
         self._phases: dict[str, float] = {}
         self._created = time.perf_counter()
+        self.failed_in: str | None = None
+        """The innermost phase an exception left, if one did (to name it in the error)."""
 
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         start = time.perf_counter()
         try:
             yield
+        except BaseException:
+            self.failed_in = self.failed_in or phase
+            raise
         finally:
             self._phases[phase] = self._phases.get(phase, 0.0) + time.perf_counter() - start
 

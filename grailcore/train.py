@@ -21,7 +21,7 @@ def launch(argv: list[str], mode: Mode, description: str) -> dict:
     """Parse and validate the config, then build and run a `mode` run (or its dry run);
     every rank calls it. Returns the run's summary."""
     cfg = cli.parse_config(argv, description=description)
-    dist = gdist.init_distributed()  # idempotent: build_trainer joins the same group
+    dist = gdist.init_distributed(cfg.collective_timeout_s)  # idempotent: build_trainer joins the same group
     validate(cfg, dist.world_size, mode)
     # Logging before the build, or what it reports (resumed from, skipped rows) is lost.
     logging.basicConfig(level=logging.INFO if dist.rank == 0 else logging.WARNING,

@@ -38,6 +38,10 @@ from grailcore.train_state import Checkpointer, TrainState
 
 log = logging.getLogger(__name__)
 
+PHASES = {"generation": "rollout", "scoring": "rollout scoring", "training": "update", "weight_sync": "weight sync",
+          None: "step"}
+"""The step's timer phases (grailcore/steps.py) as a collective failure names them."""
+
 
 @dataclass
 class Policy:
@@ -146,7 +150,7 @@ class Trainer:
                 if cfg.eval.every and state.step % cfg.eval.every == 0 and state.step < cfg.optim.max_steps:
                     last_eval = self._evaluate(metrics_log, track_best=True)
                 if stop.requested or (cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0):
-                    self.checkpointer.save()
+                    self._save()
                 if stop.requested:
                     log.warning("stopped by signal after step %d; resume with --resume", state.step)
                     break
@@ -163,8 +167,10 @@ class Trainer:
         BadStepsError after too many skipped steps in a row (logged, never checkpointed)."""
         cfg, state = self.cfg, self.state
         timer = StepTimer()
-        with timer("step"):
-            out = self.step(timer)
+        with gdist.named_failures(lambda: f"the {PHASES.get(timer.failed_in, timer.failed_in)} phase of step "
+                                          f"{state.step + 1}"):
+            with timer("step"):
+                out = self.step(timer)
         state.bad_in_a_row = state.bad_in_a_row + 1 if out.skipped else 0
         metrics = {**out.metrics, **timer.as_metrics(), "tokens/step": float(out.tokens)}
         metrics.update(peak_memory_mib())  # averaged over ranks below: the per-rank peak
@@ -185,9 +191,14 @@ class Trainer:
             log.info("step %d sample (gold %s): %s", state.step, ex.gold_index or ex.answer, text[:300])
         return int(metrics["tokens/step"])
 
+    def _save(self) -> None:
+        with gdist.named_failures(lambda: f"the checkpoint after step {self.state.step}"):
+            self.checkpointer.save()
+
     def _evaluate(self, metrics_log: MetricsLogger | Loggers, track_best: bool = False) -> dict[str, float]:
         step = self.state.step
-        result = self.evaluator(step)
+        with gdist.named_failures(lambda: f"the evaluation at step {step}"):
+            result = self.evaluator(step)
         metrics_log.log(step, result)
         if self.dist.rank == 0:
             shown = ", ".join(f"{k}={v:.3f}" for k, v in sorted(result.items()) if not k.endswith("_ci"))
@@ -210,7 +221,7 @@ class Trainer:
         """The last evaluation, checkpoint, export and upload of a run that was not stopped."""
         cfg, run_dir = self.cfg, Path(self.cfg.run_dir)
         last_eval = self._evaluate(metrics_log, track_best=True)
-        self.checkpointer.save()
+        self._save()
         if cfg.checkpoint.export_final:
             export_hf(self.policy.model.lm, self.policy.tokenizer, run_dir / "final")
             if self.dist.rank == 0 and cfg.checkpoint.push_to_hub:

@@ -87,6 +87,8 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
          f"eval.exact_distributions reads softmax(logits / eval.temperature): eval.temperature must be > 0, "
          f"got {cfg.eval.temperature} (or set eval.exact_distributions=False)"),
         (cfg.checkpoint.keep >= 1, f"checkpoint.keep must be >= 1, got {cfg.checkpoint.keep}"),
+        (cfg.collective_timeout_s > 0,
+         f"collective_timeout_s must be > 0 seconds, got {cfg.collective_timeout_s}"),
     ]
 
 

@@ -60,3 +60,45 @@ def test_two_process_fsdp2_run_syncs_weights_and_resumes_on_one(tmp_path):
     steps = _steps(run_dir)
     assert [s["step"] for s in steps] == [1, 2, 3, 4]
     assert steps[-1]["rollout/logprob_diff"] < 1e-4
+
+
+STUCK_RANK = '''
+import sys, time
+from grailcore import dist as gdist
+from grailcore.rollout.worker import RolloutWorker
+from grailcore.train import main
+from grailcore.train_state import Checkpointer
+
+where = sys.argv[1]
+if gdist.init_distributed(timeout_s=float(sys.argv[3])).rank == 1:  # rank 1 stops answering there
+    cls, name = (RolloutWorker, "sync") if where == "weight_sync" else (Checkpointer, "save")
+    original = getattr(cls, name)
+
+    def stuck(self, *args, **kwargs):
+        time.sleep(600)
+        return original(self, *args, **kwargs)
+
+    setattr(cls, name, stuck)
+main(["--cfg", sys.argv[2], "--collective-timeout-s", sys.argv[3]])
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("where", "named"), [("weight_sync", "in the weight sync phase of step 1"),
+                                               ("checkpoint", "in the checkpoint after step 1")])
+def test_a_stuck_rank_fails_the_job_within_the_timeout_naming_the_phase(tmp_path, where, named):
+    """Rank 1 stops answering (a hung peer) in a phase with collectives; rank 0 must fail
+    within collective_timeout_s, naming its phase, instead of waiting for rank 1 (600 s:
+    past this test's own limit, so a hang fails the test)."""
+    repo = Path(__file__).resolve().parents[1]
+    preset = tmp_path / "preset.py"
+    preset.write_text(PRESET.format(run_dir=str(tmp_path / "run"), engine="hf"))
+    script = tmp_path / "stuck.py"
+    script.write_text(STUCK_RANK)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(script), where, str(preset), "20"]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=400)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    assert "CollectiveFailure: rank 0: a collective failed " + named in out, out[-6000:]
+    assert "within 20 s (collective_timeout_s)" in out and "resume with --resume" in out
