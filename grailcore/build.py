@@ -64,13 +64,19 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
     state = TrainState(sampler=make_sampler(data.train, cfg.data))
     checkpointer = Checkpointer(cfg.run_dir, policy.model, optimizer, scheduler, state, {"rewards": rewards},
                                 keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0)
-    if cfg.resume:
+    restarts = gdist.restart_count()
+    if cfg.resume or restarts:  # a worker torchrun restarted (--max-restarts) resumes as --resume would
         path = checkpointer.load()
-        if path is None:
+        if path is None and cfg.resume:
             raise ConfigError(f"--resume: no checkpoint in {Path(cfg.run_dir) / 'checkpoints'}; "
                               "drop --resume to start fresh")
         if dist.rank == 0:
-            log.info("resumed from %s at step %d", path, state.step)
+            why = "" if cfg.resume else f" (torchrun restart {restarts})"
+            if path is None:
+                log.warning("torchrun restart %d: no checkpoint in %s yet, starting from step 0", restarts,
+                            Path(cfg.run_dir) / "checkpoints")
+            else:
+                log.info("resumed from %s at step %d%s", path, state.step, why)
     rollout = RolloutWorker(build_engine(cfg, model_dir, dist, policy.model.lm, policy.tokenizer), policy.model.lm,
                             bucket_bytes=cfg.rollout.sync_bucket_mib << 20)
     if state.step:

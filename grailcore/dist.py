@@ -116,6 +116,12 @@ def named_failures(where: Callable[[], str]) -> Iterator[None]:
             "is intact, resume with --resume.") from err
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this job's workers (`--max-restarts`; 0 at the
+    first start and without torchrun): launcher state, like RANK, not a setting."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
 def _active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

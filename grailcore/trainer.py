@@ -139,7 +139,8 @@ class Trainer:
 
     def _run(self, stop: StopFlag) -> dict:
         cfg, state, rank0 = self.cfg, self.state, self.dist.rank == 0
-        metrics_log = build_logger(cfg, enabled=rank0, resume_step=state.step if cfg.resume else None)
+        resumed = cfg.resume or (gdist.restart_count() > 0 and state.step > 0)  # torchrun restarts resume too
+        metrics_log = build_logger(cfg, enabled=rank0, resume_step=state.step if resumed else None)
         progress = Progress(cfg.optim.max_steps, state.step, enabled=rank0 and cfg.logging.progress)
         started, tokens, first_eval, last_eval = time.time(), 0, None, {}
         try:

@@ -102,3 +102,4 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout_naming_the_phase(tmp_path
     assert proc.returncode != 0, out[-3000:]
     assert "CollectiveFailure: rank 0: a collective failed " + named in out, out[-6000:]
     assert "within 20 s (collective_timeout_s)" in out and "resume with --resume" in out
+

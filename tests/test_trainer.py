@@ -159,6 +159,25 @@ def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(t
         assert ("reward/gail" in row) == ("gail" in names)
 
 
+def test_a_worker_restarted_by_torchrun_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch):
+    """torchrun --max-restarts restarts workers with TORCHELASTIC_RESTART_COUNT > 0: they
+    resume as --resume would (no checkpoint yet: they start over), and keep the metrics."""
+    cfg = tiny_config(tmp_path / "run", optim=OptimConfig(lr=1e-3, max_steps=2, micro_batch_size=16),
+                      checkpoint=CheckpointConfig(every=1, keep=2, export_final=False))
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    fresh = build_trainer(dataclasses.replace(cfg, run_dir=str(tmp_path / "empty")))
+    fresh.close()
+    assert fresh.state.step == 0  # restarted before any checkpoint: from the start
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    _run(cfg)
+    before = _steps(tmp_path / "run")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    summary = _run(dataclasses.replace(cfg, optim=OptimConfig(lr=1e-3, max_steps=3, micro_batch_size=16)))
+    after = _steps(tmp_path / "run")
+    assert [r["step"] for r in after] == [1, 2, 3] and after[:2] == before  # steps 1-2 kept, not run again
+    assert summary["completion_tokens"] == int(after[2]["tokens/step"])  # this start trained one step
+
+
 # ---------------------------------------------------------------- every feature, every mode
 
 MODES = ("grpo", "grail", "sft")
