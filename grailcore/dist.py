@@ -263,6 +263,15 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def finish_worker() -> None:
+    """The clean end of a torchrun worker script that finished its collectives: wait for
+    every rank (no rank tears the group down while a peer's gloo work is in flight), destroy
+    the group, then leave as `exit_finished_worker` does. A no-op exit in one process."""
+    barrier()
+    shutdown()
+    exit_finished_worker()
+
+
 def exit_finished_worker() -> None:
     """End a torchrun worker whose run finished cleanly without Python's interpreter
     finalization; a no-op in a single process. Call it last in a `__main__` block, after

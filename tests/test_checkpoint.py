@@ -285,7 +285,7 @@ scheduler.step()
 dump("stepped")
 ckpt.save_checkpoint(sharded_dir, 2, model, optimizer, scheduler, {"step": 2})
 export_hf(model.lm, load_tokenizer(path), export_dir)
-gdist.shutdown()
+gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 '''
 
 

@@ -304,7 +304,7 @@ result = {{"packs": packs, "grad_error": max(errors.values()), "grad_scale": max
           "logprob_error": max(float((a - b).abs().max()) for a, b in zip(mine, expected))}}
 with open(f"{{sys.argv[1]}}/rank{{info.rank}}.json", "w") as f:
     json.dump(result, f)
-gdist.shutdown()
+gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 '''
 
 

@@ -38,7 +38,7 @@ except ValueError as err:
     out["mismatch"] = str(err)
 with open(f"{{sys.argv[1]}}/rank{{info.rank}}.json", "w") as f:
     json.dump(out, f)
-gdist.shutdown()
+gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 '''
 
 

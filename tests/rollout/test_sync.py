@@ -112,8 +112,8 @@ for bucket_bytes in (1, 64, 1 << 20):  # one tensor each, a few per bucket, all 
     for name in full:
         assert torch.equal(bucketed[name], full[name]), (bucket_bytes, name)
         assert torch.equal(per_tensor[name], full[name]), name
-gdist.shutdown()
-print("BUCKETS OK", info.rank)
+print("BUCKETS OK", info.rank, flush=True)
+gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 """
 
 

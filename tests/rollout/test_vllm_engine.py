@@ -327,8 +327,8 @@ assert len(groups) == 1 and len(groups[0]) == 2 and all(1 <= len(c.token_ids) <=
 assert gdist.all_reduce_mean({"rank": float(info.rank)}) == {"rank": (info.world_size - 1) / 2}
 engine.close()
 assert not dist.is_initialized(), "close() must shut vLLM down now, not at exit"
-gdist.shutdown()
-print("LIFECYCLE OK", info.rank)
+print("LIFECYCLE OK", info.rank, flush=True)
+gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 """
 
 
