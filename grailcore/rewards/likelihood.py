@@ -79,4 +79,3 @@ def opinion_likelihood(example: Example, completion: str, slots: SampleSlots, *,
     if not _committed(example, completion):
         return likelihood_floor
     return _clipped_log(slots.opinion[OPINION_DIRECTIONS.index(example.opinion_direction)], likelihood_floor)
-
