@@ -63,7 +63,8 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
     rewards = build_rewards(cfg, data.train, dist, learned=mode == "grpo")
     state = TrainState(sampler=make_sampler(data.train, cfg.data))
     checkpointer = Checkpointer(cfg.run_dir, policy.model, optimizer, scheduler, state, {"rewards": rewards},
-                                keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0)
+                                keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0,
+                                sharded=cfg.checkpoint.sharded)
     restarts = gdist.restart_count()
     if cfg.resume or restarts:  # a worker torchrun restarted (--max-restarts) resumes as --resume would
         path = checkpointer.load()

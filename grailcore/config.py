@@ -275,6 +275,10 @@ class CheckpointConfig:
     every: int = 0
     """Save every N steps (0 = only at the end)."""
     keep: int = 2
+    sharded: bool = True
+    """Every rank writes its own shards of model and optimizer (torch.distributed.checkpoint);
+    False gathers them to rank 0 into model.safetensors + optimizer.pt. Resume reads either,
+    at any world size."""
     export_final: bool = True
     """Export the final policy as a safetensors HF dir."""
     push_to_hub: str | None = None

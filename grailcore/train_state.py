@@ -52,23 +52,25 @@ class Checkpointer:
     """Saves and restores one run's checkpoints in run_dir/checkpoints.
 
     The train state goes to trainer_state.json (readable), every other stateful part to
-    extra.pt under its name; model, optimizer, scheduler and each rank's RNG state to their
-    own files. Collectives: every rank calls `save` and `load` together.
+    extra.pt under its name; model and optimizer to every rank's shards (or gathered files),
+    scheduler and each rank's RNG state to their own files. Collectives: every rank calls
+    `save` and `load` together.
     """
 
     def __init__(self, run_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-                 state: TrainState, parts: dict[str, Stateful], *, keep: int, trainable_only: bool) -> None:
+                 state: TrainState, parts: dict[str, Stateful], *, keep: int, trainable_only: bool,
+                 sharded: bool = True) -> None:
         self.run_dir = Path(run_dir)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.state, self.parts = state, parts
-        self.keep, self.trainable_only = keep, trainable_only
+        self.keep, self.trainable_only, self.sharded = keep, trainable_only, sharded
 
     def save(self) -> Path:
         """Checkpoint of the current step; returns its dir."""
         return ckpt.save_checkpoint(self.run_dir, self.state.step, self.model, self.optimizer, self.scheduler,
                                     self.state.state_dict(),
                                     extra={name: part.state_dict() for name, part in self.parts.items()},
-                                    keep=self.keep, trainable_only=self.trainable_only)
+                                    keep=self.keep, trainable_only=self.trainable_only, sharded=self.sharded)
 
     def load(self) -> Path | None:
         """Restore the newest good checkpoint into everything; its dir, or None when there is none."""

@@ -17,8 +17,11 @@ from grailcore.rng import capture_rng_state, restore_rng_state
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 
 REPO = Path(__file__).resolve().parents[1]
-CKPT_FILES = {"model.safetensors", "optimizer.pt", "scheduler.pt", "trainer_state.json",
-              "extra.pt", "rng.pt", "manifest.json"}
+SMALL_FILES = {"scheduler.pt", "trainer_state.json", "extra.pt", "rng.pt", "manifest.json"}
+WEIGHT_FILES = {True: {"state"}, False: {"model.safetensors", "optimizer.pt"}}  # by `sharded`
+# The file a test corrupts or deletes in each layout: one rank's shard / the gathered weights.
+WEIGHTS = {True: "state/__0_0.distcp", False: "model.safetensors"}
+LAYOUTS = pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "full"])
 
 
 def tiny_llama() -> nn.Module:
@@ -85,20 +88,23 @@ def save_toy(run_dir: Path, step: int, model: Toy, optimizer, scheduler, **kw) -
     return ckpt.save_checkpoint(run_dir, step, model, optimizer, scheduler, {"step": step}, **kw)
 
 
-def test_round_trip_restores_weights_optimizer_scheduler_rng_and_state(tmp_path):
+@LAYOUTS
+def test_round_trip_restores_weights_optimizer_scheduler_rng_and_state(tmp_path, sharded):
     model = tiny_llama()
     optimizer, scheduler = make_optim(model)
     train_step(model, optimizer, scheduler)
     state = {"step": 1, "sampler_position": 7, "best_metric": float("-inf")}
     extra = {"discriminator": {"w": torch.arange(3.0)}, "replay": ["a", "b"]}
-    path = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, state, extra=extra)
+    path = ckpt.save_checkpoint(tmp_path, 1, model, optimizer, scheduler, state, extra=extra, sharded=sharded)
     after_save = draws()
 
     assert path == tmp_path / "checkpoints" / "step_00000001"
-    assert {p.name for p in path.iterdir()} == CKPT_FILES
+    assert {p.name for p in path.iterdir()} == SMALL_FILES | WEIGHT_FILES[sharded]
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step_00000001"
-    with safe_open(path / "model.safetensors", "pt") as f:  # tied head is not stored twice
-        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    saved = ckpt.read_model_weights(path)
+    assert "lm_head.weight" not in saved, "the tied head is stored twice"
+    assert saved.keys() == clone_weights(model).keys() - {"lm_head.weight"}
+    assert all(torch.equal(saved[k], v) for k, v in clone_weights(model).items() if k in saved)
 
     fresh = tiny_llama()
     fresh_opt, fresh_sched = make_optim(fresh)
@@ -124,31 +130,34 @@ def test_no_checkpoint_loads_none(tmp_path):
     assert ckpt.load_checkpoint(tmp_path, Toy()) is None
 
 
-def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path):
+@LAYOUTS
+def test_corrupt_latest_falls_back_to_previous_with_warning(tmp_path, sharded):
     model = Toy()
     optimizer, scheduler = make_optim(model)
     train_step(model, optimizer, scheduler)
-    save_toy(tmp_path, 1, model, optimizer, scheduler)
+    save_toy(tmp_path, 1, model, optimizer, scheduler, sharded=sharded)
     good = clone_weights(model)
     train_step(model, optimizer, scheduler)
-    bad = save_toy(tmp_path, 2, model, optimizer, scheduler)
-    data = bytearray((bad / "model.safetensors").read_bytes())
-    data[-1] ^= 0x01  # one bit of the last weight: still a loadable file, only the sha256 knows
-    (bad / "model.safetensors").write_bytes(bytes(data))
+    bad = save_toy(tmp_path, 2, model, optimizer, scheduler, sharded=sharded)
+    data = bytearray((bad / WEIGHTS[sharded]).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of a weight: still a loadable file, only the sha256 knows
+    (bad / WEIGHTS[sharded]).write_bytes(bytes(data))
 
     fresh = Toy()
-    with pytest.warns(ckpt.CheckpointWarning, match="step_00000002.*model.safetensors does not match"):
+    with pytest.warns(ckpt.CheckpointWarning, match=f"step_00000002.*{WEIGHTS[sharded]} does not match"):
         loaded = ckpt.load_checkpoint(tmp_path, fresh, *make_optim(fresh))
     assert loaded.step == 1 and loaded.trainer_state == {"step": 1}
     assert_weights_equal(fresh, good)
 
 
-def test_missing_file_and_no_good_checkpoint_raise(tmp_path):
+@LAYOUTS
+def test_missing_file_and_no_good_checkpoint_raise(tmp_path, sharded):
     model = Toy()
     optimizer, scheduler = make_optim(model)
-    path = save_toy(tmp_path, 1, model, optimizer, scheduler)
-    (path / "optimizer.pt").unlink()
-    with pytest.warns(ckpt.CheckpointWarning, match="optimizer.pt is missing"):
+    path = save_toy(tmp_path, 1, model, optimizer, scheduler, sharded=sharded)
+    missing = "state/.metadata" if sharded else "optimizer.pt"
+    (path / missing).unlink()
+    with pytest.warns(ckpt.CheckpointWarning, match=f"{missing} is missing"):
         with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
             ckpt.load_checkpoint(tmp_path, Toy())
 
@@ -162,10 +171,13 @@ def test_missing_latest_uses_newest_finished_dir(tmp_path):
     assert ckpt.load_checkpoint(tmp_path, Toy()).step == 3
 
 
-def test_disk_full_mid_write_keeps_previous_checkpoint_and_latest(tmp_path, monkeypatch):
+@LAYOUTS
+def test_disk_full_mid_write_keeps_previous_checkpoint_and_latest(tmp_path, monkeypatch, sharded):
+    from torch.distributed.checkpoint import filesystem
+
     model = Toy()
     optimizer, scheduler = make_optim(model)
-    save_toy(tmp_path, 1, model, optimizer, scheduler)
+    save_toy(tmp_path, 1, model, optimizer, scheduler, sharded=sharded)
     good = clone_weights(model)
     train_step(model, optimizer, scheduler)
 
@@ -173,9 +185,16 @@ def test_disk_full_mid_write_keeps_previous_checkpoint_and_latest(tmp_path, monk
         Path(path).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(torch, "save", full_disk)
+    def full_disk_shard(transforms, stream, *args, **kwargs):  # DCP's write of one tensor
+        stream.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if sharded:
+        monkeypatch.setattr(filesystem, "_write_item", full_disk_shard)
+    else:
+        monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(ckpt.CheckpointError, match=r"ENOSPC.*step_00000001 and `latest` are intact"):
-        save_toy(tmp_path, 2, model, optimizer, scheduler)
+        save_toy(tmp_path, 2, model, optimizer, scheduler, sharded=sharded)
     monkeypatch.undo()
 
     root = tmp_path / "checkpoints"
@@ -249,7 +268,8 @@ from grailcore import checkpoint as ckpt, dist as gdist
 from grailcore.export import export_hf
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 
-plain_dir, sharded_dir, export_dir, out = map(Path, sys.argv[1:])
+plain_dir, sharded_dir, export_dir, out = map(Path, sys.argv[1:5])
+sharded = sys.argv[5] == "sharded"  # the layout this run writes; loading reads either
 info = gdist.init_distributed()
 assert info.world_size == 2
 class Policy(torch.nn.Module):  # as in the test module: the root wraps the HF model
@@ -283,7 +303,7 @@ model(input_ids=ids, labels=ids).loss.float().square().mean().backward()
 optimizer.step()
 scheduler.step()
 dump("stepped")
-ckpt.save_checkpoint(sharded_dir, 2, model, optimizer, scheduler, {"step": 2})
+ckpt.save_checkpoint(sharded_dir, 2, model, optimizer, scheduler, {"step": 2}, sharded=sharded)
 export_hf(model.lm, load_tokenizer(path), export_dir)
 gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 '''
@@ -304,20 +324,28 @@ def full_from_shards(out: Path, name: str, key: str) -> dict[str, torch.Tensor]:
     return {n: torch.cat([shards[0][n], shards[1][n]]) for n in shards[0]}
 
 
-@pytest.mark.slow  # ~30 s: two torchrun ranks import transformers on 2 shared cores
-def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path):
+@pytest.mark.slow  # ~30 s each: two torchrun ranks import transformers on 2 shared cores
+@LAYOUTS
+def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path, sharded):
+    """World 1 -> 2 -> 1 through checkpoints of one layout: DCP reshards the sharded one, the
+    full one is gathered to and broadcast from rank 0."""
     from transformers import AutoModelForCausalLM
 
     plain = Policy(tiny_llama())
     optimizer, scheduler = make_optim(plain)
     train_step(plain, optimizer, scheduler)
-    ckpt.save_checkpoint(tmp_path / "plain", 1, plain, optimizer, scheduler, {"step": 1})
+    ckpt.save_checkpoint(tmp_path / "plain", 1, plain, optimizer, scheduler, {"step": 1}, sharded=sharded)
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER)
     dirs = [tmp_path / d for d in ("plain", "sharded", "export", "out")]
     dirs[-1].mkdir()
-    torchrun(script, *map(str, dirs), timeout=180)  # generous: the 2 cores are shared
+    torchrun(script, *map(str, dirs), "sharded" if sharded else "full", timeout=180)  # generous: 2 shared cores
     out = dirs[-1]
+    if sharded:  # each rank wrote its own shards, about half of the state each
+        state = dirs[1] / "checkpoints" / "step_00000002" / "state"
+        shards = {f.name: f.stat().st_size for f in state.glob("*.distcp")}
+        assert shards.keys() == {"__0_0.distcp", "__1_0.distcp"}, shards
+        assert 0.4 < shards["__0_0.distcp"] / sum(shards.values()) < 0.6, shards
 
     # world 1 -> 2: the shards hold exactly the plain run's weights and Adam moments.
     loaded = full_from_shards(out, "loaded", "params")

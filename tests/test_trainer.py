@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 import grailcore.trainer
 from grailcore.build import build_trainer
+from grailcore.checkpoint import read_model_weights
 from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GailConfig, GRPOConfig,
                               LoggingConfig, ModelConfig, OptimConfig, RewardsConfig, RolloutConfig, SFTConfig)
 from grailcore.model import resolve_model_path
@@ -121,8 +121,8 @@ def test_resume_continues_exactly(tmp_path):
     # The schedule must see the same horizon: resume with the full max_steps.
     resumed = dataclasses.replace(split, optim=straight.optim, resume=True)
     _run(resumed)
-    w_straight = load_file(_checkpoint(tmp_path / "straight") / "model.safetensors")
-    w_resumed = load_file(_checkpoint(tmp_path / "split") / "model.safetensors")
+    w_straight = read_model_weights(_checkpoint(tmp_path / "straight"))
+    w_resumed = read_model_weights(_checkpoint(tmp_path / "split"))
     assert w_straight.keys() == w_resumed.keys()
     for name in w_straight:
         assert torch.equal(w_straight[name], w_resumed[name]), name
@@ -304,7 +304,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mode):
     skipped = "sft/skipped_updates" if mode == "sft" else "grpo/skipped_updates"
     assert [r[skipped] for r in _steps(run_dir)] == [0.0, 1.0, 1.0]
     assert _checkpoint(run_dir).name == "step_00000002", "the step that raised must not be checkpointed"
-    w1, w2 = (load_file(_checkpoint(run_dir, s) / "model.safetensors") for s in (1, 2))
+    w1, w2 = (read_model_weights(_checkpoint(run_dir, s)) for s in (1, 2))
     assert all(torch.equal(w1[k], w2[k]) for k in w1), "a skipped step changed the weights"
     w0 = AutoModelForCausalLM.from_pretrained(resolve_model_path("micro-llama")).state_dict()
     assert w1.keys() == {f"lm.{k}" for k in w0} - {"lm.lm_head.weight"}  # tied to the embedding
@@ -319,7 +319,7 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path, mode):
     _run(mode_config(tmp_path / "split", mode, max_steps=3, resume=True), _trainer_mode(mode))
     straight, split = _checkpoint(tmp_path / "straight"), _checkpoint(tmp_path / "split")
     assert straight.name == split.name == "step_00000003"
-    w_straight, w_split = (load_file(p / "model.safetensors") for p in (straight, split))
+    w_straight, w_split = (read_model_weights(p) for p in (straight, split))
     assert all(torch.equal(w_straight[k], w_split[k]) for k in w_straight)
     e_straight, e_split = (torch.load(p / "extra.pt", weights_only=True)["rewards"] for p in (straight, split))
     for name in e_straight:  # the discriminator's full training state
@@ -347,3 +347,4 @@ def test_dry_run_is_one_step_with_the_update_withheld(tmp_path, mode, capsys):
     assert ("reward" in summary) == (mode != "sft")
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     assert (run_dir / "dry_run.json").exists()
+

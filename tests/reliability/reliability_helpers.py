@@ -80,11 +80,11 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, log_path: Pa
 
 
 def final_weights(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
+    from grailcore.checkpoint import read_model_weights
 
     root = run_dir / "checkpoints"
     latest = (root / "latest").read_text().strip()
-    return load_file(str(root / latest / "model.safetensors"))
+    return read_model_weights(root / latest)
 
 
 def latest_step(run_dir: Path) -> int:

@@ -10,9 +10,9 @@ import json
 import pytest
 import torch
 from reliability_helpers import latest_step, run_in_process, tiny_config
-from safetensors.torch import load_file
 
 import grailcore.optimize
+from grailcore.checkpoint import read_model_weights
 from grailcore.config import CheckpointConfig, OptimConfig
 from grailcore.optimize import BadStepsError
 
@@ -39,7 +39,7 @@ def _metrics(run_dir) -> list[dict]:
 
 
 def _weights(run_dir, step: int) -> dict:
-    return load_file(str(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors"))
+    return read_model_weights(run_dir / "checkpoints" / f"step_{step:08d}")
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ stops the run with a clear error and leaves the previous checkpoint as `latest`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 
@@ -18,7 +19,7 @@ from grailcore.config import CheckpointConfig
 def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
     run_dir = tmp_path / "run"
     run_in_process(tiny_config(run_dir, max_steps=2))
-    weights = run_dir / "checkpoints" / "step_00000002" / "model.safetensors"
+    weights = run_dir / "checkpoints" / "step_00000002" / "state" / "__0_0.distcp"  # the one rank's shard
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF  # same size, wrong bytes: only the checksum can tell
     weights.write_bytes(bytes(data))
@@ -29,21 +30,25 @@ def test_corrupt_latest_checkpoint_resumes_from_the_previous_one(tmp_path):
 
 
 def test_disk_full_while_checkpointing_stops_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
     run_dir = tmp_path / "run"
-    real_save, saves = grailcore.checkpoint._save_model, []
+    real_create = FileSystem.create_stream
 
-    def fill_disk_on_second_save(*args, **kwargs):
-        saves.append(None)
-        if len(saves) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(*args, **kwargs)
+    @contextlib.contextmanager
+    def fill_disk_in_step_2(self, path, mode):
+        with real_create(self, path, mode) as stream:
+            if "step_00000002" in str(path) and "w" in mode:  # a shard of the second checkpoint
+                stream.write(b"partial")
+                raise OSError(errno.ENOSPC, "No space left on device")
+            yield stream
 
-    monkeypatch.setattr(grailcore.checkpoint, "_save_model", fill_disk_on_second_save)
+    monkeypatch.setattr(FileSystem, "create_stream", fill_disk_in_step_2)
     cfg = tiny_config(run_dir, max_steps=3, checkpoint=CheckpointConfig(every=1, keep=2, export_final=False))
     with pytest.raises(CheckpointError, match=r"ENOSPC.*step_00000001 and `latest` are intact.*Free disk space"):
         run_in_process(cfg)
     assert latest_step(run_dir) == 1
     assert not list((run_dir / "checkpoints").glob(".tmp-*")), "the partial write was left behind"
-    monkeypatch.setattr(grailcore.checkpoint, "_save_model", real_save)
+    monkeypatch.undo()
     run_in_process(dataclasses.replace(cfg, resume=True))  # space freed: the run goes on
     assert logged_steps(run_dir) == [1, 2, 3]
