@@ -241,10 +241,8 @@ def fused_grpo_loss(
     `aggregation_weights`'. Returns (loss scalar, stats): `kernels.objective.summarize`'s
     means over the masked tokens (entropy if `compute_entropy`)."""
     batch, seq = targets.shape
-    if tuple(targets.shape) != tuple(mask.shape):
-        raise ValueError(f"mask must be [B, T]={tuple(targets.shape)} like targets, got {tuple(mask.shape)}")
     index, tokens = padded_tokens(
-        mask, advantages, loss_type=loss_type, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        mask, advantages, loss_type=loss_type, targets=targets, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         engine_logprobs=engine_logprobs, max_completion_length=max_completion_length, num_items=num_items,
         num_sequences=num_sequences)
     flat_targets = targets.reshape(-1)[index]

@@ -111,11 +111,13 @@ def _float(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def padded_tokens(mask, advantages, *, loss_type, old_logprobs=None, ref_logprobs=None, engine_logprobs=None,
-                  max_completion_length=None, num_items=None, num_sequences=None):
+def padded_tokens(mask, advantages, *, loss_type, targets=None, old_logprobs=None, ref_logprobs=None,
+                  engine_logprobs=None, max_completion_length=None, num_items=None, num_sequences=None):
     """The masked positions [K] (flat, b * T + t) of a [B, T] batch and their `Tokens`, with
-    `aggregation_weights`; old/ref/engine [B, T] or None, advantages [B]. Checks shapes."""
+    `aggregation_weights`; targets/old/ref/engine [B, T] or None, advantages [B]. Checks shapes."""
     batch_seq = tuple(mask.shape)
+    if targets is not None and tuple(targets.shape) != batch_seq:
+        raise ValueError(f"mask must be [B, T]={tuple(targets.shape)} like targets, got {batch_seq}")
     named = (("old_logprobs", old_logprobs), ("ref_logprobs", ref_logprobs), ("engine_logprobs", engine_logprobs))
     for name, value in named:
         if value is not None and tuple(value.shape) != batch_seq:

@@ -42,10 +42,8 @@ def grpo_loss_ref(
     """Reference for `kernels.grpo_loss.fused_grpo_loss`: same arguments, same result, from
     the full logits (the objective itself is the shared `kernels.objective`)."""
     batch, seq = targets.shape
-    if tuple(targets.shape) != tuple(mask.shape):
-        raise ValueError(f"mask must be [B, T]={tuple(targets.shape)} like targets, got {tuple(mask.shape)}")
     index, tokens = padded_tokens(
-        mask, advantages, loss_type=loss_type, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+        mask, advantages, loss_type=loss_type, targets=targets, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
         engine_logprobs=engine_logprobs, max_completion_length=max_completion_length, num_items=num_items,
         num_sequences=num_sequences)
     flat_hidden = hidden.reshape(batch * seq, -1)[index]  # [K, H]
