@@ -373,3 +373,20 @@ def test_fsdp2_checkpoints_move_between_world_sizes(tmp_path, sharded):
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     for name, param in exported.named_parameters():
         assert torch.equal(param.detach(), stepped[f"lm.{name}"]), name
+
+
+def test_a_checkpoint_from_before_the_layouts_loads_as_full(tmp_path):
+    """Manifests written before the sharded layout carry no `layout`: they are the gathered one."""
+    import json
+
+    model = Toy()
+    optimizer, scheduler = make_optim(model)
+    train_step(model, optimizer, scheduler)
+    path = save_toy(tmp_path, 1, model, optimizer, scheduler, sharded=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["layout"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    fresh = Toy()
+    assert ckpt.load_checkpoint(tmp_path, fresh, *make_optim(fresh)).step == 1
+    assert_weights_equal(fresh, clone_weights(model))
+    assert ckpt.read_model_weights(path).keys() == {"emb.weight", "mid.weight", "mid.bias"}
