@@ -313,10 +313,15 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_resume_reproduces_an_uninterrupted_run(tmp_path, mode):
-    """2 steps, then --resume to 3: the same weights (and discriminator) and step-3 metrics as 3 straight."""
-    _run(mode_config(tmp_path / "straight", mode, max_steps=3), _trainer_mode(mode))
-    _run(mode_config(tmp_path / "split", mode, max_steps=2), _trainer_mode(mode))
-    _run(mode_config(tmp_path / "split", mode, max_steps=3, resume=True), _trainer_mode(mode))
+    """2 steps, then --resume to 3: the same weights (and discriminator), step-3 metrics and
+    sampled step-3 evaluation as 3 straight (whose engine drew the step-2 evaluation since)."""
+    evals = EvalConfig(every=1, max_samples=2, samples_per_row=3, temperature=1.0)
+    _run(mode_config(tmp_path / "straight", mode, max_steps=3, eval=evals), _trainer_mode(mode))
+    _run(mode_config(tmp_path / "split", mode, max_steps=2, eval=evals), _trainer_mode(mode))
+    _run(mode_config(tmp_path / "split", mode, max_steps=3, eval=evals, resume=True), _trainer_mode(mode))
+    e3_straight, e3_split = ((tmp_path / run / "eval" / "step_000003.jsonl").read_text()
+                             for run in ("straight", "split"))
+    assert e3_straight == e3_split, "the resumed run's evaluation drew other samples"
     straight, split = _checkpoint(tmp_path / "straight"), _checkpoint(tmp_path / "split")
     assert straight.name == split.name == "step_00000003"
     w_straight, w_split = (read_model_weights(p) for p in (straight, split))
@@ -348,3 +353,24 @@ def test_dry_run_is_one_step_with_the_update_withheld(tmp_path, mode, capsys):
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
     assert (run_dir / "dry_run.json").exists()
 
+
+def test_an_evaluation_repeats_whatever_the_engine_drew_before(tmp_path):
+    """Evaluation rows are seeded by (run seed, step, order, row): the same step samples the
+    same completions after the engine drew others (as a resumed run's fresh vLLM engine has
+    drawn nothing), and another step samples new ones."""
+    from grailcore.evaluation.generate import generate_completions
+
+    evals = EvalConfig(every=0, max_samples=3, samples_per_row=3, temperature=1.0)
+    trainer = build_trainer(mode_config(tmp_path / "run", "grpo", max_steps=1, eval=evals))
+    drawn = lambda step: (tmp_path / "run" / "eval" / f"step_{step:06d}.jsonl").read_text()  # noqa: E731
+    try:
+        trainer.evaluator(5)
+        first = drawn(5)
+        examples = trainer.evaluator.examples
+        generate_completions(trainer.rollout.engine, trainer.policy.tokenizer, examples, 4, 1.0, 8, exact=False)
+        trainer.evaluator(5)
+        assert drawn(5) == first
+        trainer.evaluator(6)
+        assert drawn(6) != first
+    finally:
+        trainer.close()

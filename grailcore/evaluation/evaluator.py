@@ -17,6 +17,7 @@ from grailcore.evaluation.evaluate import evaluate_examples
 from grailcore.evaluation.generate import generate_completions
 from grailcore.evaluation.order import permuted_copies
 from grailcore.mixture import source_eval_metrics
+from grailcore.rng import derive_seed
 from grailcore.rewards.stack import RewardStack
 from grailcore.rollout.worker import RolloutWorker
 from grailcore.types import RewardOutput
@@ -46,7 +47,7 @@ class Evaluator:
         same order: a paired comparison)."""
         self.rollout.sync_if_stale()  # evaluate the current policy, whatever rollout.sync_every says
         cfg, examples = self.cfg, self.examples
-        samples = self._sample(examples)
+        samples = self._sample(examples, step, order=0)
         completions = samples.texts
         if step is not None and self.dist.rank == 0:
             out = Path(cfg.run_dir) / "eval"
@@ -57,8 +58,8 @@ class Evaluator:
             result = {f"eval/reward/{k}": float(v.mean()) for k, v in rewards.per_reward.items()}
             result["eval/accuracy"] = result.get("eval/reward/math_accuracy", float("nan"))
         else:
-            permuted = [self._sample(copy)  # orders seeded like `grailcore.eval --seed`
-                        for copy in permuted_copies(examples, cfg.eval.permutations, cfg.seed)]
+            permuted = [self._sample(copy, step, order=k + 1)  # orders seeded like `grailcore.eval --seed`
+                        for k, copy in enumerate(permuted_copies(examples, cfg.eval.permutations, cfg.seed))]
             result = evaluate_examples(examples, completions, self.train_examples, permuted, samples.slots)
         result["eval/reward/total"] = float(rewards.total.mean())
         if cfg.data.mixture:
@@ -76,16 +77,19 @@ class Evaluator:
                             per_reward={k: row_means(v, owner, rows) for k, v in flat.per_reward.items()},
                             errors=flat.errors)
 
-    def _sample(self, examples: list[Example]) -> EvalSamples:
+    def _sample(self, examples: list[Example], step: int | None, order: int) -> EvalSamples:
         """eval.samples_per_row completions of every row and (viewer rows, eval.exact_distributions)
         their answer-slot distributions: each rank samples a strided share, then all ranks
-        gather every row's."""
+        gather every row's. Each row is seeded by (run seed, step, option order, row), so an
+        evaluation repeats exactly in a resumed run and at any world size, whatever the
+        engine drew before."""
         cfg, rank, world = self.cfg, self.dist.rank, self.dist.world_size
         mine = list(range(rank, len(examples), world))
         exact = cfg.eval.exact_distributions and all(ex.task == "viewer" for ex in examples)
+        seeds = [derive_seed(cfg.seed, "eval", step, order, i, examples[i].example_id) for i in mine]
         drawn = generate_completions(
             self.rollout.engine, self.tokenizer, [examples[i] for i in mine], cfg.eval.samples_per_row,
-            cfg.eval.temperature, cfg.rollout.max_completion_tokens, exact=exact,
+            cfg.eval.temperature, cfg.rollout.max_completion_tokens, exact=exact, seeds=seeds,
         )
         by_index = {i: (drawn.texts[j], drawn.slots[j] if exact else None) for j, i in enumerate(mine)}
         if world > 1:

@@ -4,6 +4,7 @@ scoring pass finds the chunk's prompts and completions still in its prefix cache
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING, Sequence
 
 from grailcore.data.schema import Example
@@ -39,12 +40,15 @@ def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], 
     if exact and params.temperature <= 0:
         raise ValueError("exact distributions are read under softmax(logits / T): give a temperature > 0")
     vocab = SlotVocabulary(tokenizer) if exact else None
+    if params.seeds is not None and len(params.seeds) != len(examples):
+        raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(examples)} examples")
     out: list[list[Completion]] = []
     slots: list | None = [] if exact else None
     for start in range(0, len(examples), chunk_size):
         chunk = examples[start:start + chunk_size]
         prompts = [encode_prompt(tokenizer, ex) for ex in chunk]
-        results = engine.generate(prompts, params)
+        seeds = None if params.seeds is None else params.seeds[start:start + len(chunk)]
+        results = engine.generate(prompts, replace(params, seeds=seeds))
         if len(results) != len(chunk) or any(len(r) != params.n for r in results):
             raise RuntimeError(f"engine returned {[len(r) for r in results]} completions for "
                                f"{len(chunk)} prompts x n={params.n}")
@@ -67,10 +71,13 @@ def generate_samples(engine: RolloutEngine, tokenizer, examples: Sequence[Exampl
 
 def generate_completions(engine: RolloutEngine, tokenizer, examples: Sequence[Example], samples_per_row: int,
                          temperature: float, max_tokens: int, top_p: float = 1.0,
-                         exact: bool = True) -> EvalSamples:
+                         exact: bool = True, seeds: Sequence[int] | None = None) -> EvalSamples:
     """`samples_per_row` completions per example (the first one greedy when k = 1) and
-    their answer-slot distributions (`exact`)."""
+    their answer-slot distributions (`exact`). `seeds`: one per example (its samples then
+    depend on that seed alone); None leaves the engine's own RNG running."""
     params = eval_sampling_params(samples_per_row, temperature, max_tokens, top_p)
+    if seeds is not None:
+        params = replace(params, seeds=tuple(seeds))
     return generate_samples(engine, tokenizer, examples, params, exact)
 
 
