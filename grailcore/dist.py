@@ -78,10 +78,24 @@ def init_distributed(timeout_s: float | None = None) -> DistInfo:
     backend = "nccl" if cuda else "gloo"
     if not dist.is_initialized():
         timeout = {} if timeout_s is None else {"timeout": timedelta(seconds=timeout_s)}
-        dist.init_process_group(backend=backend, device_id=device if cuda else None, **timeout)
+        dist.init_process_group(backend=backend, device_id=device if cuda else None,
+                                **_restart_store(rank, world_size, timeout), **timeout)
         _timeout_s = timeout_s
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                     backend=dist.get_backend())
+
+
+def _restart_store(rank: int, world_size: int, timeout: dict) -> dict:
+    """For a worker torchrun restarted: its env:// store with this attempt's own key prefix.
+    torchrun keeps one store across restarts and the process group's keys name no attempt, so
+    a restarted rank could read the address a dead peer published in an earlier attempt (gloo:
+    "connectFullMesh failed ... Connection refused"; tests/test_distributed.py). Nothing at
+    the first start: init_process_group's own env:// rendezvous, unchanged."""
+    attempt = restart_count()
+    if not attempt:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://", rank, world_size, **timeout))
+    return {"store": dist.PrefixStore(f"grailcore_attempt_{attempt}", store), "rank": rank, "world_size": world_size}
 
 
 class CollectiveFailure(RuntimeError):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 PRESET = '''
 from grailcore.config import *
@@ -103,3 +104,88 @@ def test_a_stuck_rank_fails_the_job_within_the_timeout_naming_the_phase(tmp_path
     assert "CollectiveFailure: rank 0: a collective failed " + named in out, out[-6000:]
     assert "within 20 s (collective_timeout_s)" in out and "resume with --resume" in out
 
+
+
+RESTARTED_GROUP = '''
+import os, sys, time
+from pathlib import Path
+import torch
+from grailcore import dist as gdist
+
+out, attempt, rank = Path(sys.argv[1]), gdist.restart_count(), int(os.environ["RANK"])
+if attempt == 1 and rank == 0:
+    time.sleep(3)  # rank 1 looks for rank 0 first: it must not find attempt 0's rank 0
+info = gdist.init_distributed(timeout_s=60)
+total = gdist.all_reduce(torch.ones(1) * (info.rank + 1))
+if attempt == 0:
+    if rank == 1:
+        os._exit(3)  # a rank dies after the group formed; torchrun stops rank 0 and restarts both
+    time.sleep(120)
+(out / f"attempt{attempt}_rank{rank}").write_text(str(float(total)))
+gdist.finish_worker()
+'''
+
+
+@pytest.mark.slow  # ~20 s: two attempts of two gloo ranks
+def test_workers_restarted_by_torchrun_form_a_fresh_group(tmp_path):
+    """torchrun keeps one store across restarts and the process group's keys name no attempt:
+    a restarted rank could read the address its dead peer published in the first attempt
+    (gloo: "connectFullMesh failed ... Connection refused"). Rank 0 of the restart comes
+    late on purpose, so rank 1 looks up its address first."""
+    script = tmp_path / "restarted.py"
+    script.write_text(RESTARTED_GROUP)
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "--max-restarts", "1", "--monitor-interval", "0.5", str(script), str(tmp_path)]
+    _launch(cmd, cwd=repo, timeout=300)
+    assert sorted(p.name for p in tmp_path.glob("attempt*")) == ["attempt1_rank0", "attempt1_rank1"]
+    assert {p.read_text() for p in tmp_path.glob("attempt*")} == {"3.0"}
+
+
+KILLED_RANK = '''
+import os, signal, sys
+from grailcore import dist as gdist
+from grailcore.rollout.worker import RolloutWorker
+from grailcore.train import main
+
+kill_at = int(sys.argv[2])
+if gdist.restart_count() == 0 and os.environ["RANK"] == "1":  # the first attempt's rank 1 dies there
+    original, calls = RolloutWorker.sync, []
+
+    def sync(self):
+        calls.append(None)
+        if len(calls) == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        original(self)
+
+    RolloutWorker.sync = sync
+main(["--cfg", sys.argv[1], "--deterministic", "True", "--optim.max-steps", "4"])
+'''
+
+
+@pytest.mark.slow  # ~1-2 min: two 4-step runs of two ranks, one of them restarted
+def test_a_rank_killed_mid_run_is_restarted_by_torchrun_and_loses_nothing(tmp_path):
+    """kill -9 of rank 1 in its third weight sync (inside step 3, after checkpoint 2) under
+    `torchrun --max-restarts 1`: both ranks restart, resume from checkpoint 2 and end with the
+    weights of an uninterrupted run."""
+    from grailcore.checkpoint import read_model_weights
+
+    repo = Path(__file__).resolve().parents[1]
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RANK)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "--monitor-interval", "0.5"]
+    runs = {}
+    for name, kill_at, restarts in (("straight", 0, "0"), ("killed", 3, "1")):
+        preset = tmp_path / f"{name}_preset.py"
+        preset.write_text(PRESET.format(run_dir=str(tmp_path / name), engine="hf"))
+        runs[name] = _launch(torchrun + ["--max-restarts", restarts, str(script), str(preset), str(kill_at)],
+                             cwd=repo, timeout=600)
+    log = runs["killed"].stdout + runs["killed"].stderr
+    assert "(torchrun restart 1)" in log and "resumed from" in log, log[-4000:]
+    assert [s["step"] for s in _steps(tmp_path / "killed")] == [1, 2, 3, 4]
+    straight, killed = (read_model_weights(tmp_path / name / "checkpoints" / "step_00000004")
+                        for name in ("straight", "killed"))
+    assert straight.keys() == killed.keys()
+    for name in straight:
+        assert torch.equal(straight[name], killed[name]), name
