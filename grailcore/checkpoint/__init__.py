@@ -122,7 +122,11 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
 
     def prepare() -> str:
         _check_small(small["extra"], small["trainer_state"])  # fail before any shard is written
-        return str(make_tmp(root, final))
+        try:
+            return str(make_tmp(root, final))
+        except OSError as e:
+            raise CheckpointError(f"could not create the temp dir of checkpoint {final} ({describe_error(e)}); "
+                                  f"{intact(root)}. Free disk space or fix permissions of the run dir.") from e
 
     tmp = Path(run_on_rank0(f"prepare checkpoint {final}", prepare))
     try:
@@ -131,8 +135,9 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module,
         run_on_rank0("remove a partial checkpoint", lambda: shutil.rmtree(tmp, ignore_errors=True))
         cause = shards.first_failure(e)
         raise CheckpointError(
-            f"could not write the shards of checkpoint {final} ({describe_error(cause)}); the partial write was "
-            f"removed and {intact(root)}. Free disk space or fix permissions of the run dir, then resume."
+            f"could not write the shards of checkpoint {final} ({describe_error(cause)}); the partial "
+            f"write was removed and {intact(root)}. Free disk space or fix permissions of the run dir, "
+            "then resume."
         ) from e
     run_on_rank0(f"save checkpoint {final}", lambda: _write_all(root, final, keep, meta, {}, tmp=tmp,
                                                                  written=entries, **small))
@@ -195,7 +200,7 @@ def load_checkpoint(run_dir: str | Path, model: torch.nn.Module,
 
 
 def _read_small_files(path: Path | None) -> dict | None:
-    """Everything but the weights and optimizer state, which are loaded on rank 0 only."""
+    """Everything but the weights and optimizer state, which their layout loads."""
     if path is None:
         return None
     manifest = json.loads((path / MANIFEST_FILE).read_text())
