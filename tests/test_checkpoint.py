@@ -390,3 +390,8 @@ def test_a_checkpoint_from_before_the_layouts_loads_as_full(tmp_path):
     assert ckpt.load_checkpoint(tmp_path, fresh, *make_optim(fresh)).step == 1
     assert_weights_equal(fresh, clone_weights(model))
     assert ckpt.read_model_weights(path).keys() == {"emb.weight", "mid.weight", "mid.bias"}
+    manifest["layout"] = "pickled"  # a layout this code does not know: unusable, named
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(ckpt.CheckpointWarning, match=r"layout 'pickled', this code reads \['full', 'sharded'\]"):
+        with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+            ckpt.load_checkpoint(tmp_path, Toy())

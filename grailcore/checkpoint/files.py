@@ -178,7 +178,10 @@ def verify(path: Path, checksums: bool = True) -> str | None:
         return f"{MANIFEST_FILE} is missing or unreadable ({e})"
     if manifest.get("format") != FORMAT_VERSION:
         return f"format {manifest.get('format')!r}, this code reads format {FORMAT_VERSION}"
-    required = [*WEIGHT_FILES[manifest.get("layout", "full")], TRAINER_STATE_FILE, EXTRA_FILE, RNG_FILE]
+    layout = manifest.get("layout", "full")
+    if layout not in WEIGHT_FILES:
+        return f"layout {layout!r}, this code reads {sorted(WEIGHT_FILES)}"
+    required = [*WEIGHT_FILES[layout], TRAINER_STATE_FILE, EXTRA_FILE, RNG_FILE]
     if missing := [name for name in required if name not in files]:
         return f"the manifest lists no {missing}"
     for name, entry in files.items():
