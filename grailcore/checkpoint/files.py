@@ -222,6 +222,14 @@ def choose(root: Path) -> Path | None:
     )
 
 
+def restore_tied(state: dict, tied: dict[str, str]) -> None:
+    """Point each tied alias (e.g. lm_head.weight) at its canonical tensor, which is the one
+    saved; a trainable-only checkpoint may hold neither."""
+    for alias, canonical in tied.items():
+        if canonical in state:
+            state[alias] = state[canonical]
+
+
 def check_saved_keys(path: Path, saved: set[str], trainable: set[str]) -> None:
     if saved != trainable:
         raise CheckpointError(

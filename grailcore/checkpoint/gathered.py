@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from grailcore import dist as gdist
-from grailcore.checkpoint.files import MODEL_FILE, OPTIMIZER_FILE, check_saved_keys, run_on_rank0
+from grailcore.checkpoint.files import MODEL_FILE, OPTIMIZER_FILE, check_saved_keys, restore_tied, run_on_rank0
 
 
 def gather_writers(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tied: dict[str, str],
@@ -48,15 +48,13 @@ def load_gathered(path: Path, tied: dict[str, str], model: torch.nn.Module,
     model_sd: dict[str, torch.Tensor] = {}
     if gdist.is_main():
         model_sd = load_file(str(path / MODEL_FILE))
-        for alias, canonical in tied.items():
-            if canonical in model_sd:  # a trainable-only checkpoint has no frozen embedding
-                model_sd[alias] = model_sd[canonical]
+        restore_tied(model_sd, tied)
     if trainable_only:  # strict=False above: check the keys here instead
         # Local (sharded) state dict: the model's own keys, without any gather. It keeps a frozen
         # tied alias (lm_head.weight), which the saved file never holds.
         trainable = set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True))) - set(tied)
         run_on_rank0(f"load {path / MODEL_FILE}",
-                      lambda: check_saved_keys(path / MODEL_FILE, set(model_sd), trainable))
+                     lambda: check_saved_keys(path / MODEL_FILE, set(model_sd), trainable))
     set_model_state_dict(model, model_sd, options=options)
     if optimizer is not None:
         optim_sd = torch.load(path / OPTIMIZER_FILE, weights_only=True) if gdist.is_main() else {}

@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from grailcore import dist as gdist
 from grailcore.atomic_files import sha256_file
-from grailcore.checkpoint.files import STATE_DIR, check_saved_keys, run_on_rank0
+from grailcore.checkpoint.files import STATE_DIR, check_saved_keys, restore_tied, run_on_rank0
 
 _MODEL, _OPTIM = "model", "optim"
 
@@ -77,11 +77,17 @@ def first_failure(error: BaseException) -> BaseException:
     return error
 
 
-def saved_model_keys(directory: Path) -> set[str]:
-    """The model parameter names a sharded checkpoint holds (from its DCP metadata)."""
+def _saved_model_entries(directory: Path) -> dict[str, TensorStorageMetadata]:
+    """The DCP metadata of the model tensors a sharded checkpoint holds, by parameter name."""
     metadata = FileSystemReader(directory / STATE_DIR).read_metadata()
     prefix = f"{_MODEL}."
-    return {key[len(prefix):] for key in metadata.state_dict_metadata if key.startswith(prefix)}
+    return {key[len(prefix):]: meta for key, meta in metadata.state_dict_metadata.items()
+            if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)}
+
+
+def saved_model_keys(directory: Path) -> set[str]:
+    """The model parameter names a sharded checkpoint holds."""
+    return set(_saved_model_entries(directory))
 
 
 def load_shards(directory: Path, tied: dict[str, str], model: torch.nn.Module,
@@ -96,9 +102,7 @@ def load_shards(directory: Path, tied: dict[str, str], model: torch.nn.Module,
     with _single_process_quiet():
         dcp.load(state, storage_reader=FileSystemReader(directory / STATE_DIR), no_dist=gdist.get_world_size() == 1)
     model_state = state[_MODEL]
-    for alias, canonical in tied.items():
-        if canonical in model_state:
-            model_state[alias] = model_state[canonical]
+    restore_tied(model_state, tied)
     set_model_state_dict(model, model_state, options=StateDictOptions(strict=not trainable_only))
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state[_OPTIM])
@@ -107,13 +111,8 @@ def load_shards(directory: Path, tied: dict[str, str], model: torch.nn.Module,
 def read_model_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The full model weights of a sharded checkpoint as plain CPU tensors, in one process and
     without a model (to inspect or compare checkpoints); tied aliases are not included."""
-    metadata = FileSystemReader(directory / STATE_DIR).read_metadata()
-    prefix = f"{_MODEL}."
-    weights = {
-        key: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
-    }
-    with _single_process_quiet():
-        dcp.load(weights, storage_reader=FileSystemReader(directory / STATE_DIR), no_dist=True)
-    return {key[len(prefix):]: value for key, value in weights.items()}
+    weights = {name: torch.empty(meta.size, dtype=meta.properties.dtype)
+               for name, meta in _saved_model_entries(directory).items()}
+    with _single_process_quiet():  # nested like the saved state: {"model": {name: tensor}}
+        dcp.load({_MODEL: weights}, storage_reader=FileSystemReader(directory / STATE_DIR), no_dist=True)
+    return weights

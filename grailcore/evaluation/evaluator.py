@@ -17,8 +17,8 @@ from grailcore.evaluation.evaluate import evaluate_examples
 from grailcore.evaluation.generate import generate_completions
 from grailcore.evaluation.order import permuted_copies
 from grailcore.mixture import source_eval_metrics
-from grailcore.rng import derive_seed
 from grailcore.rewards.stack import RewardStack
+from grailcore.rng import derive_seed
 from grailcore.rollout.worker import RolloutWorker
 from grailcore.types import RewardOutput
 
