@@ -57,15 +57,30 @@ def main(argv=None):
     params = eval_sampling_params(args.samples, args.temperature, args.max_tokens, seed=0)
     last = {}
 
-    def run(exact: bool):
+    def run(name: str, exact: bool, sampled_reads: bool = True, prune_below: float | None = None):
         def call():
-            last[exact] = generate_raw(engine, tokenizer, examples, params, exact=exact)
+            last[name] = generate_raw(engine, tokenizer, examples, params, exact=exact, sampled_reads=sampled_reads,
+                                      prune_below=prune_below)
         return call
 
-    results = measure_round_robin({"sampling_only": run(False), "sampling_exact": run(True)}, device="cpu",
-                                  warmup=args.warmup, repeats=args.repeats)
-    (raw, _), (raw_exact, slots) = last[False], last[True]
-    same = [c.token_ids for row in raw for c in row] == [c.token_ids for row in raw_exact for c in row]
+    tight = 1e-6  # the cut before sampled reads: the reference every exact mode is compared with
+    modes = {"sampling_only": run("sampling_only", False), "sampling_exact": run("sampling_exact", True),
+             "sampling_exact_tight": run("sampling_exact_tight", True, prune_below=tight),
+             "sampling_exact_scored_tight": run("sampling_exact_scored_tight", True, False, tight)}
+    results = measure_round_robin(modes, device="cpu", warmup=args.warmup, repeats=args.repeats)
+    raw = last["sampling_only"][0]
+    reference = last["sampling_exact_scored_tight"][1]
+    same = all([c.token_ids for row in raw for c in row] == [c.token_ids for row in other for c in row]
+               for other, _ in last.values())
+
+    def gap(slots) -> str:  # the largest difference of any probability from the reference reads
+        if slots is None:
+            return ""
+        pairs = [(s.choice + s.opinion, t.choice + t.opinion)
+                 for r, q in zip(slots, reference) for s, t in zip(r.samples, q.samples)]
+        return f"{max(abs(a - b) for mine, theirs in pairs for a, b in zip(mine, theirs)):.1e}"
+
+    slots = last["sampling_exact"][1]
     forced = sum(s.choice_slot == "forced" for r in slots for s in r.samples) / sum(len(r.samples) for r in slots)
     base = results["sampling_only"]
     rows = [{"what": name, "engine": args.engine, "model": args.model, "layout": args.layout, "rows": args.rows,
@@ -74,6 +89,7 @@ def main(argv=None):
              "median_cpu_s": round(r.median_cpu_s, 2), "ratio_vs_sampling": round(r.median_s / base.median_s, 3),
              "cpu_ratio_vs_sampling": round(r.median_cpu_s / base.median_cpu_s, 3),
              "forced_slot_share": round(forced, 3), "same_completions": same,
+             "max_abs_diff_vs_scored_tight": gap(last[name][1]),
              "new_tokens": sum(len(c.token_ids) for row in raw for c in row), "repeats": len(r.seconds),
              "load_avg_1m": round(os.getloadavg()[0], 1)} for name, r in results.items()]
     write_csv(args.csv, rows)

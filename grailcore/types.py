@@ -23,6 +23,10 @@ class SamplingParams:
     """One seed per prompt of the call (training: `grailcore.rng.derive_seed` of run seed,
     step, example id and slot), overriding `seed`: a prompt's samples then depend on its own
     seed only, not on the other prompts, the rank or how the engine batches them."""
+    watch_token_ids: tuple[int, ...] = ()
+    """Token ids whose log-probs (under logits / T, as the sampled token's) the engine reports
+    at every decode step, in `Completion.watched`, where it can (vLLM; at most 128 ids). The
+    evaluation reads a sampled answer slot from them instead of a scoring pass."""
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class Completion:
     """Engine log-prob of each sampled token under the sampling temperature, if available."""
     finish_reason: str
     """'stop' (EOS / stop string) or 'length' (hit max_tokens: truncated)."""
+    watched: tuple[dict[int, float], ...] | None = None
+    """Per decode step j, log p_T(id | prompt + token_ids[:j]) of each id of
+    `SamplingParams.watch_token_ids` (and of the sampled token); None if not reported."""
 
 
 @dataclass(frozen=True)

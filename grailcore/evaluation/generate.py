@@ -30,12 +30,18 @@ def eval_sampling_params(samples_per_row: int, temperature: float, max_tokens: i
 
 
 def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], params: SamplingParams,
-                 exact: bool = True, chunk_size: int = 64) -> tuple[list[list[Completion]], list | None]:
+                 exact: bool = True, chunk_size: int = 64,
+                 sampled_reads: bool = True, prune_below: float | None = None,
+                 ) -> tuple[list[list[Completion]], list | None]:
     """`params.n` completions per example, in example order (chunks bound host memory),
     and with `exact` each row's `answer_slot.RowSlots` (a row rendered in the direct
-    layout reads one slot, from its prompt alone)."""
+    layout reads one slot, from its prompt alone). `sampled_reads`: take a slot on a
+    sampled path from what the engine reported while sampling (`sampled_reads.py`);
+    False scores every slot in a separate pass (the benchmark's baseline). `prune_below`:
+    `answer_slot.slot_distributions`'s cut (default `answer_slot.PRUNE_BELOW`)."""
     from grailcore.data.prompt import encode_prompt
     from grailcore.evaluation.answer_slot import SlotVocabulary, slot_distributions
+    from grailcore.evaluation.sampled_reads import SampledReads, watch_ids
 
     if exact and params.temperature <= 0:
         raise ValueError("exact distributions are read under softmax(logits / T): give a temperature > 0")
@@ -48,7 +54,11 @@ def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], 
         chunk = examples[start:start + chunk_size]
         prompts = [encode_prompt(tokenizer, ex) for ex in chunk]
         seeds = None if params.seeds is None else params.seeds[start:start + len(chunk)]
-        results = engine.generate(prompts, replace(params, seeds=seeds))
+        # Sampled answer slots are read while sampling where the engine reports the
+        # candidates' log-probs at temperature T (not greedy, no nucleus): no scoring request.
+        watch = (watch_ids(vocab, [ex.n_options for ex in chunk])
+                 if exact and sampled_reads and not params.greedy and params.top_p == 1.0 else ())
+        results = engine.generate(prompts, replace(params, seeds=seeds, watch_token_ids=watch))
         if len(results) != len(chunk) or any(len(r) != params.n for r in results):
             raise RuntimeError(f"engine returned {[len(r) for r in results]} completions for "
                                f"{len(chunk)} prompts x n={params.n}")
@@ -56,8 +66,10 @@ def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], 
         if exact:
             layouts = [ex.meta.get("layout", "think") for ex in chunk]
             sampled = [[] if layout == "direct" else [c.token_ids for c in row] for row, layout in zip(results, layouts)]
-            slots.extend(slot_distributions(engine.next_token_logprobs, vocab, prompts, sampled,
-                                            [ex.n_options for ex in chunk], layouts, params.temperature))
+            score = SampledReads(prompts, results).scorer(engine.next_token_logprobs, params.temperature)
+            slots.extend(slot_distributions(score, vocab, prompts, sampled,
+                                            [ex.n_options for ex in chunk], layouts, params.temperature,
+                                            prune_below))
     return out, slots
 
 

@@ -91,8 +91,12 @@ class HFEngine:
         # Raw logits / T: the same distribution the trainer's log-probs use (top-p aside).
         temperature = 1.0 if params.greedy else params.temperature
         logits = torch.stack(out.logits, dim=1).float() / temperature  # [P*n, T_new, V]
-        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
-        return self._to_completions(new_tokens.cpu(), logprobs.cpu(), len(prompts), params.n)
+        all_logprobs = torch.log_softmax(logits, dim=-1)
+        logprobs = all_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        watch = list(params.watch_token_ids)
+        watched = all_logprobs[..., watch].cpu() if watch and not params.greedy and params.top_p == 1.0 else None
+        return self._to_completions(new_tokens.cpu(), logprobs.cpu(), len(prompts), params.n,
+                                    (watch, watched) if watched is not None else None)
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
         """Every setting that shapes the sampled distribution, set here: plain sampling from
@@ -116,7 +120,8 @@ class HFEngine:
             ids.update(gen_eos)
         return sorted(i for i in ids if i is not None)
 
-    def _to_completions(self, tokens, logprobs, n_prompts: int, n: int) -> list[list[Completion]]:
+    def _to_completions(self, tokens, logprobs, n_prompts: int, n: int, watched=None) -> list[list[Completion]]:
+        """`watched`: (ids, [P*n, T_new, len(ids)] log-probs) to report per step, or None."""
         stop_ids = set(self._stop_ids())
         grouped: list[list[Completion]] = []
         for p in range(n_prompts):
@@ -128,9 +133,13 @@ class HFEngine:
                 finish = "stop" if end is not None else "length"
                 ids = ids[:end] if end is not None else ids
                 text = self.tokenizer.decode(ids, skip_special_tokens=True)
+                steps = None
+                if watched is not None:
+                    watch, values = watched
+                    steps = tuple(dict(zip(watch, step)) for step in values[row, :len(ids)].tolist())
                 group.append(Completion(text=text, token_ids=tuple(ids),
                                         logprobs=tuple(logprobs[row, :len(ids)].tolist()),
-                                        finish_reason=finish))
+                                        finish_reason=finish, watched=steps))
             grouped.append(group)
         return grouped
 

@@ -226,6 +226,11 @@ class VLLMEngine:
 
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
+        watch = bool(params.watch_token_ids)
+        if watch and (params.greedy or params.top_p < 1.0 or len(params.watch_token_ids) > _MAX_IDS_PER_REQUEST):
+            raise ValueError(f"watch_token_ids ({len(params.watch_token_ids)} ids) need temperature sampling with "
+                             f"top_p = 1 and at most {_MAX_IDS_PER_REQUEST} ids: only then are the reported "
+                             "log-probs log_softmax(logits / T)")
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         if params.seeds is not None and len(params.seeds) != len(prompts):
             raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompts)} prompts")
@@ -234,7 +239,7 @@ class VLLMEngine:
         with _one_torch_thread(self.on_gpu):
             outputs = self.llm.generate(prompts, [self._sampling_params(params, seed) for seed in seeds],
                                         use_tqdm=False)
-        return [[self._completion(c) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
+        return [[self._completion(c, watch) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
 
     def next_token_logprobs(self, sequences: list[list[int]], token_ids: list[list[int]],
                             temperature: float) -> list[list[float]]:
@@ -277,19 +282,24 @@ class VLLMEngine:
             max_tokens=params.max_tokens,
             # vLLM gives child k of a seeded request seed + k, so a group's samples differ.
             seed=seed,
-            logprobs=0,  # only the sampled token's logprob
+            # Only the sampled token's logprob, or it and the watched ids' (MAX_LOGPROB_TOKEN_IDS).
+            logprobs=None if params.watch_token_ids else 0,
+            logprob_token_ids=list(params.watch_token_ids) or None,
             # Text is decoded below with HFEngine's rule, so both engines agree on it.
             detokenize=False,
         )
 
-    def _completion(self, output) -> Completion:
+    def _completion(self, output, watch: bool = False) -> Completion:
         if output.finish_reason not in _FINISH_REASONS:
             raise RuntimeError(f"vLLM finished a completion with reason {output.finish_reason!r} "
                                f"(expected one of {_FINISH_REASONS}); the request was aborted or failed")
         ids = tuple(output.token_ids)
         logprobs = tuple(step[token].logprob for step, token in zip(output.logprobs, ids))
         text = self._tokenizer.decode(list(ids), skip_special_tokens=True)
-        return Completion(text=text, token_ids=ids, logprobs=logprobs, finish_reason=output.finish_reason)
+        watched = (tuple({t: lp.logprob for t, lp in step.items()} for step in output.logprobs)
+                   if watch else None)
+        return Completion(text=text, token_ids=ids, logprobs=logprobs, finish_reason=output.finish_reason,
+                          watched=watched)
 
     def load_units(self, names: set[str]) -> set[str]:
         """`names` plus the partners vLLM loads with them: q/k/v and gate/up are one fused

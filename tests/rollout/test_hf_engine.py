@@ -187,3 +187,24 @@ def test_per_prompt_seeds_repeat_whatever_the_process_rng_did(tiny, prompts):
     assert [[c.token_ids for c in g] for g in again] == [[c.token_ids for c in g] for g in first]
     with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
         engine.generate(prompts, SamplingParams(n=2, seeds=(1, 2)))
+
+
+def test_watched_ids_are_reported_at_every_step_under_the_temperature(tiny, prompts):
+    tokenizer, model = tiny
+    watch, temperature = (5, 17, 300), 0.7
+    groups = HFEngine(model, tokenizer, batch_size=4).generate(
+        prompts, SamplingParams(n=2, temperature=temperature, max_tokens=6, seed=1, watch_token_ids=watch))
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            assert c.watched is not None and len(c.watched) == len(c.token_ids)
+            ids = torch.tensor([prompt + list(c.token_ids)])
+            with torch.no_grad():
+                logits = model(ids).logits[0, len(prompt) - 1:-1] / temperature
+            expected = torch.log_softmax(logits, dim=-1)[:, list(watch)]  # [T, 3]
+            got = torch.tensor([[step[t] for t in watch] for step in c.watched])
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # nothing asked, nothing reported; greedy reports no distribution at a temperature
+    plain = HFEngine(model, tokenizer).generate(prompts[:1], SamplingParams(n=1, max_tokens=3, seed=1))
+    greedy = HFEngine(model, tokenizer).generate(prompts[:1], SamplingParams(greedy=True, max_tokens=3,
+                                                                             watch_token_ids=watch))
+    assert plain[0][0].watched is None and greedy[0][0].watched is None

@@ -71,3 +71,30 @@ def test_vllm_and_transformers_read_the_same_slot_distributions(setup):
     # the temperature is honoured: the same reads at T = 1 break the bound
     choice_t1, _, _ = distributions(hf, tokenizer, examples, prompts, completions, 1.0)
     assert np.abs(choice_t1 - choice_v).max() > 10 * np.abs(choice_h - choice_v).max()
+
+
+def test_ids_watched_while_sampling_equal_the_scoring_pass(setup):
+    """vLLM's per-step `logprob_token_ids` while sampling are the distribution a scoring
+    request reads at that position (fp32: equal to 1e-5), so a sampled slot needs no request."""
+    tokenizer, examples, prompts, engine, _ = setup
+    from grailcore.evaluation.sampled_reads import watch_ids
+
+    watch = watch_ids(SlotVocabulary(tokenizer), [ex.n_options for ex in examples])
+    sampled = engine.generate(prompts, SamplingParams(n=2, temperature=TEMPERATURE, max_tokens=12, seed=0,
+                                                      watch_token_ids=watch))
+    plain = engine.generate(prompts, SamplingParams(n=2, temperature=TEMPERATURE, max_tokens=12, seed=0))
+    assert [c.token_ids for r in sampled for c in r] == [c.token_ids for r in plain for c in r]  # same draws
+    sequences, expected = [], []
+    for prompt, row in zip(prompts, sampled):
+        for c in row:
+            assert len(c.watched) == len(c.token_ids)
+            for j in (0, len(c.token_ids) // 2, len(c.token_ids) - 1):
+                sequences.append(prompt + list(c.token_ids[:j]))
+                expected.append([c.watched[j][t] for t in watch])
+                assert c.watched[j][c.token_ids[j]] == pytest.approx(c.logprobs[j], abs=1e-6)
+    read = engine.next_token_logprobs(sequences, [list(watch)] * len(sequences), TEMPERATURE)
+    np.testing.assert_allclose(np.exp(read), np.exp(expected), atol=1e-5)
+    for bad in (SamplingParams(greedy=True, max_tokens=4, watch_token_ids=watch),
+                SamplingParams(n=2, top_p=0.9, max_tokens=4, watch_token_ids=watch)):
+        with pytest.raises(ValueError, match="watch_token_ids"):
+            engine.generate(prompts, bad)
