@@ -138,7 +138,7 @@ def test_grail_run_logs_discriminator_metrics_and_checkpoints_it(tmp_path):
     steps = _steps(tmp_path / "grail")
     assert len(steps) == 2 and all("gail/truncation_rate" in r and "reward/gail" in r for r in steps)
     extra = torch.load(_checkpoint(tmp_path / "grail") / "extra.pt", weights_only=True)
-    assert extra["rewards"]["gail"]["format"] == SAVE_FORMAT == "grailcore-discriminator-v2"  # slate-aware
+    assert extra["rewards"]["gail"]["format"] == SAVE_FORMAT == "grailcore-discriminator-v3"  # slate- and position-aware
     assert extra["rewards"]["gail"]["observed"] == 2  # D saw each step's rollouts once
 
 

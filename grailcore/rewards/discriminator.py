@@ -28,8 +28,11 @@ from grailcore.types import RewardOutput
 
 log = logging.getLogger(__name__)
 
-SAVE_FORMAT = "grailcore-discriminator-v2"
-"""v2: slate-aware (v1 scored the chosen option without its alternatives)."""
+SAVE_FORMAT = "grailcore-discriminator-v3"
+"""v3: the head also reads where each option was shown (v2 saw the slate's texts without
+their order, v1 the chosen option without its alternatives)."""
+MAX_SHOWN_OPTIONS = 32
+"""Positions the head reads (one-hot): slates up to this many options."""
 _MICRO_ROWS = 16
 """(option, state) pairs per encoder forward (whole slates, at least one): bounds activation
 memory whatever the rollout batch size."""
@@ -85,10 +88,12 @@ class Discriminator(nn.Module):
         if getattr(self.encoder, "pooler", None) is not None:
             self.encoder.pooler.requires_grad_(False)  # mean pooling never uses it
         hidden = self.encoder.config.hidden_size
-        # Input [p_k, o_k - slate mean of o]: the pair itself and how the option stands out in its slate.
-        self.head = nn.Sequential(nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 1))
+        # Input [p_k, o_k - slate mean of o, onehot(k)]: the pair itself, how the option stands
+        # out in its slate, and where it was shown (see `forward`).
+        width = 2 * hidden + MAX_SHOWN_OPTIONS
+        self.head = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, 1))
         with torch.no_grad():
-            self.head[0].weight.normal_(0.0, (2 * hidden) ** -0.5, generator=torch.Generator().manual_seed(seed))
+            self.head[0].weight.normal_(0.0, width ** -0.5, generator=torch.Generator().manual_seed(seed))
             self.head[0].bias.zero_()
             # Zero output layer: D = 0.5 everywhere at the start, so the first steps add
             # the same GAIL reward to every completion instead of random-init noise.
@@ -128,7 +133,16 @@ class Discriminator(nn.Module):
         sizes = list(slate_sizes)
         means = torch.stack([part.mean(0) for part in option.split(sizes)])  # [S, H]
         context = means.repeat_interleave(torch.tensor(sizes, device=option.device), dim=0)  # [P, H]
-        return self.head(torch.cat([pair, option - context], dim=-1)).squeeze(-1)
+        # The shown number is what the policy answers with: a policy that picks by position
+        # (the demo's SFT warm start was right in 70% of the rows whose person picked the
+        # option shown third, near 0% elsewhere) differs from people, who pick by content in
+        # whatever order they saw; without the position D cannot see that (its optimum would
+        # be the density ratio averaged over orders).
+        if max(sizes) > MAX_SHOWN_OPTIONS:
+            raise ValueError(f"a slate of {max(sizes)} options; the discriminator reads positions 1..{MAX_SHOWN_OPTIONS}")
+        shown = torch.cat([torch.arange(n, device=option.device) for n in sizes])
+        where = nn.functional.one_hot(shown, MAX_SHOWN_OPTIONS).to(option.dtype)  # [P, MAX]
+        return self.head(torch.cat([pair, option - context, where], dim=-1)).squeeze(-1)
 
     def encode_slates(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Token tensors of every (option, state) pair of each example's slate, slate after
@@ -346,7 +360,7 @@ class Discriminator(nn.Module):
         saved = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(saved, dict) or saved.get("format") != SAVE_FORMAT:
             raise ValueError(f"gail.frozen_path={path!r} is not a file written by Discriminator.save (format "
-                             f"{SAVE_FORMAT}; a v1 file holds the earlier slate-blind D: train a new one)")
+                             f"{SAVE_FORMAT}; a v1 or v2 file holds an earlier D trained on other inputs: train a new one)")
         try:
             super().load_state_dict(saved["weights"])
         except RuntimeError as err:
@@ -357,6 +371,10 @@ class Discriminator(nn.Module):
         """Fail fast on an option text too long for gail.max_tokens; log how often a state is cut."""
         viewer = [ex for ex in self._train.values() if ex.task == "viewer"]
         options = sorted({text for ex in viewer for text in ex.option_texts})
+        largest = max((len(ex.option_texts) for ex in viewer), default=0)
+        if largest > MAX_SHOWN_OPTIONS:
+            raise ConfigError(f"a training slate has {largest} options; the discriminator reads positions "
+                              f"1..{MAX_SHOWN_OPTIONS} (MAX_SHOWN_OPTIONS in grailcore/rewards/discriminator.py)")
         check_actions_fit(self.tokenizer, options, self.gail.max_tokens, ["a training option"] * len(options))
         sample = viewer[::max(1, len(viewer) // _TRUNCATION_SAMPLE)][:_TRUNCATION_SAMPLE]
         self.encode_slates(sample)

@@ -227,6 +227,34 @@ def test_slate_aware_d_pays_an_option_relative_to_its_alternatives():
     assert alone_reward > beside_reward + 1.0, (alone_reward, beside_reward)
 
 
+def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
+    """People pick by content, in whatever order they were shown (here: any option, so their
+    positions are uniform); the policy always answers 3. Content alone cannot tell the two
+    apart (both pick a random title of the slate): only the shown number can, and D must
+    learn to pay the position habit less (a D blind to the order stays at chance here)."""
+    torch.manual_seed(0)
+    rng = random.Random(6)
+    titles = (*LEFT, *RIGHT4)
+
+    def examples(n, prefix):
+        return [Example(example_id=f"{prefix}{i}", task="viewer", messages=({"role": "user", "content": "VIEWER"},),
+                        gold_index=rng.randint(1, 4), n_options=4, option_texts=tuple(rng.sample(titles, 4)),
+                        state_text="VIEWER watches gun videos.", source="test") for i in range(n)]
+
+    train, heldout = examples(64, "pos"), examples(64, "held")
+    d = make(train, lr=2e-3, disc_steps=3, label_smoothing=0.1)
+    for _ in range(12):
+        chosen = [ex for ex in rng.sample(train, 8) for _ in range(4)]
+        observe(d, rollouts(d, chosen, [3] * len(chosen)))
+    # The same title in the same slate, shown third or moved to first place: only its position differs.
+    third = d.score(heldout, [answer(3)] * len(heldout))
+    moved = [ex.replace(option_texts=(ex.option_texts[2], ex.option_texts[1], ex.option_texts[0], ex.option_texts[3]))
+             for ex in heldout]
+    first = d.score(moved, [answer(1)] * len(moved))
+    assert (third < first).double().mean() >= 0.9
+    assert first.mean() > third.mean() + 0.25  # a blind D: equal up to float noise
+
+
 # ---- rewards -------------------------------------------------------------------------------
 
 
