@@ -7,7 +7,7 @@ slot's candidate tokens at every step (`SamplingParams.watch_token_ids`, vLLM's
 Reads off every sampled path (forced slots, an unwritten option's continuation, opinion
 mixtures) still go to the engine's scoring pass. Both are log_softmax(logits / T) of the
 same weights; they differ only by the engine's arithmetic in a decode batch vs a scoring
-batch (tests/evaluation/test_sampled_reads.py bounds it).
+batch (equal to 1e-5 in fp32: tests/rollout/test_vllm_answer_slot.py).
 """
 
 from __future__ import annotations

@@ -46,8 +46,9 @@ __all__ = ["ActionTooLongError", "Discriminator", "SAVE_FORMAT", "build_discrimi
 
 class Discriminator(nn.Module):
     """Slate-aware conditional scorer: the logit of P(human) for option k of a slate is
-    `head([p_k, o_k - mean_j o_j])`: p_k the mean-pooled encoding of the pair (option k,
-    state), o_k the mean over option k's own tokens of that encoding (read with the state).
+    `head([p_k, o_k - mean_j o_j, onehot(k)])`: p_k the mean-pooled encoding of the pair
+    (option k, state), o_k the mean over option k's own tokens of that encoding (read with
+    the state), k the position the option was shown at.
 
     Every option of the slate is encoded in one pass and the head sees each option beside
     the slate's mean, so the score of a choice is relative to the alternatives the person
