@@ -10,6 +10,7 @@ Appends CSV rows to bench/results/exact_eval.csv.
 import argparse
 import os
 
+import numpy as np
 import torch
 
 from bench.harness import markdown_rows, measure_round_robin, write_csv
@@ -57,39 +58,56 @@ def main(argv=None):
     params = eval_sampling_params(args.samples, args.temperature, args.max_tokens, seed=0)
     last = {}
 
-    def run(name: str, exact: bool, sampled_reads: bool = True, prune_below: float | None = None):
+    def run(name: str, exact: bool, sampled_reads: bool = True, prune_below: float | None = None,
+            mixture: str = "draw"):
         def call():
             last[name] = generate_raw(engine, tokenizer, examples, params, exact=exact, sampled_reads=sampled_reads,
-                                      prune_below=prune_below)
+                                      prune_below=prune_below, mixture=mixture)
         return call
 
     tight = 1e-6  # the cut before sampled reads: the reference every exact mode is compared with
     modes = {"sampling_only": run("sampling_only", False), "sampling_exact": run("sampling_exact", True),
-             "sampling_exact_tight": run("sampling_exact_tight", True, prune_below=tight),
-             "sampling_exact_scored_tight": run("sampling_exact_scored_tight", True, False, tight)}
+             "sampling_exact_all_mixtures": run("sampling_exact_all_mixtures", True, mixture="exact"),
+             "sampling_exact_tight": run("sampling_exact_tight", True, prune_below=tight, mixture="exact"),
+             "sampling_exact_scored_tight": run("sampling_exact_scored_tight", True, False, tight, "exact")}
     results = measure_round_robin(modes, device="cpu", warmup=args.warmup, repeats=args.repeats)
     raw = last["sampling_only"][0]
     reference = last["sampling_exact_scored_tight"][1]
     same = all([c.token_ids for row in raw for c in row] == [c.token_ids for row in other for c in row]
                for other, _ in last.values())
 
-    def gap(slots) -> str:  # the largest difference of any probability from the reference reads
-        if slots is None:
+    def gap(slots) -> str:  # the largest difference of any read probability from the reference reads
+        if slots is None:  # (a drawn mixture's opinion is an estimate, not a read: left out)
             return ""
-        pairs = [(s.choice + s.opinion, t.choice + t.opinion)
+        pairs = [(s.choice + (s.opinion if s.opinion_slot != "mixture_draw" else ()),
+                  t.choice + (t.opinion if s.opinion_slot != "mixture_draw" else ()))
                  for r, q in zip(slots, reference) for s, t in zip(r.samples, q.samples)]
         return f"{max(abs(a - b) for mine, theirs in pairs for a, b in zip(mine, theirs)):.1e}"
 
-    slots = last["sampling_exact"][1]
-    forced = sum(s.choice_slot == "forced" for r in slots for s in r.samples) / sum(len(r.samples) for r in slots)
+    def opinion_tv(slots) -> str:  # mean over rows of the TV between row-mean opinion distributions
+        if slots is None:  # (what a drawn mixture's noise and the cut move in the evaluation's estimate)
+            return ""
+        tvs = [0.5 * np.abs(np.mean([s.opinion for s in r.samples], axis=0)
+                            - np.mean([s.opinion for s in q.samples], axis=0)).sum() for r, q in zip(slots, reference)]
+        return f"{np.mean(tvs):.1e}"
+
+    def share(slots, field: str, kinds: tuple[str, ...]) -> float | str:  # of the completions
+        if slots is None:
+            return ""
+        samples = [s for r in slots for s in r.samples]
+        return round(sum(getattr(s, field) in kinds for s in samples) / len(samples), 3)
+
+    forced = share(last["sampling_exact"][1], "choice_slot", ("forced",))
     base = results["sampling_only"]
     rows = [{"what": name, "engine": args.engine, "model": args.model, "layout": args.layout, "rows": args.rows,
              "samples": args.samples, "max_tokens": args.max_tokens, "temperature": args.temperature,
              "torch_threads": torch.get_num_threads(), "median_s": round(r.median_s, 2),
              "median_cpu_s": round(r.median_cpu_s, 2), "ratio_vs_sampling": round(r.median_s / base.median_s, 3),
              "cpu_ratio_vs_sampling": round(r.median_cpu_s / base.median_cpu_s, 3),
-             "forced_slot_share": round(forced, 3), "same_completions": same,
+             "forced_slot_share": forced, "mixture_share": share(last[name][1], "opinion_slot", ("mixture", "mixture_draw")),
+             "same_completions": same,
              "max_abs_diff_vs_scored_tight": gap(last[name][1]),
+             "row_opinion_tv_vs_scored_tight": opinion_tv(last[name][1]),
              "new_tokens": sum(len(c.token_ids) for row in raw for c in row), "repeats": len(r.seconds),
              "load_avg_1m": round(os.getloadavg()[0], 1)} for name, r in results.items()]
     write_csv(args.csv, rows)

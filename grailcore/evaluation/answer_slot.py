@@ -26,8 +26,12 @@ Where a completion has no `<answer>` (it never answered, or was cut off) the slo
 layout) is appended and read the same way; such samples are counted. A completion without
 `<opinion>` gets a forced opinion slot after its closed answer, or, when its answer is not
 closed, the mixture sum_k p(k) p(opinion | slot + `k</answer><opinion>`) over the options
-it could name (the closing text appended as in a forced slot). The direct layout has no
-reasoning, so a row's distribution is one read at prompt + `<answer>`.
+it could name (the closing text appended as in a forced slot). By default a sampled
+completion's mixture is estimated from one option K drawn with probability p(k) / S,
+S = sum_k p(k): the estimate S p(opinion | K) is unbiased for the mixture and costs one
+path's reads instead of one per option (`mixture="exact"` reads them all; a direct row,
+whose distribution is one read, always does). The direct layout has no reasoning, so a
+row's distribution is one read at prompt + `<answer>`.
 
 Because the slot is a stopping time of the sampled sequence, the mean of these per-sample
 distributions over a row's k samples is an unbiased (Rao-Blackwellised) estimate of the
@@ -83,7 +87,8 @@ class SampleSlots:
     choice_slot: str
     """'sampled' (the completion wrote <answer>), 'forced' or 'direct'."""
     opinion_slot: str
-    """'sampled', 'forced' (appended after a closed answer) or 'mixture' (over the options)."""
+    """'sampled', 'forced' (appended after a closed answer), 'mixture' (over every option)
+    or 'mixture_draw' (after one option drawn from p(k): an unbiased estimate of the mixture)."""
 
 
 @dataclass(frozen=True)
@@ -303,16 +308,25 @@ def candidate_mass(logprobs: Sequence[float], groups: Sequence[Sequence[Any]]) -
     return tuple(out)
 
 
+MIXTURES = ("draw", "exact")
+
+
 def slot_distributions(score: Scorer, vocab: SlotVocabulary, prompts: Sequence[Sequence[int]],
                        completions: Sequence[Sequence[Sequence[int]]], n_options: Sequence[int],
                        layouts: Sequence[str], temperature: float,
-                       prune_below: float | None = None) -> list[RowSlots]:
+                       prune_below: float | None = None, mixture: str = "draw", seed: int = 0) -> list[RowSlots]:
     """Per row, the slot distributions of each of its completions (token ids, as sampled
     after `prompts[i]`, in layout `layouts[i]`). A 'direct' row given no completions
     reads its one direct slot (estimator DIRECT). Reads go to `score` depth by depth,
     first the answer and opinion slots, then the opinion mixtures weighted by p(k)
-    (`sequence_logprobs`, branches below `prune_below`, default PRUNE_BELOW, not followed)."""
+    (`sequence_logprobs`, branches below `prune_below`, default PRUNE_BELOW, not followed).
+    `mixture`: 'draw' estimates a sampled completion's mixture after one option drawn
+    from p(k) (a generator seeded with `seed`, draws in row order); 'exact' reads every
+    option's path."""
+    if mixture not in MIXTURES:
+        raise ValueError(f"mixture must be one of {MIXTURES}, got {mixture!r}")
     cut = PRUNE_BELOW if prune_below is None else prune_below
+    rng = np.random.default_rng(seed)
     plans = []
     for prompt, rows, n, layout in zip(prompts, completions, n_options, layouts, strict=True):
         if layout not in LAYOUTS:
@@ -329,23 +343,36 @@ def slot_distributions(score: Scorer, vocab: SlotVocabulary, prompts: Sequence[S
     first = iter(sequence_logprobs(score, queries, temperature, prune_below=cut))
     reads = [(candidate_mass(next(first), vocab.choices(n)), next(first))
              for plans_of_row, n in zip(plans, n_options) for _ in plans_of_row]
-    mixtures, weights = [], []  # opinion after each option k a mixture sample could name, weighted by p(k)
+    mixtures, weights = [], []  # opinion after each option k a mixture reads, weighted by p(k)
+    drawn = []  # per mixture sample: its slot kind and the (option index, weight) of each path read
     for plan, (choice, _) in zip((p for row in plans for p in row), reads):
-        mixtures.extend((plan.answer + path, flat_opinions) for path in plan.mixture_paths)
-        weights.extend(choice[:len(plan.mixture_paths)])
+        if not plan.mixture_paths:
+            continue
+        probs = np.array(choice[:len(plan.mixture_paths)])
+        if mixture == "exact" or plan.choice_slot == "direct":
+            kind, paths = "mixture", tuple(enumerate(probs))
+        else:  # S p(opinion | K) with K ~ p(k) / S has mean sum_k p(k) p(opinion | k)
+            total = float(probs.sum())
+            kind, paths = "mixture_draw", ((int(rng.choice(len(probs), p=probs / total)), total),) if total > 0 else ()
+        drawn.append((kind, paths))
+        mixtures.extend((plan.answer + plan.mixture_paths[k], flat_opinions) for k, _ in paths)
+        weights.extend(w for _, w in paths)
     second = iter(sequence_logprobs(score, mixtures, temperature, weights, cut))
+    paths_of = iter(drawn)
     per_sample = iter(reads)
     out = []
     for plans_of_row in plans:
         samples = []
         for plan in plans_of_row:
             choice, opinion_logp = next(per_sample)
+            slot_kind = plan.opinion_slot
             if plan.opinion is not None:
                 opinion = np.array(candidate_mass(opinion_logp, vocab.opinions))
             else:  # weighted by p(k); the rest of the closing text is appended, as in a forced slot
-                opinion = sum(w * np.array(candidate_mass(next(second), vocab.opinions))
-                              for w in choice[:len(plan.mixture_paths)])
-            samples.append(SampleSlots(choice, tuple(float(p) for p in opinion), plan.choice_slot, plan.opinion_slot))
+                slot_kind, paths = next(paths_of)
+                opinion = sum((w * np.array(candidate_mass(next(second), vocab.opinions)) for _, w in paths),
+                              np.zeros(len(vocab.opinions)))
+            samples.append(SampleSlots(choice, tuple(float(p) for p in opinion), plan.choice_slot, slot_kind))
         estimator = DIRECT if plans_of_row[0].choice_slot == "direct" else EXACT
         out.append(RowSlots(estimator, float(temperature), tuple(samples)))
     return out

@@ -31,14 +31,16 @@ def eval_sampling_params(samples_per_row: int, temperature: float, max_tokens: i
 
 def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], params: SamplingParams,
                  exact: bool = True, chunk_size: int = 64,
-                 sampled_reads: bool = True, prune_below: float | None = None,
+                 sampled_reads: bool = True, prune_below: float | None = None, mixture: str = "draw",
                  ) -> tuple[list[list[Completion]], list | None]:
     """`params.n` completions per example, in example order (chunks bound host memory),
     and with `exact` each row's `answer_slot.RowSlots` (a row rendered in the direct
     layout reads one slot, from its prompt alone). `sampled_reads`: take a slot on a
     sampled path from what the engine reported while sampling (`sampled_reads.py`);
-    False scores every slot in a separate pass (the benchmark's baseline). `prune_below`:
-    `answer_slot.slot_distributions`'s cut (default `answer_slot.PRUNE_BELOW`)."""
+    False scores every slot in a separate pass (the benchmark's baseline). `prune_below`
+    and `mixture`: `answer_slot.slot_distributions`'s cut (default `answer_slot.PRUNE_BELOW`)
+    and how an unclosed answer's opinion mixture is read (default one drawn option; the
+    draws are seeded by the chunk's position)."""
     from grailcore.data.prompt import encode_prompt
     from grailcore.evaluation.answer_slot import SlotVocabulary, slot_distributions
     from grailcore.evaluation.sampled_reads import SampledReads, watch_ids
@@ -69,7 +71,7 @@ def generate_raw(engine: RolloutEngine, tokenizer, examples: Sequence[Example], 
             score = SampledReads(prompts, results).scorer(engine.next_token_logprobs, params.temperature)
             slots.extend(slot_distributions(score, vocab, prompts, sampled,
                                             [ex.n_options for ex in chunk], layouts, params.temperature,
-                                            prune_below))
+                                            prune_below, mixture, seed=start))
     return out, slots
 
 

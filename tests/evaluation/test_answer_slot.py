@@ -109,7 +109,7 @@ def test_every_probability_equals_a_brute_force_product_of_forwards(micro, monke
              "forced_both": "<think>never answers"}
     completions = [encode(tokenizer, text) + [tokenizer.eos_token_id] for text in texts.values()]
     score = functools.partial(trie_next_token_logprobs, model)
-    row, = slot.slot_distributions(score, vocab, [prompt], [completions], [4], ["think"], t)
+    row, = slot.slot_distributions(score, vocab, [prompt], [completions], [4], ["think"], t, mixture="exact")
     assert row.estimator == slot.EXACT and row.temperature == t
     kinds = [(s.choice_slot, s.opinion_slot) for s in row.samples]
     assert kinds == [("sampled", "sampled"), ("sampled", "forced"), ("forced", "mixture")]
@@ -134,6 +134,42 @@ def test_every_probability_equals_a_brute_force_product_of_forwards(micro, monke
     np.testing.assert_allclose(row.samples[2].opinion, mixture, rtol=1e-4)
 
 
+def test_a_drawn_mixture_is_unbiased_and_reads_one_path(micro):
+    tokenizer, model = micro
+    vocab = slot.SlotVocabulary(tokenizer)
+    prompt = tuple(encode(tokenizer, "viewer prompt"))
+    unclosed = encode(tokenizer, "<think>never answers")
+    reads = []
+
+    def score(sequences, token_ids, temperature):
+        reads.extend(map(tuple, sequences))
+        return trie_next_token_logprobs(model, sequences, token_ids, temperature)
+
+    def read(copies: int, mixture: str, seed: int = 0):
+        reads.clear()
+        row, = slot.slot_distributions(score, vocab, [prompt], [[unclosed] * copies], [4], ["think"], 1.0,
+                                       prune_below=0.0, mixture=mixture, seed=seed)
+        return np.array([s.opinion for s in row.samples]), [s.opinion_slot for s in row.samples], set(reads)
+
+    exact, kinds, exact_reads = read(1, "exact")
+    assert kinds == ["mixture"]
+    once, kinds, drawn_reads = read(1, "draw")
+    assert kinds == ["mixture_draw"] and len(drawn_reads) < len(exact_reads)
+    answer = prompt + tuple(unclosed) + tuple(encode(tokenizer, "</think>\n<answer>"))
+    choice = option_mass(model, vocab, answer, vocab.choices(4), 1.0)
+    after = [option_mass(model, vocab, answer + tuple(encode(tokenizer, f"{k}</answer><opinion>")), vocab.opinions, 1.0)
+             for k in range(1, 5)]
+    # one draw is S p(opinion | K) for some option K, S = sum_k p(k)
+    assert min(np.abs(once[0] - choice.sum() * m).max() for m in after) < 1e-6 * choice.sum()
+    draws, _, _ = read(4000, "draw", seed=1)  # copies of one completion: each copy draws its own K
+    mean, spread = draws.mean(axis=0), draws.std(axis=0) / np.sqrt(len(draws))
+    assert np.all(np.abs(mean - exact[0]) <= 4 * spread + 1e-12)
+    assert np.all(spread > 0)  # the draws differ, so the check above has power
+    assert np.array_equal(read(8, "draw", seed=3)[0], read(8, "draw", seed=3)[0])  # seeded
+    with pytest.raises(ValueError, match="mixture must be one of"):
+        read(1, "sometimes")
+
+
 def test_pruned_branches_cost_no_reads_and_at_most_the_cut(micro, monkeypatch):
     tokenizer, model = micro
     vocab = slot.SlotVocabulary(tokenizer)
@@ -149,7 +185,7 @@ def test_pruned_branches_cost_no_reads_and_at_most_the_cut(micro, monkeypatch):
     def read(cut: float):
         monkeypatch.setattr(slot, "PRUNE_BELOW", cut)
         calls.clear()
-        row, = slot.slot_distributions(score, vocab, [prompt], completions, [4], ["think"], 1.0)
+        row, = slot.slot_distributions(score, vocab, [prompt], completions, [4], ["think"], 1.0, mixture="exact")
         return np.array([s.choice + s.opinion for s in row.samples]), sum(calls)
 
     exact, all_reads = read(0.0)
