@@ -240,6 +240,12 @@ class GailConfig:
     """Replayed past policy negatives per fresh negative in each D update."""
     frozen_path: str | None = None
     """Load D from this file and never update it."""
+    warmup_steps: int = 0
+    """The run's first warmup_steps steps train D alone: rollouts are sampled and scored and
+    D learns from them, the policy is not updated (no loss, no optimizer step, no weight
+    sync). They count in optim.max_steps, so a policy trained for N steps needs
+    max_steps = warmup_steps + N. D then starts the policy's steps having seen the
+    starting policy's own choices instead of at chance."""
 
 
 @dataclass(frozen=True)

@@ -85,6 +85,8 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
         if update.applied:  # the discriminator learns from this step's rollouts (GRAIL)
             trainer.rewards.update(rollouts.examples, [c.text for c in rollouts.completions], rollouts.rewards)
         adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
+    if step < cfg.gail.warmup_steps:  # the discriminator's warm-up: the policy stays as it is
+        return _discriminator_only(trainer, rollouts, adv)
     with timer("training"):
         batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
                                 trainer.policy.tokenizer.pad_token_id, cfg.optim.micro_batch_size,
@@ -110,6 +112,19 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
         samples=[(rollouts.examples[0], rollouts.completions[0].text)])
 
 
+def _discriminator_only(trainer: Trainer, rollouts: Rollouts, adv: AdvantageOutput) -> StepOutput:
+    """A step of `gail.warmup_steps`: the rollouts' metrics and D's, no policy update."""
+    metrics = _grpo_metrics(trainer, rollouts, adv.zero_variance_groups, updates=None)
+    metrics.update(trainer.rewards.metrics())  # a collective, as in every step
+    metrics["gail/warmup"] = 1.0
+    cfg = trainer.cfg
+    return StepOutput(
+        metrics=metrics, skipped=False, tokens=0, loss=0.0, grad_norm=0.0, prompt_ids=rollouts.prompt_ids,
+        completions=rollouts.completions, sequences_per_step=cfg.grpo.prompts_per_step * cfg.grpo.group_size,
+        rewards=rollouts.rewards, zero_variance_groups=adv.zero_variance_groups,
+        samples=[(rollouts.examples[0], rollouts.completions[0].text)])
+
+
 def prompt_seeds(run_seed: int, step: int, example_ids: list[str], first_slot: int) -> tuple[int, ...]:
     """A sampling seed per prompt of a step, from (run seed, step, example id, slot in the
     step's global prompt list): a prompt's samples are independent of every other prompt's
@@ -132,7 +147,7 @@ def step_advantages(rewards: torch.Tensor, group_size: int, scale: Scale) -> Adv
 
 
 def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: int,
-                  updates: list[UpdateStats]) -> dict[str, float]:
+                  updates: list[UpdateStats] | None) -> dict[str, float]:
     rewards = rollouts.rewards
     m: dict[str, float] = {"reward/total": float(rewards.total.mean()),
                            "reward/total_std": float(rewards.total.std())}
@@ -148,6 +163,8 @@ def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: in
                                       / len(rollouts.completions))
     m["grpo/zero_variance_groups"] = float(zero_variance_groups)
     m["grpo/resampled_groups"] = float(rollouts.resampled_groups)
+    if updates is None:  # no policy update this step (the discriminator's warm-up)
+        return m
     first = updates[0]
     m.update({"loss": first.loss, "kl": first.kl, "clip_fraction": first.clip_fraction,
               "entropy": first.entropy, "grad_norm": first.grad_norm,

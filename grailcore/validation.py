@@ -124,6 +124,13 @@ def _gail_checks(cfg: Config) -> list[tuple[bool, str]]:
          f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
         (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),
         (0 <= gail.replay_ratio <= 1, f"gail.replay_ratio must be in [0, 1], got {gail.replay_ratio}"),
+        (gail.warmup_steps >= 0, f"gail.warmup_steps must be >= 0, got {gail.warmup_steps}"),
+        (gail.warmup_steps == 0 or ("gail" in cfg.rewards.names and gail.frozen_path is None),
+         f"gail.warmup_steps={gail.warmup_steps} trains the discriminator alone, so it needs `gail` in "
+         "rewards.names and no gail.frozen_path; set it to 0 or add the discriminator"),
+        (gail.warmup_steps < cfg.optim.max_steps,
+         f"gail.warmup_steps={gail.warmup_steps} leaves no policy step in optim.max_steps={cfg.optim.max_steps}; "
+         "raise max_steps to warmup_steps + the policy steps wanted"),
     ]
 
 

@@ -142,6 +142,26 @@ def test_grail_run_logs_discriminator_metrics_and_checkpoints_it(tmp_path):
     assert extra["rewards"]["gail"]["observed"] == 2  # D saw each step's rollouts once
 
 
+def test_a_discriminator_warm_up_trains_d_alone_then_the_policy(tmp_path):
+    """gail.warmup_steps: the first steps sample, score and update D; the policy's weights
+    are the starting ones until the first policy step."""
+    cfg = tiny_config(tmp_path / "grail", optim=OptimConfig(lr=1e-3, max_steps=3, micro_batch_size=16),
+                      rewards=RewardsConfig(names=(DISTINCT, "gail"), weights=(1.0, 0.5)),
+                      gail=GailConfig(model="tiny-bert", max_tokens=256, warmup_steps=2),
+                      checkpoint=CheckpointConfig(every=1, keep=3, export_final=False))
+    _run(cfg)
+    rows = [r for r in _rows(tmp_path / "grail") if "reward/total" in r]
+    assert [r.get("gail/warmup", 0.0) for r in rows] == [1.0, 1.0, 0.0]
+    assert ["loss" in r for r in rows] == [False, False, True] and all("gail/d_loss" in r for r in rows)
+    start = AutoModelForCausalLM.from_pretrained(resolve_model_path("micro-llama")).state_dict()
+    warmed, trained = (read_model_weights(_checkpoint(tmp_path / "grail", step)) for step in (2, 3))
+    assert all(torch.equal(warmed[name], start[name.removeprefix("lm.")]) for name in warmed)
+    assert any(not torch.equal(trained[name], start[name.removeprefix("lm.")]) for name in trained)
+    discriminators = [torch.load(_checkpoint(tmp_path / "grail", step) / "extra.pt", weights_only=True)
+                      ["rewards"]["gail"] for step in (1, 2, 3)]
+    assert [d["observed"] for d in discriminators] == [1, 2, 3]
+
+
 @pytest.mark.parametrize("names", [("choice_likelihood", "format"), ("choice_likelihood", "opinion_likelihood", "gail")])
 def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(tmp_path, names):
     """`--rewards.names choice_likelihood ...`: the trainer attaches its engine as the slot

@@ -8,7 +8,8 @@ import dataclasses
 import pytest
 
 from grailcore.config import (
-    CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, GailConfig, GRPOConfig, RewardsConfig, SFTConfig,
+    CheckpointConfig, Config, ConfigError, DataConfig, EvalConfig, GailConfig, GRPOConfig, OptimConfig, RewardsConfig,
+    SFTConfig,
 )
 from grailcore.validation import validate
 
@@ -26,10 +27,18 @@ def test_gail_is_an_ordinary_entry_of_the_reward_table():
     (dict(disc_steps=0), "gail.disc_steps"), (dict(max_tokens=4), "gail.max_tokens"),
     (dict(label_smoothing=1.0), "gail.label_smoothing"), (dict(negatives="some"), "gail.negatives"),
     (dict(replay_size=-1), "gail.replay_size"), (dict(replay_ratio=2.0), "gail.replay_ratio"),
+    (dict(warmup_steps=-1), "gail.warmup_steps"), (dict(warmup_steps=2), "gail.warmup_steps=2 trains the disc"),
 ])
 def test_discriminator_settings_are_checked_before_it_is_built(gail, field):
     with pytest.raises(ConfigError, match=field):
         validate(Config(gail=GailConfig(**gail)))
+
+
+def test_a_discriminator_warm_up_must_leave_policy_steps():
+    grail = RewardsConfig(names=("slate_accuracy", "gail"), weights=(1.0, 0.25))
+    validate(Config(rewards=grail, gail=GailConfig(warmup_steps=4)))
+    with pytest.raises(ConfigError, match=r"gail.warmup_steps=20 leaves no policy step in optim.max_steps=20"):
+        validate(Config(rewards=grail, gail=GailConfig(warmup_steps=20), optim=OptimConfig(max_steps=20)))
 
 
 def test_a_step_must_split_evenly_over_the_ranks_of_its_mode():
