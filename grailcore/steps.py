@@ -74,8 +74,11 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     cfg, dist, data = trainer.cfg, trainer.dist, trainer.data
     mine = trainer.next_prompts(cfg.grpo.prompts_per_step)  # whole groups per rank
     seeds = prompt_seeds(cfg.seed, step, [data.train[i].example_id for i in mine], first_slot=dist.rank * len(mine))
+    # Slot rewards look up the reads on each sampled path in what sampling reports (T > 0, no nucleus).
+    watch = trainer.rewards.watch_ids([data.train[i] for i in mine]) if cfg.rollout.top_p == 1.0 else ()
     params = SamplingParams(n=cfg.grpo.group_size, temperature=cfg.rollout.temperature,
-                            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_completion_tokens, seeds=seeds)
+                            top_p=cfg.rollout.top_p, max_tokens=cfg.rollout.max_completion_tokens, seeds=seeds,
+                            watch_token_ids=watch)
     with timer("generation"):
         rollouts = trainer.rollout.collect(
             [data.train[i] for i in mine], [data.train_ids[i] for i in mine], params, trainer.rewards,

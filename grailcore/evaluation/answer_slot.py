@@ -85,7 +85,8 @@ class SampleSlots:
     opinion: tuple[float, float, float]
     """p(direction) in OPINION_DIRECTIONS order; 1 - sum is off-slate."""
     choice_slot: str
-    """'sampled' (the completion wrote <answer>), 'forced' or 'direct'."""
+    """'sampled' (the completion wrote <answer>), 'forced' or 'direct'; 'skipped' (all zeros)
+    where a slot reward's reader left an uncommitted completion unread (`rewards/likelihood.py`)."""
     opinion_slot: str
     """'sampled', 'forced' (appended after a closed answer), 'mixture' (over every option)
     or 'mixture_draw' (after one option drawn from p(k): an unbiased estimate of the mixture)."""

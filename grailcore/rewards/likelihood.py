@@ -30,26 +30,50 @@ from typing import Sequence
 
 from grailcore.data.schema import OPINION_DIRECTIONS, Example
 from grailcore.evaluation.answer_slot import SampleSlots, Scorer, SlotVocabulary, slot_distributions
+from grailcore.evaluation.sampled_reads import SampledReads, watch_ids
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register_slot
 from grailcore.rewards.stack import Tokens
+from grailcore.types import Completion
 
 
 class SlotReader:
-    """Reads each sampled completion's answer- and opinion-slot distributions from an engine."""
+    """Reads each sampled completion's answer- and opinion-slot distributions from an engine.
+
+    Given the sampled `Completion`s too, it reads only what a slot reward pays for: a
+    completion without a committed answer gets the floor whatever its slots hold, so its
+    slots are not read (all zeros, kind 'skipped'); and a slot on the sampled path is looked
+    up in the log-probs the engine reported while sampling (`watch_ids` asks for them,
+    `evaluation/sampled_reads.py`) instead of requested again."""
 
     def __init__(self, score: Scorer, tokenizer, temperature: float) -> None:
         if temperature <= 0:
             raise ValueError(f"the slot rewards read softmax(logits / T) at the sampling temperature; got T={temperature}")
         self.score, self.vocab, self.temperature = score, SlotVocabulary(tokenizer), temperature
 
-    def __call__(self, examples: Sequence[Example], tokens: Tokens) -> list[SampleSlots]:
-        if len(examples) != len(tokens):
-            raise ValueError(f"{len(examples)} examples for {len(tokens)} token sequences")
-        rows = slot_distributions(self.score, self.vocab, [p for p, _ in tokens], [[c] for _, c in tokens],
-                                  [ex.n_options for ex in examples],
-                                  [ex.meta.get("layout", "think") for ex in examples], self.temperature)
-        return [row.samples[0] for row in rows]
+    def watch_ids(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """The token ids whose log-probs sampling should report (`SamplingParams.watch_token_ids`)."""
+        return watch_ids(self.vocab, [ex.n_options for ex in examples])
+
+    def __call__(self, examples: Sequence[Example], tokens: Tokens,
+                 sampled: Sequence[Completion] | None = None) -> list[SampleSlots]:
+        if len(examples) != len(tokens) or (sampled is not None and len(sampled) != len(tokens)):
+            raise ValueError(f"{len(examples)} examples for {len(tokens)} token sequences"
+                             + (f" and {len(sampled)} completions" if sampled is not None else ""))
+        keep = list(range(len(examples)))
+        score = self.score
+        if sampled is not None:
+            keep = [i for i in keep if _committed(examples[i], sampled[i].text)]
+            score = SampledReads([tokens[i][0] for i in keep], [[sampled[i]] for i in keep]).scorer(
+                self.score, self.temperature)
+        rows = slot_distributions(score, self.vocab, [tokens[i][0] for i in keep], [[tokens[i][1]] for i in keep],
+                                  [examples[i].n_options for i in keep],
+                                  [examples[i].meta.get("layout", "think") for i in keep], self.temperature)
+        out = [SampleSlots((0.0,) * ex.n_options, (0.0,) * len(OPINION_DIRECTIONS), "skipped", "skipped")
+               for ex in examples]
+        for i, row in zip(keep, rows):
+            out[i] = row.samples[0]
+        return out
 
 
 def _committed(example: Example, completion: str) -> bool:

@@ -14,7 +14,7 @@ from grailcore.config import Config, RewardsConfig
 from grailcore.data.schema import Example
 from grailcore.dist import DistInfo
 from grailcore.rewards.registry import learned_rewards, score_rule, score_slot, slot_rewards
-from grailcore.types import RewardOutput
+from grailcore.types import Completion, RewardOutput
 
 Tokens = Sequence[tuple[Sequence[int], Sequence[int]]]
 """Per completion: (its chat-templated prompt's token ids, its own token ids as sampled)."""
@@ -51,7 +51,7 @@ class RewardStack:
         self.cfg = cfg
         self.learned = learned
         """name -> learned reward (each one listed in cfg.names)."""
-        self.reader: Callable[[Sequence[Example], Tokens], list] | None = None
+        self.reader: Callable[..., list] | None = None
         """Reads each completion's slot distributions (`likelihood.SlotReader`); see attach_reader."""
 
     @property
@@ -59,19 +59,30 @@ class RewardStack:
         """Whether a reward of the table needs the completions' slot distributions."""
         return any(name in slot_rewards() for name in self.cfg.names)
 
-    def attach_reader(self, reader: Callable[[Sequence[Example], Tokens], list]) -> None:
-        """Give the slot rewards their reader (the trainer's: its rollout engine)."""
+    def attach_reader(self, reader: Callable[..., list]) -> None:
+        """Give the slot rewards their reader (the trainer's: its rollout engine):
+        `reader(examples, tokens, sampled)`, `sampled` the completions or None."""
         self.reader = reader
 
+    def watch_ids(self, examples: Sequence[Example]) -> tuple[int, ...]:
+        """Token ids whose log-probs sampling should report so the slot rewards look their
+        reads up (`SamplingParams.watch_token_ids`); () when no reward reads slots."""
+        if not self.reads_slots or not hasattr(self.reader, "watch_ids"):
+            return ()
+        return self.reader.watch_ids(examples)
+
     def __call__(self, examples: Sequence[Example], completions: Sequence[str], *,
-                 learned: bool = True, tokens: Tokens | None = None) -> RewardOutput:
+                 learned: bool = True, tokens: Tokens | None = None,
+                 sampled: Sequence[Completion] | None = None) -> RewardOutput:
         """RewardOutput of aligned lists (len N). learned=False: the rule rewards only.
-        tokens: per completion (prompt ids, completion ids), needed by slot rewards."""
+        tokens: per completion (prompt ids, completion ids), needed by slot rewards;
+        sampled: the completions themselves (their texts and the log-probs sampling
+        reported), which let the reader skip reads no reward pays for."""
         per_reward: dict[str, torch.Tensor] = {}
         errors: dict[str, int] = {}
         total = torch.zeros(len(completions), dtype=torch.float32)  # [N]
         learned_names = learned_rewards()
-        slots = self._read_slots(examples, tokens) if learned and self.reads_slots else None
+        slots = self._read_slots(examples, tokens, sampled) if learned and self.reads_slots else None
         for name, weight in zip(self.cfg.names, self.cfg.weights, strict=True):
             if name in slot_rewards():
                 if not learned:
@@ -90,14 +101,15 @@ class RewardStack:
             total += weight * values
         return RewardOutput(total=total, per_reward=per_reward, errors=errors)
 
-    def _read_slots(self, examples: Sequence[Example], tokens: Tokens | None) -> list:
+    def _read_slots(self, examples: Sequence[Example], tokens: Tokens | None,
+                    sampled: Sequence[Completion] | None) -> list:
         names = [n for n in self.cfg.names if n in slot_rewards()]
         if self.reader is None:
             raise RuntimeError(f"rewards {names} read the policy's answer slot, but no reader is attached "
                                "(RewardStack.attach_reader; the trainer attaches its rollout engine)")
         if tokens is None:
             raise RuntimeError(f"rewards {names} need each completion's token ids: pass tokens=")
-        return self.reader(examples, tokens)
+        return self.reader(examples, tokens, sampled)
 
     def update(self, examples: Sequence[Example], completions: Sequence[str], rewards: RewardOutput) -> None:
         """Every learned reward learns from this step's training rollouts."""

@@ -15,8 +15,8 @@ from grailcore.rollout.base import RolloutEngine
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
 Scorer = Callable[..., RewardOutput]
-"""`scorer(examples, texts, tokens=[(prompt ids, completion ids)] per completion)`: a
-`RewardStack` (its slot rewards read the completions' tokens)."""
+"""`scorer(examples, texts, tokens=[(prompt ids, completion ids)] per completion,
+sampled=completions)`: a `RewardStack` (its slot rewards read the completions' tokens)."""
 
 
 @dataclass(frozen=True)
@@ -48,9 +48,10 @@ def _needs_resample(totals: torch.Tensor, dynamic_sampling: bool, reject_thresho
 
 def _score(scorer: Scorer, flat_examples: list[Example], prompt_ids: list[list[int]],
            groups: list[list[Completion]]) -> RewardOutput:
-    """Score the groups (prompt-major, flat) with their texts and token ids."""
+    """Score the groups (prompt-major, flat) with their texts, token ids and completions."""
     tokens = [(ids, c.token_ids) for ids, group in zip(prompt_ids, groups, strict=True) for c in group]
-    return scorer(flat_examples, [c.text for g in groups for c in g], tokens=tokens)
+    flat = [c for g in groups for c in g]
+    return scorer(flat_examples, [c.text for c in flat], tokens=tokens, sampled=flat)
 
 
 def collect_rollouts(

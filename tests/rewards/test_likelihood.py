@@ -42,7 +42,7 @@ class FixedReader:
     def __init__(self, choice, opinion=(1 / 3, 1 / 3, 1 / 3)) -> None:
         self.slots = SampleSlots(tuple(choice), tuple(opinion), "sampled", "sampled")
 
-    def __call__(self, examples, tokens):
+    def __call__(self, examples, tokens, sampled=None):
         assert len(examples) == len(tokens)
         return [self.slots] * len(examples)
 
@@ -144,10 +144,11 @@ def test_settings_that_make_the_slot_rewards_meaningless_are_refused(change, mat
         validate(cfg)
 
 
-def _plain_logprobs(model, ids, temperature) -> torch.Tensor:
+def _plain_logprobs(model, ids, temperature, every_step: bool = False) -> torch.Tensor:
+    """log_softmax(logits / T) after `ids` ([V]), or after every prefix of it ([len, V])."""
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
-    return torch.log_softmax(logits / temperature, dim=-1)
+        logits = model(input_ids=torch.tensor([ids])).logits[0].float()
+    return torch.log_softmax((logits if every_step else logits[-1]) / temperature, dim=-1)
 
 
 def test_a_real_engine_pays_the_log_probability_its_model_gives_the_persons_option():
@@ -189,3 +190,51 @@ def test_a_real_engine_pays_the_log_probability_its_model_gives_the_persons_opti
     assert values[0] == pytest.approx(math.log(expected), rel=1e-4)
     assert values[1] == pytest.approx(values[0], rel=1e-4)  # the same slot: the written answer does not change it
     assert values[2] == -50.0  # never answered: the floor, although a forced slot has a probability
+
+
+def test_the_reader_skips_uncommitted_samples_and_looks_up_sampled_slots():
+    """Given the sampled completions, the reader reads nothing for a completion without a
+    committed answer (its reward is the floor anyway) and takes a slot on the sampled path
+    from the log-probs sampling reported (`watch_ids`): the committed completions' slots
+    are those of a full read, with fewer scoring requests."""
+    from grailcore.rollout.next_token import trie_next_token_logprobs
+    from grailcore.types import Completion
+
+    path = resolve_model_path("micro-llama")
+    tokenizer, model = load_tokenizer(path), load_policy(path, "float32").eval()
+    example = load_examples("synthetic:gun_control", DataConfig(synthetic_n=60), split="train").examples[0]
+    prompt = encode_prompt(tokenizer, example)
+    texts = ["<think>x</think><answer>1</answer><opinion>increase</opinion>",
+             "<think>y</think><answer>2</answer><opinion>no_change</opinion>", "<think>never answers"]
+    temperature, scored = 0.8, []
+
+    def score(sequences, token_ids, at):
+        scored.extend(sequences)
+        return trie_next_token_logprobs(model, sequences, token_ids, at)
+
+    reader = SlotReader(score, tokenizer, temperature)
+    watch = reader.watch_ids([example])
+    sampled = []
+    for text in texts:  # each as an engine watching `watch` reports it: one plain forward
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        steps = _plain_logprobs(model, prompt + ids, temperature, every_step=True)[len(prompt) - 1:-1]
+        sampled.append(Completion(text=text, token_ids=tuple(ids), logprobs=None, finish_reason="stop",
+                                  watched=tuple({t: float(row[t]) for t in watch} for row in steps)))
+    tokens = [(prompt, c.token_ids) for c in sampled]
+    full = reader([example] * 3, tokens)
+    scored.clear()
+    reader([example] * 2, tokens[:2])
+    committed_requests, scored[:] = len(scored), []
+    reader([example] * 2, tokens[:2], sampled[:2])
+    assert len(scored) < committed_requests  # the sampled slots were looked up, not requested
+    fast = reader([example] * 3, tokens, sampled)
+    for mine, theirs in zip(fast[:2], full[:2]):
+        assert (mine.choice_slot, mine.opinion_slot) == ("sampled", "sampled")
+        np.testing.assert_allclose(mine.choice + mine.opinion, theirs.choice + theirs.opinion, atol=1e-5)
+    assert (fast[2].choice_slot, sum(fast[2].choice)) == ("skipped", 0.0) and full[2].choice_slot == "forced"
+    stack = _stack(("choice_likelihood", "opinion_likelihood"), reader)
+    texts_of = [c.text for c in sampled]
+    with_sampled = stack([example] * 3, texts_of, tokens=tokens, sampled=sampled)
+    without = stack([example] * 3, texts_of, tokens=tokens)
+    for name in ("choice_likelihood", "opinion_likelihood"):
+        np.testing.assert_allclose(with_sampled.per_reward[name], without.per_reward[name], atol=1e-4)
