@@ -7,6 +7,10 @@ from dataclasses import dataclass, field
 import torch
 
 
+MAX_WATCHED_IDS = 128
+"""vLLM 0.32's cap on one request's `logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How an engine samples; n completions per prompt."""
@@ -26,7 +30,15 @@ class SamplingParams:
     watch_token_ids: tuple[int, ...] = ()
     """Token ids whose log-probs (under logits / T, as the sampled token's) the engine reports
     at every decode step, in `Completion.watched`, where it can (vLLM; at most 128 ids). The
-    evaluation reads a sampled answer slot from them instead of a scoring pass."""
+    evaluation reads a sampled answer slot from them instead of a scoring pass. Only with
+    temperature sampling and top_p = 1, where they are log_softmax(logits / T)."""
+
+    def __post_init__(self) -> None:
+        if self.watch_token_ids and (self.greedy or self.temperature <= 0 or self.top_p < 1.0
+                                     or len(self.watch_token_ids) > MAX_WATCHED_IDS):
+            raise ValueError(f"watch_token_ids ({len(self.watch_token_ids)} ids) need temperature sampling with "
+                             f"top_p = 1 and at most {MAX_WATCHED_IDS} ids: only then are the reported log-probs "
+                             "log_softmax(logits / T)")
 
 
 @dataclass(frozen=True)

@@ -94,7 +94,7 @@ class HFEngine:
         all_logprobs = torch.log_softmax(logits, dim=-1)
         logprobs = all_logprobs.gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
         watch = list(params.watch_token_ids)
-        watched = all_logprobs[..., watch].cpu() if watch and not params.greedy and params.top_p == 1.0 else None
+        watched = all_logprobs[..., watch].cpu() if watch else None  # SamplingParams: only at T with top_p = 1
         return self._to_completions(new_tokens.cpu(), logprobs.cpu(), len(prompts), params.n,
                                     (watch, watched) if watched is not None else None)
 

@@ -23,7 +23,7 @@ import torch
 
 from grailcore.rng import derive_seed
 from grailcore.rollout.precision import EngineDtype, resolve_engine_dtype
-from grailcore.types import Completion, SamplingParams
+from grailcore.types import MAX_WATCHED_IDS, Completion, SamplingParams
 
 _FINISH_REASONS = ("stop", "length")
 _EMBEDDING = "embed_tokens.weight"
@@ -33,7 +33,7 @@ _EXPECTED_RELOAD_WARNINGS = ("Failed to load weights", "Following weights were n
 SCORING_MARGIN_TOKENS = 64
 """Room beyond prompt + completion in the context: a scoring pass appends a forced answer
 slot and a candidate answer to a full-length completion (`next_token_logprobs`)."""
-_MAX_IDS_PER_REQUEST = 128
+_MAX_IDS_PER_REQUEST = MAX_WATCHED_IDS
 """vLLM 0.32's cap on `SamplingParams.logprob_token_ids` (MAX_LOGPROB_TOKEN_IDS)."""
 
 _set_torch_threads = torch.set_num_threads
@@ -226,11 +226,7 @@ class VLLMEngine:
 
         if params.greedy and params.n != 1:
             raise ValueError("greedy decoding with n > 1 gives n identical samples; use temperature > 0")
-        watch = bool(params.watch_token_ids)
-        if watch and (params.greedy or params.top_p < 1.0 or len(params.watch_token_ids) > _MAX_IDS_PER_REQUEST):
-            raise ValueError(f"watch_token_ids ({len(params.watch_token_ids)} ids) need temperature sampling with "
-                             f"top_p = 1 and at most {_MAX_IDS_PER_REQUEST} ids: only then are the reported "
-                             "log-probs log_softmax(logits / T)")
+        watch = bool(params.watch_token_ids)  # SamplingParams checked it: sampling at T, top_p = 1, <= 128 ids
         prompts = [TokensPrompt(prompt_token_ids=list(ids)) for ids in prompt_token_ids]
         if params.seeds is not None and len(params.seeds) != len(prompts):
             raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompts)} prompts")

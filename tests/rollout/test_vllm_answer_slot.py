@@ -94,7 +94,6 @@ def test_ids_watched_while_sampling_equal_the_scoring_pass(setup):
                 assert c.watched[j][c.token_ids[j]] == pytest.approx(c.logprobs[j], abs=1e-6)
     read = engine.next_token_logprobs(sequences, [list(watch)] * len(sequences), TEMPERATURE)
     np.testing.assert_allclose(np.exp(read), np.exp(expected), atol=1e-5)
-    for bad in (SamplingParams(greedy=True, max_tokens=4, watch_token_ids=watch),
-                SamplingParams(n=2, top_p=0.9, max_tokens=4, watch_token_ids=watch)):
-        with pytest.raises(ValueError, match="watch_token_ids"):
-            engine.generate(prompts, bad)
+    for bad in (dict(greedy=True), dict(n=2, top_p=0.9), dict(n=2, watch_token_ids=tuple(range(129)))):
+        with pytest.raises(ValueError, match="watch_token_ids"):  # for every engine
+            SamplingParams(**{"max_tokens": 4, "watch_token_ids": watch, **bad})
