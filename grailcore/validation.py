@@ -117,6 +117,7 @@ def _gail_checks(cfg: Config) -> list[tuple[bool, str]]:
         (gail.reward in REWARD_KINDS, f"gail.reward must be one of {REWARD_KINDS}, got {gail.reward!r}"),
         (gail.reward_clip > 0, f"gail.reward_clip must be > 0, got {gail.reward_clip}"),
         (gail.lr > 0, f"gail.lr must be > 0, got {gail.lr}"),
+        (gail.head_lr > 0, f"gail.head_lr must be > 0, got {gail.head_lr}"),
         (gail.disc_steps >= 1, f"gail.disc_steps must be >= 1, got {gail.disc_steps}"),
         (gail.max_tokens >= 8, f"gail.max_tokens must be >= 8, got {gail.max_tokens}"),
         (0 <= gail.label_smoothing < 1, f"gail.label_smoothing must be in [0, 1), got {gail.label_smoothing}"),

@@ -107,8 +107,13 @@ class Discriminator(nn.Module):
             self._load_weights_file(gail.frozen_path)
             self.requires_grad_(False)
         self._trainable = [p for p in self.parameters() if p.requires_grad]
+        # The pretrained encoder is fine-tuned at gail.lr; the fresh head (its output layer
+        # starts at zero) at gail.head_lr: at the encoder's rate its logits moved by about
+        # lr per step (Adam), too slowly to leave 0.5 within a CPU run.
+        encoder = [p for p in self.encoder.parameters() if p.requires_grad]
+        head = [p for p in self.head.parameters() if p.requires_grad]
         self.optimizer = None if self.frozen else torch.optim.AdamW(
-            self._trainable, lr=gail.lr, weight_decay=_WEIGHT_DECAY)
+            [{"params": encoder, "lr": gail.lr}, {"params": head, "lr": gail.head_lr}], weight_decay=_WEIGHT_DECAY)
         self.replay: list[tuple[str, int]] = []
         """Past policy negatives as (example_id, option), the same on every rank, oldest first."""
         self.updates = 0
@@ -346,7 +351,7 @@ class Discriminator(nn.Module):
                              "in this run's training data; resume with the same data settings")
         super().load_state_dict(state["weights"])
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            self.optimizer.load_state_dict(_as_groups(state["optimizer"], self.optimizer))
         self.replay = [(str(i), int(a)) for i, a in state["replay"]]
         self.updates, self.observed = int(state["updates"]), int(state["observed"])
 
@@ -412,3 +417,20 @@ def build_discriminator(cfg: Config, train_examples: Sequence[Example], dist: Di
     initial weights are broadcast), frozen when gail.frozen_path is set."""
     device = dist.device if dist is not None else torch.device("cpu")
     return Discriminator(cfg.gail, train_examples, device=device, seed=cfg.seed, weight=weight)
+
+
+def _as_groups(saved: dict, optimizer: torch.optim.Optimizer) -> dict:
+    """A saved optimizer state with this optimizer's parameter groups: a state saved before
+    the head had its own learning rate holds one group over the same parameters in the same
+    order (encoder, then head); it is split at the encoder's size, each part taking this
+    optimizer's hyper-parameters."""
+    groups = optimizer.state_dict()["param_groups"]
+    if len(saved["param_groups"]) == len(groups) or len(saved["param_groups"]) != 1:
+        return saved
+    ids, out, at = saved["param_groups"][0]["params"], [], 0
+    for group in groups:
+        out.append({**group, "params": ids[at:at + len(group["params"])]})
+        at += len(group["params"])
+    if at != len(ids):
+        raise ValueError(f"discriminator optimizer state holds {len(ids)} parameters, this discriminator {at}")
+    return {**saved, "param_groups": out}

@@ -227,11 +227,9 @@ def test_slate_aware_d_pays_an_option_relative_to_its_alternatives():
     assert alone_reward > beside_reward + 1.0, (alone_reward, beside_reward)
 
 
-def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
-    """People pick by content, in whatever order they were shown (here: any option, so their
-    positions are uniform); the policy always answers 3. Content alone cannot tell the two
-    apart (both pick a random title of the slate): only the shown number can, and D must
-    learn to pay the position habit less (a D blind to the order stays at chance here)."""
+def _position_habit(lr: float, head_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """D trained on people (uniform positions) vs a policy that always answers 3; its scores
+    of held-out titles shown third, and of the same titles moved to first place."""
     torch.manual_seed(0)
     rng = random.Random(6)
     titles = (*LEFT, *RIGHT4)
@@ -242,7 +240,7 @@ def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
                         state_text="VIEWER watches gun videos.", source="test") for i in range(n)]
 
     train, heldout = examples(64, "pos"), examples(64, "held")
-    d = make(train, lr=2e-3, disc_steps=3, label_smoothing=0.1)
+    d = make(train, lr=lr, head_lr=head_lr, disc_steps=3, label_smoothing=0.1)
     for _ in range(12):
         chosen = [ex for ex in rng.sample(train, 8) for _ in range(4)]
         observe(d, rollouts(d, chosen, [3] * len(chosen)))
@@ -250,9 +248,27 @@ def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
     third = d.score(heldout, [answer(3)] * len(heldout))
     moved = [ex.replace(option_texts=(ex.option_texts[2], ex.option_texts[1], ex.option_texts[0], ex.option_texts[3]))
              for ex in heldout]
-    first = d.score(moved, [answer(1)] * len(moved))
+    return third, d.score(moved, [answer(1)] * len(moved))
+
+
+def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
+    """People pick by content, in whatever order they were shown (here: any option, so their
+    positions are uniform); the policy always answers 3. Content alone cannot tell the two
+    apart (both pick a random title of the slate): only the shown number can, and D must
+    learn to pay the position habit less (a D blind to the order stays at chance here)."""
+    third, first = _position_habit(lr=2e-3, head_lr=2e-3)
     assert (third < first).double().mean() >= 0.9
     assert first.mean() > third.mean() + 0.25  # a blind D: equal up to float noise
+
+
+def test_the_head_learns_at_its_own_rate_where_the_encoders_rate_leaves_d_at_chance():
+    """The encoder fine-tuned at a pretrained model's rate (1e-4): with the head at that rate
+    too D barely leaves 0.5 in the steps of a CPU run (as in the demo's GRAIL arms); at
+    gail.head_lr (default 3e-3) it catches the position habit in the same steps."""
+    slow_third, slow_first = _position_habit(lr=1e-4, head_lr=1e-4)
+    third, first = _position_habit(lr=1e-4, head_lr=GailConfig().head_lr)
+    assert (third < first).double().mean() >= 0.9 and first.mean() > third.mean() + 0.25
+    assert slow_first.mean() - slow_third.mean() < 0.5 * (first.mean() - third.mean())
 
 
 # ---- rewards -------------------------------------------------------------------------------
@@ -366,6 +382,22 @@ def test_state_dict_round_trip_restores_outputs_optimizer_and_replay(train_examp
         torch.manual_seed(7)
         observe(model, batch)
     assert all(torch.equal(a, b) for a, b in zip(weights(d).values(), weights(restored).values()))
+
+
+def test_an_optimizer_state_of_one_group_loads_into_the_encoder_and_head_groups(train_examples):
+    """Checkpoints written before gail.head_lr hold one AdamW group (encoder, then head)."""
+    rng = random.Random(3)
+    d = make(train_examples, disc_steps=2)
+    observe(d, random_policy_rollouts(d, train_examples, rng, prompts=4))
+    state = d.state_dict()
+    groups = state["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [d.gail.lr, d.gail.head_lr]
+    one = {**groups[0], "params": [i for g in groups for i in g["params"]]}
+    restored = make(train_examples, disc_steps=2)
+    restored.load_state_dict({**state, "optimizer": {**state["optimizer"], "param_groups": [one]}})
+    assert [g["lr"] for g in restored.optimizer.param_groups] == [d.gail.lr, d.gail.head_lr]
+    for a, b in zip(d.optimizer.state.values(), restored.optimizer.state.values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
 
 
 def test_frozen_discriminator_never_changes(train_examples, tmp_path):
