@@ -88,7 +88,8 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
         if update.applied:  # the discriminator learns from this step's rollouts (GRAIL)
             trainer.rewards.update(rollouts.examples, [c.text for c in rollouts.completions], rollouts.rewards)
         adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
-    if step < cfg.gail.warmup_steps:  # the discriminator's warm-up: the policy stays as it is
+    # The discriminator's warm-up: the policy stays as it is (a dry run still measures a policy update).
+    if update.applied and step < cfg.gail.warmup_steps:
         return _discriminator_only(trainer, rollouts, adv)
     with timer("training"):
         batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
