@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from grailcore.slot_nll import SlotPositions, SlotTargets
 from grailcore.types import Completion
 
 
@@ -25,6 +26,8 @@ class Batch:
     """[B] float32."""
     engine_logprobs: torch.Tensor | None
     """[B, T] float32, the rollout engine's log-probs of the sampled tokens (0 on padding)."""
+    slots: SlotTargets | None = None
+    """The answer/opinion slots trained by `grpo.slot_nll_coef` (grailcore/slot_nll.py)."""
 
     @property
     def num_completion_tokens(self) -> int:
@@ -37,8 +40,10 @@ def collate(
     advantages: torch.Tensor,
     pad_id: int,
     mask_truncated: bool = False,
+    slots: list[SlotPositions] | None = None,
 ) -> Batch:
-    """One Batch from B (prompt, completion) pairs; advantages [B]."""
+    """One Batch from B (prompt, completion) pairs; advantages [B]; slots: each pair's
+    (`grailcore.slot_nll.SlotTargetBuilder`), kept where the slot's token enters the loss."""
     rows = len(completions)
     p_width = max(len(p) for p in prompt_ids)
     t_width = max(1, max(len(c.token_ids) for c in completions))
@@ -60,6 +65,7 @@ def collate(
         input_ids=input_ids, attention_mask=attention_mask,
         completion_mask=completion_mask, advantages=advantages.to(torch.float32),
         engine_logprobs=engine_lp if has_engine_lp else None,
+        slots=None if slots is None else SlotTargets.build(slots, t_width, completion_mask),
     )
 
 
@@ -70,11 +76,12 @@ def micro_batches(
     pad_id: int,
     micro_batch_size: int,
     mask_truncated: bool = False,
+    slots: list[SlotPositions] | None = None,
 ) -> list[Batch]:
     """Consecutive chunks of `micro_batch_size` rows, each padded only to its own widths."""
     out = []
     for start in range(0, len(completions), micro_batch_size):
         end = start + micro_batch_size
         out.append(collate(prompt_ids[start:end], completions[start:end], advantages[start:end],
-                           pad_id, mask_truncated))
+                           pad_id, mask_truncated, None if slots is None else slots[start:end]))
     return out

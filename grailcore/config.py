@@ -166,6 +166,12 @@ class GRPOConfig:
     """Drop a sequence whose geometric-mean engine ratio exp(mean(old - engine)) is outside
     [low, high]: wide enough that bf16-vs-fp32 noise never trips it, narrow enough for a stale
     or broken rollout. None keeps every sequence."""
+    slot_nll_coef: float = 0.0
+    """Viewer task: add coef x the mean NLL of the person's option among the slate's options
+    (and of their opinion direction among the three) at each answer slot the sampled
+    completions reach, under softmax(logits / T): the direct half of the gradient of the
+    likelihood rewards' objective, which the advantages alone miss (grailcore/slot_nll.py,
+    docs/training.md). Its optimum is people's distribution at the slot, not the mode. 0 = off."""
     mask_truncated: bool = False
     """Drop completions that hit max_completion_tokens from the loss."""
     dynamic_sampling: bool = False

@@ -14,6 +14,8 @@ from grailcore.batch import Batch
 from grailcore.config import Config
 from grailcore.loss import LossOutput, PolicyTerms, fused_loss, grpo_loss, step_normalizers
 from grailcore.policy import PolicyModel
+from grailcore.slot_nll import slot_nll
+from grailcore.token_logprobs import logprob_head
 from kernels.objective import Objective, merge_stats, summarize
 
 
@@ -36,6 +38,10 @@ class UpdateStats:
     """Tokens whose engine importance weight hit grpo.engine_is_cap (0 with the correction off)."""
     is_dropped_fraction: float = 0.0
     """Tokens of sequences dropped by grpo.engine_seq_band (0 with the correction off)."""
+    slot_nll: float = 0.0
+    """Mean NLL of the person's label at the trained slots (grpo.slot_nll_coef > 0)."""
+    slots: int = 0
+    """Slots in the step's slot term on this rank."""
     tokens: int = 0
     skipped: bool = False
     forward_backward_s: float = 0.0
@@ -53,6 +59,9 @@ class UpdateStats:
                           ("is_dropped_fraction", "is_dropped_fraction")):
             if key in means:
                 setattr(self, name, float(means[key]))
+        if "slots" in sums:
+            self.slots = int(sums["slots"])
+            self.slot_nll = float(sums["slot_nll"]) / max(1, self.slots)
 
 
 def engine_correction_on(cfg: Config) -> bool:
@@ -86,20 +95,32 @@ def _frozen_logprobs(model, batches: list[Batch], cfg: Config) -> list[torch.Ten
 
 
 def micro_batch_loss(model: PolicyModel, batch: Batch, terms: PolicyTerms, objective: Objective,
-                     cfg: Config) -> LossOutput:
+                     cfg: Config, slot_scale: float = 0.0) -> LossOutput:
     """One micro-batch's loss, with its entropy summed: fused from the hidden states when
     model.impl == "fused" (no [tokens, vocab] tensor), else the reference: full log-probs,
-    then the plain-torch loss."""
+    then the plain-torch loss. slot_scale > 0 adds slot_scale times the summed slot NLL of
+    `batch.slots` (grailcore/slot_nll.py; sums "slot_nll" and "slots")."""
     args = (batch.input_ids, batch.attention_mask, batch.num_completion_tokens)
     kwargs = dict(temperature=cfg.rollout.temperature, completion_mask=batch.completion_mask,
                   prefix_sharing=cfg.grpo.prefix_sharing)
     if model.impl == "fused":
         head = functools.partial(fused_loss, terms=terms, objective=objective, compute_entropy=True)
-        return model(*args, loss=head, **kwargs)
-    out = model(*args, return_entropy=True, **kwargs)
-    result = grpo_loss(out.logprobs, terms, objective)
-    entropy = torch.where(terms.mask, out.entropy.detach(), 0.0).sum()
-    return LossOutput(result.loss, result.sums | {"entropy": entropy})
+    else:
+        def head(tokens, *, temperature, chunk_size):
+            out = logprob_head(tokens, temperature=temperature, impl=model.impl, chunk_size=chunk_size,
+                               return_entropy=True)
+            result = grpo_loss(out.logprobs, terms, objective)
+            entropy = torch.where(terms.mask, out.entropy.detach(), 0.0).sum()
+            return LossOutput(result.loss, result.sums | {"entropy": entropy})
+    if slot_scale and batch.slots is not None:
+        policy_head = head
+
+        def head(tokens, *, temperature, chunk_size):
+            out = policy_head(tokens, temperature=temperature, chunk_size=chunk_size)
+            nll = slot_nll(tokens, batch.slots, temperature)
+            return LossOutput(out.loss + slot_scale * nll.sum(), out.sums | {
+                "slot_nll": nll.detach().sum(), "slots": torch.tensor(float(nll.shape[0]))})
+    return model(*args, loss=head, **kwargs)
 
 
 def _global_items(local_items: float, world_size: int) -> float:
@@ -120,6 +141,10 @@ def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, 
     norm = step_normalizers([b.completion_mask for b in batches])
     # bnpo normalises by this rank's tokens; dapo by the whole step's (see grailcore.loss).
     num_items = _global_items(norm.num_items, world_size) if cfg.grpo.loss_type == "dapo" else norm.num_items
+    # The slot term is a mean over the step's slots (across ranks: gradients are averaged).
+    slots = sum(len(b.slots) for b in batches if b.slots is not None)
+    slot_norm = _global_items(float(slots), world_size) if cfg.grpo.slot_nll_coef else 0.0
+    slot_scale = cfg.grpo.slot_nll_coef / slot_norm if slot_norm > 0 else 0.0
     old = _frozen_logprobs(model, batches, cfg) if cfg.grpo.num_iterations > 1 else [None] * len(batches)
     ref = _frozen_logprobs(ref_model, batches, cfg) if objective.beta > 0 else [None] * len(batches)
     terms = [PolicyTerms.build(b.completion_mask, b.advantages, loss_type=cfg.grpo.loss_type, old_logprobs=old_lp,
@@ -133,7 +158,7 @@ def policy_update(model: PolicyModel, ref_model: PolicyModel | None, optimizer, 
         stats, sums, loss = UpdateStats(), {}, 0.0
         started = time.perf_counter()
         for b, t in zip(batches, terms):
-            out = micro_batch_loss(model, b, t, objective, cfg)
+            out = micro_batch_loss(model, b, t, objective, cfg, slot_scale)
             out.loss.backward()
             sums, loss = merge_stats(sums, out.sums), loss + float(out.loss.detach())
         stats.add_sums(sums)

@@ -92,9 +92,11 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     if update.applied and step < cfg.gail.warmup_steps:
         return _discriminator_only(trainer, rollouts, adv)
     with timer("training"):
+        slots = ([trainer.slot_targets(ex, c) for ex, c in zip(rollouts.examples, rollouts.completions)]
+                 if cfg.grpo.slot_nll_coef else None)
         batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
                                 trainer.policy.tokenizer.pad_token_id, cfg.optim.micro_batch_size,
-                                cfg.grpo.mask_truncated)
+                                cfg.grpo.mask_truncated, slots)
         # A withheld update needs one pass: more would repeat it on the same weights.
         passes = cfg if update.applied else dataclasses.replace(cfg, grpo=dataclasses.replace(cfg.grpo, num_iterations=1))
         updates = policy_update(trainer.policy.model, trainer.policy.reference, update.optimizer, update.scheduler,
@@ -178,6 +180,8 @@ def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: in
               "rollout/is_dropped_fraction": first.is_dropped_fraction,
               "lr": trainer.scheduler.get_last_lr()[0],
               "grpo/skipped_updates": float(sum(u.skipped for u in updates)),
+              **({"grpo/slot_nll": first.slot_nll, "grpo/slots": float(first.slots)}
+                 if trainer.cfg.grpo.slot_nll_coef else {}),
               # Sub-phases of time/training (the rest: micro-batching, frozen old/ref log-probs).
               "time/forward_backward": sum(u.forward_backward_s for u in updates),
               "time/optimizer": sum(u.optimizer_s for u in updates)})

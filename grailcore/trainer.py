@@ -9,6 +9,7 @@ pluggable step (grailcore.steps) and owns everything around it, so every mode ge
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from grailcore.optimize import BadStepsError
 from grailcore.policy import PolicyModel
 from grailcore.rewards.stack import RewardStack
 from grailcore.rollout.worker import RolloutWorker
+from grailcore.slot_nll import SlotTargetBuilder
 from grailcore.steps import StepFn, StepOutput, Update
 from grailcore.tracking import Loggers, build_logger, push_export
 from grailcore.train_state import Checkpointer, TrainState
@@ -106,6 +108,11 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.data, self.rollout, self.rewards, self.evaluator = data, rollout, rewards, evaluator
         self.state, self.checkpointer, self.step_fn = state, checkpointer, step_fn
+
+    @functools.cached_property
+    def slot_targets(self) -> SlotTargetBuilder:
+        """Finds the answer/opinion slots the slot term trains (grpo.slot_nll_coef)."""
+        return SlotTargetBuilder(self.policy.tokenizer)
 
     def next_prompts(self, count: int) -> list[int]:
         """This rank's share of the step's next `count` prompts (every rank draws the same

@@ -52,6 +52,10 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
         (grpo.prompts_per_step >= 1, f"grpo.prompts_per_step must be >= 1, got {grpo.prompts_per_step}"),
         (grpo.num_iterations >= 1, f"grpo.num_iterations must be >= 1, got {grpo.num_iterations}"),
         (grpo.beta >= 0, f"grpo.beta must be >= 0, got {grpo.beta} (0 = no KL term)"),
+        (grpo.slot_nll_coef >= 0, f"grpo.slot_nll_coef must be >= 0, got {grpo.slot_nll_coef} (0 = off)"),
+        (not grpo.slot_nll_coef or "viewer" in {cfg.data.task, *((s.task or cfg.data.task) for s in cfg.data.mixture)},
+         f"grpo.slot_nll_coef={grpo.slot_nll_coef} trains the answer slot toward people's choices; "
+         f"data.task={cfg.data.task!r} has none (set it to 0)"),
         (grpo.epsilon_low >= 0 and grpo.epsilon_high >= 0,
          f"grpo.epsilon_low/high must be >= 0, got {grpo.epsilon_low}/{grpo.epsilon_high}"),
         (grpo.max_resample_attempts >= 0,
