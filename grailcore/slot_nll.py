@@ -136,10 +136,11 @@ def slot_nll(tokens: TokenHidden, slots: SlotTargets, temperature: float) -> tor
     where[tokens.index] = torch.arange(tokens.index.shape[0], device=tokens.index.device)
     at = where[slots.index.to(where.device)]
     keep = at >= 0
-    rows = tokens.rows[at[keep]]
-    logits = (tokens.hidden.index_select(0, rows) @ tokens.weight.T).float() / temperature  # [S', V]
-    candidates = slots.candidates.to(logits.device)[keep]
-    person = slots.person.to(logits.device)[keep]
-    picked = logits.gather(1, candidates.clamp(min=0))  # the softmax's normaliser cancels in the ratio
+    hidden = tokens.hidden.index_select(0, tokens.rows[at[keep]])  # [S', H]
+    candidates = slots.candidates.to(hidden.device)[keep]  # [S', C]
+    person = slots.person.to(hidden.device)[keep]
+    # Only the candidates' logits: the softmax's normaliser cancels in the ratio (no [S', V] tensor).
+    weight = tokens.weight.index_select(0, candidates.clamp(min=0).reshape(-1)).view(*candidates.shape, -1)
+    picked = torch.einsum("sh,sch->sc", hidden, weight).float() / temperature
     labels = picked.masked_fill(candidates < 0, float("-inf")).logsumexp(1)
     return labels - picked.masked_fill(~person, float("-inf")).logsumexp(1)

@@ -72,8 +72,9 @@ def _lm():
     return lm.train()
 
 
-def _batches(vocab: int, engine_shift: float = 0.0):
-    """Fixed rollouts as the loop's micro-batches; engine log-probs random in [-1, 0]."""
+def _batches(vocab: int, engine_shift: float = 0.0, slots: bool = False):
+    """Fixed rollouts as the loop's micro-batches; engine log-probs random in [-1, 0];
+    slots: an answer slot (3 labels of random tokens) at each non-empty completion's middle."""
     gen = torch.Generator().manual_seed(0)
     prompt_ids, completions = [], []
     for p_len, lengths in zip(PROMPT_LENGTHS, COMPLETION_LENGTHS):
@@ -83,7 +84,10 @@ def _batches(vocab: int, engine_shift: float = 0.0):
             completions.append(Completion(text="", token_ids=tuple(torch.randint(1, vocab, (n,), generator=gen).tolist()),
                                           logprobs=tuple((-torch.rand(n, generator=gen)).tolist()), finish_reason="stop"))
     advantages = torch.randn(len(completions), generator=gen)
-    return micro_batches(prompt_ids, completions, advantages, pad_id=0, micro_batch_size=MICRO_BATCH_SIZE)
+    labels = tuple((int(t),) for t in torch.randperm(vocab, generator=gen)[:3])
+    positions = [[(len(c.token_ids) // 2, labels, i % 3)] if c.token_ids else [] for i, c in enumerate(completions)]
+    return micro_batches(prompt_ids, completions, advantages, pad_id=0, micro_batch_size=MICRO_BATCH_SIZE,
+                         slots=positions if slots else None)
 
 
 class _GradRecorder:
@@ -189,14 +193,16 @@ class _LogitRecorder(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("prefix_sharing", [True, False])
-def test_the_training_step_never_holds_token_by_vocab_logits_nor_recomputes_them(prefix_sharing):
+@pytest.mark.parametrize("prefix_sharing,slot_term", [(True, False), (False, False), (True, True)])
+def test_the_training_step_never_holds_token_by_vocab_logits_nor_recomputes_them(prefix_sharing, slot_term):
     """Fused: each chunk's logits are computed once (no recompute in backward) and no tensor
-    is wider than a chunk; the naive reference does hold [tokens, vocab]."""
+    is wider than a chunk, with the slot term too (it reads only its labels' logits); the
+    naive reference does hold [tokens, vocab]."""
     lm = _lm()
     vocab, hidden = lm.config.vocab_size, lm.config.hidden_size
-    batches = _batches(vocab)
-    cfg = _grpo_cfg(prefix_sharing=prefix_sharing)
+    batches = _batches(vocab, slots=slot_term)
+    cfg = _grpo_cfg(prefix_sharing=prefix_sharing, slot_nll_coef=0.5 if slot_term else 0.0)
+    assert sum(len(b.slots) for b in batches if b.slots is not None) == (8 if slot_term else 0)
     chunks = sum(math.ceil(int(b.completion_mask.sum()) / CHUNK_SIZE) for b in batches)
     with _LogitRecorder(vocab, hidden) as fused:
         _update(lm, "fused", cfg, batches)
