@@ -140,7 +140,8 @@ def slot_nll(tokens: TokenHidden, slots: SlotTargets, temperature: float) -> tor
     candidates = slots.candidates.to(hidden.device)[keep]  # [S', C]
     person = slots.person.to(hidden.device)[keep]
     # Only the candidates' logits: the softmax's normaliser cancels in the ratio (no [S', V] tensor).
-    weight = tokens.weight.index_select(0, candidates.clamp(min=0).reshape(-1)).view(*candidates.shape, -1)
+    weight = tokens.weight.index_select(0, candidates.clamp(min=0).reshape(-1)).view(
+        *candidates.shape, tokens.weight.shape[1])  # [S', C, H]; S' may be 0
     picked = torch.einsum("sh,sch->sc", hidden, weight).float() / temperature
     labels = picked.masked_fill(candidates < 0, float("-inf")).logsumexp(1)
     return labels - picked.masked_fill(~person, float("-inf")).logsumexp(1)

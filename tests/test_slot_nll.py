@@ -5,6 +5,8 @@ paths, and trained alone it puts people's distribution at the slot, not their mo
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -189,3 +191,87 @@ def test_the_coefficient_is_validated():
         validate(Config(grpo=GRPOConfig(slot_nll_coef=-1.0)))
     with pytest.raises(ConfigError, match=r"slot_nll_coef=1.0 trains the answer slot .* data.task='math' has none"):
         validate(Config(data=DataConfig(task="math"), grpo=GRPOConfig(slot_nll_coef=1.0)))
+
+
+FSDP_WORKER = '''
+import json, sys, torch
+from grailcore import dist as gdist
+from grailcore.batch import micro_batches
+from grailcore.config import Config, GRPOConfig, ModelConfig, OptimConfig, RolloutConfig
+from grailcore.model import load_policy, resolve_model_path
+from grailcore.optimize import policy_update
+from grailcore.parallel import parallelize
+from grailcore.policy import PolicyModel
+from grailcore.types import Completion
+
+info = gdist.init_distributed()
+cfg = Config(model=ModelConfig(gradient_checkpointing=False),
+             rollout=RolloutConfig(temperature=0.7, max_completion_tokens=8),
+             grpo=GRPOConfig(group_size=2, loss_type="dapo", slot_nll_coef=0.5), optim=OptimConfig(grad_clip=1e9))
+
+
+def lm():
+    torch.manual_seed(0)
+    model = load_policy(resolve_model_path("micro-llama"), "float32", "sdpa")
+    model.config.use_cache = False
+    return model.train()
+
+
+def rank_batches(rank, vocab):
+    """4 completions per rank, 2 micro-batches of 2; rank 0 has 3 answer slots, rank 1 one."""
+    gen = torch.Generator().manual_seed(rank)
+    prompt = torch.randint(1, vocab, (6,), generator=gen).tolist()
+    completions = [Completion(text="", token_ids=tuple(torch.randint(1, vocab, (5,), generator=gen).tolist()),
+                              logprobs=None, finish_reason="stop") for _ in range(4)]
+    labels = ((7,), (8,), (9,))
+    slots = [[(1 + k, labels, k % 3)] if k < (3 if rank == 0 else 1) else [] for k in range(4)]
+    return micro_batches([prompt] * 4, completions, torch.tensor([1.0, -1.0, 0.5, -0.5]), pad_id=0,
+                         micro_batch_size=2, slots=slots)
+
+
+class Recorder:
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {{n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                      for n, p in self.model.named_parameters()}}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+class NoSchedule:
+    def step(self):
+        pass
+
+
+reference = PolicyModel(lm(), "fused")  # the global batch in one process
+vocab = reference.lm.config.vocab_size
+whole = Recorder(reference)
+(ref_stats,) = policy_update(reference, None, whole, NoSchedule(), rank_batches(0, vocab) + rank_batches(1, vocab), cfg)
+sharded = parallelize(PolicyModel(lm(), "fused"), cfg, info)
+mine = Recorder(sharded)
+(stats,) = policy_update(sharded, None, mine, NoSchedule(), rank_batches(info.rank, vocab), cfg, world_size=2)
+result = {{"slots": stats.slots, "reference_slots": ref_stats.slots,
+          "grad_error": max(float((mine.grads[n] - g).abs().max()) for n, g in whole.grads.items()),
+          "grad_scale": max(float(g.abs().max()) for g in whole.grads.values())}}
+with open(f"{{sys.argv[1]}}/rank{{info.rank}}.json", "w") as f:
+    json.dump(result, f)
+gdist.finish_worker()
+'''
+
+
+def test_two_ranks_with_unequal_slot_counts_match_one_process(tmp_path):
+    """FSDP2 on gloo: rank 0 holds 3 slots, rank 1 one; the term is a mean over the step's 4
+    slots across ranks, so the averaged gradient equals one process's on the whole batch (a
+    per-rank mean would weight rank 1's slot 3x)."""
+    from test_dist import torchrun
+
+    script = tmp_path / "worker.py"
+    script.write_text(FSDP_WORKER.format())
+    torchrun(script, str(tmp_path), timeout=240)
+    for rank, slots in enumerate([3, 1]):
+        result = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert result["slots"] == slots and result["reference_slots"] == 4 and result["grad_scale"] > 0
+        assert result["grad_error"] <= 1e-5 * max(result["grad_scale"], 1.0), result
