@@ -19,6 +19,7 @@ from grailcore.policy import PolicyModel
 from grailcore.prefix import attention_pair_cost, pack_by_prompt, shared_prefix_logprobs, tree_attention_mask
 from grailcore.types import Completion
 from test_dist import torchrun
+from test_optimize import _GradRecorder, _NoSchedule
 
 GROUP_SIZE = 3
 PROMPT_LENGTHS = [9, 4, 13]  # one prompt per group, left padded to each micro-batch's widest
@@ -49,24 +50,6 @@ def _lm(name: str, attn: str = "sdpa", checkpointing: bool = False):
     if checkpointing:
         lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return lm.train()
-
-
-class _GradRecorder:
-    """Stands in for the optimizer: keeps each update's gradients, changes no weight."""
-
-    def __init__(self, model):
-        self.model, self.grads = model, []
-
-    def step(self):
-        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-
-    def zero_grad(self, set_to_none=True):
-        self.model.zero_grad(set_to_none=set_to_none)
-
-
-class _NoSchedule:
-    def step(self):
-        pass
 
 
 def _update(lm, cfg: Config, ref_lm=None):

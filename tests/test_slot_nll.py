@@ -19,6 +19,8 @@ from grailcore.policy import PolicyModel
 from grailcore.slot_nll import SlotTargetBuilder, slot_nll
 from grailcore.types import Completion
 from grailcore.validation import validate
+from test_dist import torchrun
+from test_optimize import _GradRecorder, _NoSchedule
 
 TEMPERATURE = 0.7
 
@@ -106,22 +108,6 @@ def _cfg(**grpo) -> Config:
                   grpo=GRPOConfig(group_size=2, loss_type="dapo", **grpo), optim=OptimConfig(grad_clip=1e9))
 
 
-class _Recorder:
-    def __init__(self, model):
-        self.model, self.grads = model, []
-
-    def step(self):
-        self.grads.append({n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None})
-
-    def zero_grad(self, set_to_none=True):
-        self.model.zero_grad(set_to_none=set_to_none)
-
-
-class _NoSchedule:
-    def step(self):
-        pass
-
-
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 def test_the_step_adds_coef_times_the_mean_slot_nll_to_its_loss_and_gradient(tokenizer, impl):
     """Loss and gradients with the term minus those without = coef x (mean NLL over the
@@ -132,7 +118,7 @@ def test_the_step_adds_coef_times_the_mean_slot_nll_to_its_loss_and_gradient(tok
     runs = {}
     for c in (0.0, coef):
         model = PolicyModel(lm, impl, chunk_size=5)
-        recorder = _Recorder(model)
+        recorder = _GradRecorder(model)
         batches = micro_batches(prompts, completions, advantages, 0, 2, slots=slots)
         (stats,) = policy_update(model, None, recorder, _NoSchedule(), batches, _cfg(slot_nll_coef=c))
         runs[c] = stats, recorder.grads[0]
@@ -266,8 +252,6 @@ def test_two_ranks_with_unequal_slot_counts_match_one_process(tmp_path):
     """FSDP2 on gloo: rank 0 holds 3 slots, rank 1 one; the term is a mean over the step's 4
     slots across ranks, so the averaged gradient equals one process's on the whole batch (a
     per-rank mean would weight rank 1's slot 3x)."""
-    from test_dist import torchrun
-
     script = tmp_path / "worker.py"
     script.write_text(FSDP_WORKER.format())
     torchrun(script, str(tmp_path), timeout=240)
