@@ -158,7 +158,9 @@ def load_rows(cfg: Config, rank0: bool) -> tuple[LoadResult, LoadResult]:
 def training_data(cfg: Config, tokenizer, train: LoadResult, evals: LoadResult, audit: TrainingAudit | None,
                   rank0: bool) -> TrainingData:
     """Training examples whose prompts fit rollout.max_prompt_tokens, with their prompt ids,
-    and the evaluation rows (the same rows `grailcore.eval --max-samples N --seed <seed>` scores)."""
+    and the evaluation rows (the same rows `grailcore.eval --max-samples N --seed <data.seed>` scores).
+    The rows are drawn with data.seed, not the run's seed: runs that differ only in seed are
+    evaluated on the same rows, so their evaluations pair row by row (`evaluation.compare`)."""
     examples, ids, too_long = [], [], []
     for ex in train.examples:
         tokens = encode_prompt(tokenizer, ex)
@@ -178,4 +180,4 @@ def training_data(cfg: Config, tokenizer, train: LoadResult, evals: LoadResult, 
     if not examples:
         raise ConfigError(f"no usable training examples in {cfg.data.train_path}; check data.train_path")
     return TrainingData(train=examples, train_ids=ids,
-                        eval_examples=sample_rows(evals.examples, cfg.eval.max_samples, cfg.seed), data_audit=audit)
+                        eval_examples=sample_rows(evals.examples, cfg.eval.max_samples, cfg.data.seed), data_audit=audit)

@@ -33,7 +33,7 @@ class EvalArgs:
     evaluated ones (default: the train split of --data when it has splits, else the eval rows, labelled)."""
     max_samples: int | None = None
     """Evaluate N rows (default: all): with --model a --seed-ed sample spread over the split's viewers
-    (the rows a trainer with eval.max_samples N and seed S evaluates), with --completions the file's first N."""
+    (the rows a trainer with eval.max_samples N and data.seed S evaluates), with --completions the file's first N."""
     samples_per_row: int | None = None
     """k completions per row; 1 = greedy (default: the preset's eval.samples_per_row)."""
     temperature: float | None = None

@@ -4,6 +4,7 @@ means, option-order copies, kept completions for paired comparisons, and rule re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -92,3 +93,25 @@ def test_evaluation_never_runs_the_discriminator_and_scores_rule_rewards_only(tm
     assert len(seen) == 2, "evaluation ran the discriminator on held-out rows"
     assert set(flat.per_reward) == {"format"}
     assert "eval/reward/total" in result and not any("gail" in k for k in result)
+
+
+def test_runs_of_different_seeds_evaluate_the_same_rows():
+    """The held-out rows are drawn with data.seed: a second seed of an arm pairs row by row
+    with the first (`evaluation.compare`); a different data seed draws other rows."""
+    from transformers import AutoTokenizer
+
+    from grailcore.build import load_rows, training_data
+    from grailcore.model import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("micro-llama"))
+
+    def eval_ids(cfg: Config) -> list[str]:
+        train, evals = load_rows(cfg, rank0=False)
+        assert len(evals.examples) > cfg.eval.max_samples  # a sample, not every row
+        return [ex.example_id for ex in training_data(cfg, tokenizer, train, evals, None, rank0=False).eval_examples]
+
+    base = _cfg(eval=EvalConfig(max_samples=8))
+    first = eval_ids(base)
+    assert eval_ids(dataclasses.replace(base, seed=7)) == first
+    other_data = dataclasses.replace(base, data=dataclasses.replace(base.data, seed=1))
+    assert eval_ids(other_data) != first
