@@ -10,6 +10,9 @@ paired differences A - B over the same rows and a bootstrap over viewers.
 
     python experiments/on_slate.py A.jsonl B.jsonl [--n-boot 2000]
 
+A side may be several files of the same rows, comma-separated (an arm's seeds): each row's
+measures are then the mean over those files (as `grailcore.evaluation.compare` does).
+
 The renormalised measures are not proper on their own (a model could dodge its hard rows);
 read them beside the off-slate mass and the product's exact metrics.
 """
@@ -42,6 +45,16 @@ def row_scores(path: Path) -> dict[str, tuple[str, float, float, float]]:
     return out
 
 
+def side_scores(paths: str) -> dict[str, tuple[str, float, float, float]]:
+    """row_scores of one or several comma-separated files of the same rows, averaged per row."""
+    per_file = [row_scores(Path(p)) for p in paths.split(",") if p]
+    ids = set(per_file[0])
+    for other, path in zip(per_file[1:], paths.split(",")[1:]):
+        if set(other) != ids:
+            raise SystemExit(f"{path} has other rows than {paths.split(',')[0]}: average seeds of the same rows")
+    return {i: (per_file[0][i][0], *np.mean([f[i][1:] for f in per_file], axis=0).tolist()) for i in per_file[0]}
+
+
 def paired(a: dict, b: dict, n_boot: int, seed: int) -> list[tuple[str, float, float, float, float, float]]:
     ids = sorted(set(a) & set(b))
     if len(ids) != len(a) or len(ids) != len(b):
@@ -65,13 +78,13 @@ def paired(a: dict, b: dict, n_boot: int, seed: int) -> list[tuple[str, float, f
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("a", type=Path)
-    p.add_argument("b", type=Path)
+    p.add_argument("a", help="completions file(s), comma-separated for several seeds")
+    p.add_argument("b")
     p.add_argument("--n-boot", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     print("| measure | A | B | mean(A - B) | 95% interval (viewers) |\n|---|---|---|---|---|")
-    for name, ma, mb, d, low, high in paired(row_scores(args.a), row_scores(args.b), args.n_boot, args.seed):
+    for name, ma, mb, d, low, high in paired(side_scores(args.a), side_scores(args.b), args.n_boot, args.seed):
         print(f"| {name} | {ma:.3f} | {mb:.3f} | {d:+.3f} | [{low:+.3f}, {high:+.3f}] |")
 
 

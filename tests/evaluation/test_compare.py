@@ -97,3 +97,32 @@ def test_cli_prints_the_table(tmp_path, capsys):
     assert f"| tv | {diffs['tv'].value:+.4f} |" in out and out.count("| yes |") == 4  # tv, nll, acc, acc_parsed
     assert "| parsed | +0.0000 | [+0.0000, +0.0000] | no |" in out  # both always answer
     assert "| format | +0.0000 | [+0.0000, +0.0000] | no |" in out
+
+
+def test_a_side_of_several_seeds_is_their_per_row_mean(tmp_path):
+    """An arm run with two seeds against one baseline: the difference is the mean of the two
+    seeds' differences (every score is a per-row mean), on one viewer bootstrap."""
+    examples = _rows()
+    rng = np.random.default_rng(1)
+    seeds = [_write(tmp_path / f"a{s}.jsonl", examples, [list(rng.choice([1, 2, 3], size=4, p=TRUE)) for _ in examples])
+             for s in range(2)]
+    base = _write(tmp_path / "b.jsonl", examples, [[3, 3, 1, "x"]] * len(examples))
+    both = paired_differences(seeds, base, alpha=1.0, n_boot=200)
+    each = [paired_differences(s, base, alpha=1.0, n_boot=200) for s in seeds]
+    for name in ("tv", "nll", "off_slate", "acc", "parsed", "format"):
+        assert both[name].value == pytest.approx((each[0][name].value + each[1][name].value) / 2), name
+    assert each[0]["tv"].value != pytest.approx(each[1]["tv"].value)  # the seeds differ: a real mean
+    # the CLI takes a side as comma-separated paths
+    cli = main([f"{seeds[0]},{seeds[1]}", str(base), "--n-boot", "200"])
+    assert cli["tv"].value == pytest.approx(both["tv"].value)
+
+
+def test_a_seed_on_other_rows_is_refused_with_its_file_named(tmp_path):
+    examples = _rows(3)
+    a = _write(tmp_path / "a.jsonl", examples, [[1]] * len(examples))
+    moved = examples[:2] + [_row(99, "v9")] + examples[3:]
+    other_seed = _write(tmp_path / "a_s1.jsonl", moved, [[1]] * len(moved))
+    with pytest.raises(ValueError, match=r"row 3 differs: 'row2'.*'row99'.*a_s1\.jsonl"):
+        paired_differences([a, other_seed], a, alpha=1.0)
+    with pytest.raises(ValueError, match="names no completions file"):
+        paired_differences("", a, alpha=1.0)
