@@ -242,6 +242,11 @@ class GailConfig:
     logits move by about lr per AdamW step and D sat at 0.5 through the CPU demo's runs;
     in `tests/rewards/test_discriminator.py`'s position-habit case, 36 D steps with the
     encoder at 1e-4 open a logit gap of 0.007 with the head at 1e-4, 0.15 at 1e-3, 1.06 at 3e-3."""
+    freeze_encoder: bool = False
+    """Keep the pretrained encoder fixed and train the head alone. Each training example's
+    slate is then encoded once (no dropout) and its features kept, so a D step costs the
+    head only: pair it with many disc_steps and a large replay. For runs whose few policy
+    choices a step (the CPU demo: ~15) cannot fine-tune an encoder (D stayed at chance)."""
     disc_steps: int = 1
     max_tokens: int = 256
     """Token budget of one (option, state) pair; each slate is K such pairs."""

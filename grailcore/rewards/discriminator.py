@@ -106,14 +106,21 @@ class Discriminator(nn.Module):
         if self.frozen:
             self._load_weights_file(gail.frozen_path)
             self.requires_grad_(False)
+        if gail.freeze_encoder:
+            self.encoder.requires_grad_(False)
+            self.encoder.eval()  # no dropout: a kept feature is the one every later pass would compute
+        # The pretrained encoder is fine-tuned at gail.lr (unless frozen); the fresh head (its
+        # output layer starts at zero) at gail.head_lr: at the encoder's rate its logits moved
+        # by about lr per step (Adam), too slowly to leave 0.5 within a CPU run.
         self._trainable = [p for p in self.parameters() if p.requires_grad]
-        # The pretrained encoder is fine-tuned at gail.lr; the fresh head (its output layer
-        # starts at zero) at gail.head_lr: at the encoder's rate its logits moved by about
-        # lr per step (Adam), too slowly to leave 0.5 within a CPU run.
         encoder = [p for p in self.encoder.parameters() if p.requires_grad]
         head = [p for p in self.head.parameters() if p.requires_grad]
+        groups = [{"params": encoder, "lr": gail.lr}] if encoder else []
         self.optimizer = None if self.frozen else torch.optim.AdamW(
-            [{"params": encoder, "lr": gail.lr}, {"params": head, "lr": gail.head_lr}], weight_decay=_WEIGHT_DECAY)
+            [*groups, {"params": head, "lr": gail.head_lr}], weight_decay=_WEIGHT_DECAY)
+        self._features: dict[tuple, torch.Tensor] = {}
+        """gail.freeze_encoder: (example_id, state, option texts) -> the slate's [K, 2H] encoder
+        features (see `features`)."""
         self.replay: list[tuple[str, int]] = []
         """Past policy negatives as (example_id, option), the same on every rank, oldest first."""
         self.updates = 0
@@ -129,6 +136,11 @@ class Discriminator(nn.Module):
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[P] logits of P(human) for P = sum(slate_sizes) (option, state) pairs, [P, T]
         token ids laid out slate after slate (see `encode_slates`)."""
+        return self.head_logits(self.features(input_ids, attention_mask, slate_sizes, token_type_ids), slate_sizes)
+
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, slate_sizes: Sequence[int],
+                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[P, 2H] encoder features of each pair: [p_k, o_k - mean_j o_j] (class docstring)."""
         kwargs = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
         pair = _mean_pool(hidden, attention_mask)  # [P, H]: the whole (option, state) pair
@@ -139,6 +151,11 @@ class Discriminator(nn.Module):
         sizes = list(slate_sizes)
         means = torch.stack([part.mean(0) for part in option.split(sizes)])  # [S, H]
         context = means.repeat_interleave(torch.tensor(sizes, device=option.device), dim=0)  # [P, H]
+        return torch.cat([pair, option - context], dim=-1)
+
+    def head_logits(self, features: torch.Tensor, slate_sizes: Sequence[int]) -> torch.Tensor:
+        """[P] logits from [P, 2H] `features`, each pair also read with where it was shown."""
+        sizes = list(slate_sizes)
         # The shown number is what the policy answers with: a policy that picks by position
         # (the demo's SFT warm start was right in 70% of the rows whose person picked the
         # option shown third, near 0% elsewhere) differs from people, who pick by content in
@@ -146,9 +163,9 @@ class Discriminator(nn.Module):
         # be the density ratio averaged over orders).
         if max(sizes) > MAX_SHOWN_OPTIONS:
             raise ValueError(f"a slate of {max(sizes)} options; the discriminator reads positions 1..{MAX_SHOWN_OPTIONS}")
-        shown = torch.cat([torch.arange(n, device=option.device) for n in sizes])
-        where = nn.functional.one_hot(shown, MAX_SHOWN_OPTIONS).to(option.dtype)  # [P, MAX]
-        return self.head(torch.cat([pair, option - context, where], dim=-1)).squeeze(-1)
+        shown = torch.cat([torch.arange(n, device=features.device) for n in sizes])
+        where = nn.functional.one_hot(shown, MAX_SHOWN_OPTIONS).to(features.dtype)  # [P, MAX]
+        return self.head(torch.cat([features, where], dim=-1)).squeeze(-1)
 
     def encode_slates(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """Token tensors of every (option, state) pair of each example's slate, slate after
@@ -166,9 +183,32 @@ class Discriminator(nn.Module):
         """Per chunk of whole slates (`_MICRO_ROWS` pairs): (its slice of `examples`, each
         slate's [K] logits, with grad when training)."""
         sizes = [len(ex.option_texts) for ex in examples]
+        if self.gail.freeze_encoder:
+            features = torch.cat([self._kept_features(ex) for ex in examples]) if examples else None
+            if features is not None:
+                yield slice(0, len(examples)), list(self.head_logits(features, sizes).float().split(sizes))
+            return
         for chunk in slate_chunks(sizes, _MICRO_ROWS):
             batch = self.encode_slates(examples[chunk])
             yield chunk, list(self(**batch, slate_sizes=sizes[chunk]).float().split(sizes[chunk]))
+
+    def _kept_features(self, example: Example) -> torch.Tensor:
+        """gail.freeze_encoder: the example's [K, 2H] slate features, encoded (eval mode, no
+        grad) the first time the example is seen and kept: the encoder never changes."""
+        key = (example.example_id, example.state_text, example.option_texts)  # a re-ordered slate is another input
+        kept = self._features.get(key)
+        if kept is None:
+            with torch.no_grad():
+                batch = self.encode_slates([example])
+                kept = self.features(**batch, slate_sizes=[len(example.option_texts)]).float()
+            self._features[key] = kept
+        return kept
+
+    def train(self, mode: bool = True) -> "Discriminator":
+        super().train(mode)
+        if self.gail.freeze_encoder:
+            self.encoder.eval()  # kept features were computed without dropout
+        return self
 
     @torch.no_grad()
     def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
@@ -335,6 +375,7 @@ class Discriminator(nn.Module):
             "updates": self.updates,
             "observed": self.observed,
             "frozen": self.frozen,
+            "freeze_encoder": self.gail.freeze_encoder,
         }
 
     def load_state_dict(self, state: dict) -> None:  # type: ignore[override]
@@ -345,6 +386,9 @@ class Discriminator(nn.Module):
         if state["frozen"] != self.frozen:
             raise ValueError(f"discriminator state was saved with frozen={state['frozen']} but gail.frozen_path "
                              f"is {self.gail.frozen_path!r}; resume with the same gail settings")
+        if state.get("freeze_encoder", False) != self.gail.freeze_encoder:
+            raise ValueError(f"discriminator state was saved with gail.freeze_encoder={state.get('freeze_encoder', False)}"
+                             f" but this run has {self.gail.freeze_encoder}; resume with the same gail settings")
         unknown = sorted({example_id for example_id, _ in state["replay"]} - set(self._train))
         if unknown:
             raise ValueError(f"discriminator state: {len(unknown)} replayed examples (e.g. {unknown[:3]}) are not "

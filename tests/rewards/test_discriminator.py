@@ -227,9 +227,9 @@ def test_slate_aware_d_pays_an_option_relative_to_its_alternatives():
     assert alone_reward > beside_reward + 1.0, (alone_reward, beside_reward)
 
 
-def _position_habit(lr: float, head_lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _position_habit(lr: float, head_lr: float, **gail) -> tuple[torch.Tensor, torch.Tensor, Discriminator]:
     """D trained on people (uniform positions) vs a policy that always answers 3; its scores
-    of held-out titles shown third, and of the same titles moved to first place."""
+    of held-out titles shown third, and of the same titles moved to first place; and D."""
     torch.manual_seed(0)
     rng = random.Random(6)
     titles = (*LEFT, *RIGHT4)
@@ -240,7 +240,7 @@ def _position_habit(lr: float, head_lr: float) -> tuple[torch.Tensor, torch.Tens
                         state_text="VIEWER watches gun videos.", source="test") for i in range(n)]
 
     train, heldout = examples(64, "pos"), examples(64, "held")
-    d = make(train, lr=lr, head_lr=head_lr, disc_steps=3, label_smoothing=0.1)
+    d = make(train, lr=lr, head_lr=head_lr, **{"disc_steps": 3, "label_smoothing": 0.1, **gail})
     for _ in range(12):
         chosen = [ex for ex in rng.sample(train, 8) for _ in range(4)]
         observe(d, rollouts(d, chosen, [3] * len(chosen)))
@@ -248,7 +248,7 @@ def _position_habit(lr: float, head_lr: float) -> tuple[torch.Tensor, torch.Tens
     third = d.score(heldout, [answer(3)] * len(heldout))
     moved = [ex.replace(option_texts=(ex.option_texts[2], ex.option_texts[1], ex.option_texts[0], ex.option_texts[3]))
              for ex in heldout]
-    return third, d.score(moved, [answer(1)] * len(moved))
+    return third, d.score(moved, [answer(1)] * len(moved)), d
 
 
 def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
@@ -256,7 +256,7 @@ def test_d_sees_where_an_option_was_shown_and_catches_a_position_habit():
     positions are uniform); the policy always answers 3. Content alone cannot tell the two
     apart (both pick a random title of the slate): only the shown number can, and D must
     learn to pay the position habit less (a D blind to the order stays at chance here)."""
-    third, first = _position_habit(lr=2e-3, head_lr=2e-3)
+    third, first, _ = _position_habit(lr=2e-3, head_lr=2e-3)
     assert (third < first).double().mean() >= 0.9
     assert first.mean() > third.mean() + 0.25  # a blind D: equal up to float noise
 
@@ -265,10 +265,31 @@ def test_the_head_learns_at_its_own_rate_where_the_encoders_rate_leaves_d_at_cha
     """The encoder fine-tuned at a pretrained model's rate (1e-4): with the head at that rate
     too D barely leaves 0.5 in the steps of a CPU run (as in the demo's GRAIL arms); at
     gail.head_lr (default 3e-3) it catches the position habit in the same steps."""
-    slow_third, slow_first = _position_habit(lr=1e-4, head_lr=1e-4)
-    third, first = _position_habit(lr=1e-4, head_lr=GailConfig().head_lr)
+    slow_third, slow_first, _ = _position_habit(lr=1e-4, head_lr=1e-4)
+    third, first, _ = _position_habit(lr=1e-4, head_lr=GailConfig().head_lr)
     assert (third < first).double().mean() >= 0.9 and first.mean() > third.mean() + 0.25
     assert slow_first.mean() - slow_third.mean() < 0.5 * (first.mean() - third.mean())
+
+
+def test_a_frozen_encoder_encodes_each_slate_once_and_its_head_still_catches_a_position_habit():
+    """gail.freeze_encoder: the encoder never changes and runs once per distinct slate (its
+    features are kept), the head alone learns, and it still sees where an option was shown."""
+    pairs = []
+    pretrained = weights(make(lean_examples(4, seed=0)))
+    with pytest.MonkeyPatch.context() as patch:
+        forward = Discriminator.features
+        patch.setattr(Discriminator, "features",
+                      lambda self, input_ids, *a, **k: pairs.append(len(input_ids)) or forward(self, input_ids, *a, **k))
+        third, first, d = _position_habit(lr=2e-3, head_lr=3e-3, freeze_encoder=True)
+    assert (third < first).double().mean() >= 0.9 and first.mean() > third.mean() + 0.25
+    encoder = {k: v for k, v in weights(d).items() if k.startswith("encoder.")}
+    assert encoder and all(torch.equal(v, pretrained[k]) for k, v in encoder.items())
+    assert not torch.equal(weights(d)["head.2.weight"], pretrained["head.2.weight"])
+    # one encoder pass per distinct (example, slate): the training slates D saw, then 64
+    # held-out ones and the same 64 re-ordered (another input); 12 steps x 3 D steps re-read them
+    assert len(pairs) == len(d._features) and set(pairs) == {4}
+    assert 64 + 64 < len(pairs) <= 64 + 64 + 64
+    assert d.optimizer is not None and len(d.optimizer.param_groups) == 1  # the head's
 
 
 # ---- rewards -------------------------------------------------------------------------------
@@ -382,6 +403,22 @@ def test_state_dict_round_trip_restores_outputs_optimizer_and_replay(train_examp
         torch.manual_seed(7)
         observe(model, batch)
     assert all(torch.equal(a, b) for a, b in zip(weights(d).values(), weights(restored).values()))
+
+
+def test_a_frozen_encoders_state_round_trips_and_refuses_a_run_that_trains_its_encoder(train_examples):
+    rng = random.Random(4)
+    d = make(train_examples, freeze_encoder=True, disc_steps=2, replay_size=8)
+    for _ in range(2):
+        observe(d, random_policy_rollouts(d, train_examples, rng, prompts=4))
+    state = d.state_dict()
+    restored = make(train_examples, freeze_encoder=True, disc_steps=2, replay_size=8)
+    restored.load_state_dict(state)
+    batch = random_policy_rollouts(d, train_examples, rng, prompts=4)
+    for model in (d, restored):  # kept features are recomputed by the restored D: the same next step
+        observe(model, batch)
+    assert all(torch.equal(a, b) for a, b in zip(weights(d).values(), weights(restored).values()))
+    with pytest.raises(ValueError, match="gail.freeze_encoder=True but this run has False"):
+        make(train_examples, disc_steps=2, replay_size=8).load_state_dict(state)
 
 
 def test_an_optimizer_state_of_one_group_loads_into_the_encoder_and_head_groups(train_examples):
