@@ -254,7 +254,8 @@ class GailConfig:
     negatives: Literal["differing", "all"] = "differing"
     replay_size: int = 0
     replay_ratio: float = 0.5
-    """Replayed past policy negatives per fresh negative in each D update."""
+    """Replayed past policy negatives per fresh negative in each D update (above 1 with a
+    frozen encoder, whose replayed slates cost no encoder pass)."""
     frozen_path: str | None = None
     """Load D from this file and never update it."""
     warmup_steps: int = 0

@@ -128,7 +128,7 @@ def _gail_checks(cfg: Config) -> list[tuple[bool, str]]:
         (gail.negatives in ("differing", "all"),
          f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
         (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),
-        (0 <= gail.replay_ratio <= 1, f"gail.replay_ratio must be in [0, 1], got {gail.replay_ratio}"),
+        (gail.replay_ratio >= 0, f"gail.replay_ratio must be >= 0, got {gail.replay_ratio}"),
         (gail.warmup_steps >= 0, f"gail.warmup_steps must be >= 0, got {gail.warmup_steps}"),
         (gail.warmup_steps == 0 or ("gail" in cfg.rewards.names and gail.frozen_path is None),
          f"gail.warmup_steps={gail.warmup_steps} trains the discriminator alone, so it needs `gail` in "

@@ -26,7 +26,7 @@ def test_gail_is_an_ordinary_entry_of_the_reward_table():
     (dict(reward="exp"), "gail.reward"), (dict(reward_clip=0.0), "gail.reward_clip"), (dict(lr=0.0), "gail.lr"),
     (dict(disc_steps=0), "gail.disc_steps"), (dict(max_tokens=4), "gail.max_tokens"),
     (dict(label_smoothing=1.0), "gail.label_smoothing"), (dict(negatives="some"), "gail.negatives"),
-    (dict(replay_size=-1), "gail.replay_size"), (dict(replay_ratio=2.0), "gail.replay_ratio"),
+    (dict(replay_size=-1), "gail.replay_size"), (dict(replay_ratio=-0.5), "gail.replay_ratio"),
     (dict(warmup_steps=-1), "gail.warmup_steps"), (dict(warmup_steps=2), "gail.warmup_steps=2 trains the disc"),
 ])
 def test_discriminator_settings_are_checked_before_it_is_built(gail, field):
