@@ -1,0 +1,43 @@
+"""experiments/arms_table.py on the committed runs of experiments/results/grpo_reward_exact/:
+a seed-averaged arm is the per-seed mean, and its paired difference is compare's."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from grailcore.evaluation.compare import paired_differences
+
+REPO = Path(__file__).resolve().parents[1]
+RUNS = REPO / "experiments" / "results" / "grpo_reward_exact"
+
+
+def _load(name: str):
+    sys.path.insert(0, str(REPO / "experiments"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+table = _load("arms_table")
+
+
+def test_a_two_run_arm_is_the_mean_of_its_runs_and_pairs_as_compare_does(capsys):
+    accuracy, likelihood = RUNS / "grpo_accuracy", RUNS / "grpo_likelihood"
+    table.main(["--arm", f"start={accuracy}@0", "--arm", f"a={accuracy}@24", "--arm", f"b={likelihood}@24",
+                "--arm", f"ab={accuracy},{likelihood}@24", "--pair", "ab", "start", "--n-boot", "200"])
+    out = capsys.readouterr().out
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    a, b, both = (float(rows["TV to the true choice probabilities"][k].split()[0]) for k in (1, 2, 3))
+    assert both == pytest.approx((a + b) / 2, abs=1e-3) and a != pytest.approx(b, abs=0.01)
+    assert rows["TV to the true choice probabilities"][3].startswith(f"{both:.3f} ({a:.3f}, {b:.3f})")
+    files = [str(run / "eval" / "step_000024.jsonl") for run in (accuracy, likelihood)]
+    expected = paired_differences(files, str(accuracy / "eval" / "step_000000.jsonl"), alpha=1.0, n_boot=200)
+    assert rows["TV (exact)"][0].strip("* |").startswith(f"{expected['tv'].value:+.3f} [{expected['tv'].lo:+.3f},")
+    with pytest.raises(SystemExit, match="no evaluation at step 7"):
+        table.main(["--arm", f"x={accuracy}@7"])
