@@ -152,6 +152,19 @@ def test_training_rows_weighting_for_both_negative_modes():
     smoothed = everything.loss_terms(everything.slots, everything.negatives, 0.2)[1]
     assert smoothed[by[other]] == pytest.approx(0.1)
     assert smoothed[by[gold]] == pytest.approx((0.5 * 0.9 + 0.125 * 0.1) / 0.625)
+    # A replayed negative of another state brings that state's human choice back with it.
+    past = lean_examples(2, seed=9, prefix="past")[1]
+    past_other = past.gold_index % 4 + 1
+    replayed = training_rows(slots, answers, [(past.example_id, past_other)] * 2, {**index, past.example_id: past}, "all")
+    assert replayed.slots == 4 + 2 and replayed.negatives == 3 + 2
+    rows = {(ex.example_id, a): k for k, (ex, a) in enumerate(zip(replayed.examples, replayed.answers))}
+    assert replayed.expert_count[rows[past.example_id, past.gold_index]] == 2
+    assert replayed.fresh_expert_count[rows[past.example_id, past.gold_index]] == 0  # metrics: this step's only
+    assert replayed.fresh_expert_count.sum() == 4 == replayed.expert_count.sum() - 2
+    assert replayed.policy_count[rows[past.example_id, past_other]] == 2
+    weight, target = replayed.loss_terms(replayed.slots, replayed.negatives, 0.0)
+    assert weight[rows[past.example_id, past.gold_index]] == pytest.approx(0.5 * 2 / 6)
+    assert weight.sum() == pytest.approx(1.0)  # still 0.5 E_human + 0.5 E_policy
 
 
 # ---- learning ------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ class StepStats:
     def record_scores(self, logits: torch.Tensor, rows: TrainingRows) -> None:
         """Accuracy and mean P(human) per kind of input, weighted by how often each occurred."""
         p, human = torch.sigmoid(logits).double(), (logits > 0).double()
-        for name, counts, hit in (("expert", rows.expert_count, human),
+        for name, counts, hit in (("expert", rows.fresh_expert_count, human),  # as the policy's: this step's only
                                   ("policy", rows.differing_count, 1 - human),
                                   ("correct", rows.correct_count, None)):
             self.add(f"{name}_n", counts.sum())
