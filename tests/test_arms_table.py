@@ -1,5 +1,5 @@
-"""experiments/arms_table.py on the committed runs of experiments/results/grpo_reward_exact/:
-a seed-averaged arm is the per-seed mean, and its paired difference is compare's."""
+"""experiments/arms_table.py and d_check.py on the committed runs of experiments/results/grpo_reward_exact/:
+a seed-averaged arm is the per-seed mean, its paired difference is compare's; the position habit d_check reads.
 
 from __future__ import annotations
 
@@ -41,3 +41,13 @@ def test_a_two_run_arm_is_the_mean_of_its_runs_and_pairs_as_compare_does(capsys)
     assert rows["TV (exact)"][0].strip("* |").startswith(f"{expected['tv'].value:+.3f} [{expected['tv'].lo:+.3f},")
     with pytest.raises(SystemExit, match="no evaluation at step 7"):
         table.main(["--arm", f"x={accuracy}@7"])
+
+
+def test_d_check_reads_the_policys_position_habit_from_an_evaluation_file():
+    """experiments/d_check.py: the warm start's on-slate answer distribution per slate size,
+    each a distribution, with the shown-third habit the arms' README reports (~0.4 on option 3)."""
+    check = _load("d_check")
+    habit = check.position_habit(RUNS / "grpo_accuracy" / "eval" / "step_000000.jsonl")
+    assert set(habit) == {3, 4, 5}
+    assert all(v.sum() == pytest.approx(1.0) and (v >= 0).all() for v in habit.values())
+    assert all(int(v.argmax()) == 2 and v[2] > 0.38 for v in habit.values())
