@@ -84,6 +84,11 @@ def test_different_rows_are_refused_with_the_row_named(tmp_path):
     b = _write(tmp_path / "b.jsonl", moved, [[1]] * len(moved))
     with pytest.raises(ValueError, match=r"row 3 differs: 'row2'.*'row99'"):
         paired_differences(a, b, alpha=1.0)
+    # a side of several seeds: a seed on other rows is refused with its file named
+    with pytest.raises(ValueError, match=r"row 3 differs: 'row2'.*'row99'.*b\.jsonl"):
+        paired_differences([a, b], a, alpha=1.0)
+    with pytest.raises(ValueError, match="names no completions file"):
+        paired_differences("", a, alpha=1.0)
     with pytest.raises(ValueError, match="needs the same rows"):
         paired_differences(a, _write(tmp_path / "c.jsonl", examples[:4], [[1]] * 4), alpha=1.0)
 
@@ -116,13 +121,3 @@ def test_a_side_of_several_seeds_is_their_per_row_mean(tmp_path):
     cli = main([f"{seeds[0]},{seeds[1]}", str(base), "--n-boot", "200"])
     assert cli["tv"].value == pytest.approx(both["tv"].value)
 
-
-def test_a_seed_on_other_rows_is_refused_with_its_file_named(tmp_path):
-    examples = _rows(3)
-    a = _write(tmp_path / "a.jsonl", examples, [[1]] * len(examples))
-    moved = examples[:2] + [_row(99, "v9")] + examples[3:]
-    other_seed = _write(tmp_path / "a_s1.jsonl", moved, [[1]] * len(moved))
-    with pytest.raises(ValueError, match=r"row 3 differs: 'row2'.*'row99'.*a_s1\.jsonl"):
-        paired_differences([a, other_seed], a, alpha=1.0)
-    with pytest.raises(ValueError, match="names no completions file"):
-        paired_differences("", a, alpha=1.0)
