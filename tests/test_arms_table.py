@@ -1,5 +1,5 @@
 """experiments/arms_table.py and d_check.py on the committed runs of experiments/results/grpo_reward_exact/:
-a seed-averaged arm is the per-seed mean, its paired difference is compare's; the position habit d_check reads.
+a seed-averaged arm is the per-seed mean, its paired difference is compare's; the position habit d_check reads."""
 
 from __future__ import annotations
 
