@@ -184,8 +184,8 @@ class Discriminator(nn.Module):
         slate's [K] logits, with grad when training)."""
         sizes = [len(ex.option_texts) for ex in examples]
         if self.gail.freeze_encoder:
-            features = torch.cat([self._kept_features(ex) for ex in examples]) if examples else None
-            if features is not None:
+            if examples:
+                features = torch.cat([self._kept_features(ex) for ex in examples])
                 yield slice(0, len(examples)), list(self.head_logits(features, sizes).float().split(sizes))
             return
         for chunk in slate_chunks(sizes, _MICRO_ROWS):

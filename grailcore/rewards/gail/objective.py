@@ -116,8 +116,9 @@ def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
 
     fresh: list[tuple[str, int]] = []
     for example, answer in zip(examples, answers, strict=True):
-        row(example, example.gold_index)[1] += 1
-        row(example, example.gold_index)[5] += 1
+        expert = row(example, example.gold_index)
+        expert[1] += 1
+        expert[5] += 1
         if answer is None:
             continue
         differs = answer != example.gold_index
@@ -134,7 +135,8 @@ def training_rows(examples: Sequence[Example], answers: Sequence[int | None],
     return TrainingRows(
         examples=[v[0] for v in values], answers=[key[1] for key in rows],
         expert_count=counts[:, 0], policy_count=counts[:, 1], differing_count=counts[:, 2],
-        correct_count=counts[:, 3], fresh_expert_count=counts[:, 4], slots=len(examples) + len(replayed), negatives=len(fresh) + len(replayed),
+        correct_count=counts[:, 3], fresh_expert_count=counts[:, 4],
+        slots=len(examples) + len(replayed), negatives=len(fresh) + len(replayed),
         fresh_negatives=fresh,
     )
 
