@@ -234,6 +234,13 @@ class GailConfig:
     """r(D): D, log D, -log(1 - D) or log D - log(1 - D), clipped to +-reward_clip. A completion
     without a committed answer in the layout gets the floor of that range (0 for d and
     neg_log_1m_d, -reward_clip for log_d and logit), so dodging never pays."""
+    dodge: Literal["floor", "worst_option"] = "floor"
+    """What a dodge (no committed answer in the layout) is paid. floor: the bottom of r(D)'s
+    range (above). worst_option: r(D) of its own slate's least human-looking option, the
+    least any committed answer to that prompt is paid; dodging still never beats answering,
+    but this reward then carries no layout signal (D's reward spread is among options only)
+    and `format` alone pays the layout. Under floor, committing is worth up to 2 *
+    reward_clip more than dodging, which can outweigh what D says about the options."""
     reward_clip: float = 5.0
     lr: float = 2e-5
     """The pretrained encoder's learning rate."""

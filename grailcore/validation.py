@@ -125,6 +125,8 @@ def _gail_checks(cfg: Config) -> list[tuple[bool, str]]:
         (gail.disc_steps >= 1, f"gail.disc_steps must be >= 1, got {gail.disc_steps}"),
         (gail.max_tokens >= 8, f"gail.max_tokens must be >= 8, got {gail.max_tokens}"),
         (0 <= gail.label_smoothing < 1, f"gail.label_smoothing must be in [0, 1), got {gail.label_smoothing}"),
+        (gail.dodge in ("floor", "worst_option"),
+         f"gail.dodge must be 'floor' or 'worst_option', got {gail.dodge!r}"),
         (gail.negatives in ("differing", "all"),
          f"gail.negatives must be 'differing' or 'all', got {gail.negatives!r}"),
         (gail.replay_size >= 0, f"gail.replay_size must be >= 0, got {gail.replay_size}"),

@@ -211,9 +211,9 @@ class Discriminator(nn.Module):
         return self
 
     @torch.no_grad()
-    def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
-        """[N] D logits of (example, 1-based option) pairs, each scored within its whole
-        slate, eval mode (no dropout); one slate pass per distinct example."""
+    def slate_logits(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """example_id -> [K] D logits of every option of its slate (eval mode, no dropout),
+        one slate pass per distinct example."""
         was_training = self.training
         self.eval()
         try:
@@ -221,39 +221,37 @@ class Discriminator(nn.Module):
             scored: dict[str, torch.Tensor] = {}
             for chunk, slates in self._slate_logits(distinct):
                 scored.update((ex.example_id, z.cpu()) for ex, z in zip(distinct[chunk], slates))
-            return torch.stack([scored[ex.example_id][a - 1] for ex, a in zip(examples, answers)]) \
-                if examples else torch.zeros(0)
+            return scored
         finally:
             self.train(was_training)
+
+    def logits(self, examples: Sequence[Example], answers: Sequence[int]) -> torch.Tensor:
+        """[N] D logits of (example, 1-based option) pairs, each scored within its whole slate."""
+        scored = self.slate_logits(examples)
+        return torch.stack([scored[ex.example_id][a - 1] for ex, a in zip(examples, answers)]) \
+            if examples else torch.zeros(0)
 
     # ---- reward ----------------------------------------------------------------------------
 
     def score(self, examples: Sequence[Example], completions: Sequence[str]) -> torch.Tensor:
         """[N] unweighted GAIL reward r(D) of each completion. Only a committed answer in the
-        layout is paid r(D); a viewer completion that dodges (no parsable answer, or a
-        broken layout) gets `reward_floor`, the least r(D) can pay, so not answering never
-        beats answering; non-viewer examples get 0 (not this reward's task)."""
-        keys: dict[tuple[str, int], int] = {}
-        pairs: list[tuple[Example, int]] = []
-        slots: list[tuple[int, int]] = []  # (completion index, distinct pair index)
+        layout is paid r(D) of its option; a viewer completion that dodges (no parsable
+        answer, or a broken layout) gets `reward_floor`, the least r(D) can pay, or under
+        gail.dodge="worst_option" r(D) of its slate's worst option: not answering never beats
+        answering. Non-viewer examples get 0 (not this reward's task)."""
         out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
+        viewer = [(i, ex, _committed_answer(ex, text))
+                  for i, (ex, text) in enumerate(zip(examples, completions, strict=True)) if ex.task == "viewer"]
+        worst = self.gail.dodge == "worst_option"
+        # Only the slates that pay something are run: those with a committed answer (all under worst_option).
+        slates = self.slate_logits([ex for _, ex, answer in viewer if worst or answer is not None])
+        rewards = {key: gail_reward(z, self.gail.reward, self.gail.reward_clip) for key, z in slates.items()}
         floor = reward_floor(self.gail.reward, self.gail.reward_clip)
-        for i, (ex, text) in enumerate(zip(examples, completions, strict=True)):
-            if ex.task != "viewer":
-                continue
-            answer = _committed_answer(ex, text)
-            if answer is None:
-                out[i] = floor
-                continue
-            key = (ex.example_id, answer)
-            if key not in keys:  # a group often repeats a choice: one D forward per distinct input
-                keys[key] = len(pairs)
-                pairs.append((ex, answer))
-            slots.append((i, keys[key]))
-        if pairs:
-            values = gail_reward(self.logits(*zip(*pairs)), self.gail.reward, self.gail.reward_clip)
-            index, pair = torch.tensor(slots).unbind(1)
-            out[index] = values[pair]
+        for i, ex, answer in viewer:
+            if answer is not None:
+                out[i] = rewards[ex.example_id][answer - 1]
+            else:
+                out[i] = rewards[ex.example_id].min() if worst else floor
         return out
 
     # ---- training ----------------------------------------------------------------------------

@@ -334,6 +334,28 @@ def test_stack_adds_the_weighted_gail_reward_and_dodging_gets_the_floor(train_ex
         RewardStack(RewardsConfig(names=("gail", "gail"), weights=(1.0, 1.0)), {"gail": d})
 
 
+def test_dodge_worst_option_pays_a_dodge_its_slates_least_human_option(train_examples):
+    """gail.dodge="worst_option": a dodge gets r(D) of its own slate's worst option (never more
+    than any committed answer to that prompt), not the bottom of r(D)'s range."""
+    d = make(train_examples, reward="logit", reward_clip=5.0, dodge="worst_option")
+    hidden = d.encoder.config.hidden_size
+    with torch.no_grad():  # logit = GELU(c_k) for the option shown at k: set by position alone
+        d.head[0].weight.zero_()
+        d.head[0].bias.zero_()
+        d.head[0].weight[0, 2 * hidden:2 * hidden + 4] = torch.tensor([1.0, 3.0, 2.0, 4.0])
+        d.head[2].weight[0, 0] = 1.0
+    by_position = torch.nn.functional.gelu(torch.tensor([1.0, 3.0, 2.0, 4.0])).tolist()
+    exs = train_examples[:2]
+    texts = [answer(2), answer(None), "<answer>9</answer>", answer(4)]
+    scores = d.score([exs[0], exs[0], exs[1], exs[1]], texts)
+    assert scores.tolist() == pytest.approx([by_position[1], by_position[0], by_position[0], by_position[3]], abs=1e-5)
+    floor = make(train_examples, reward="logit", reward_clip=5.0)
+    floor.load_state_dict(d.state_dict())
+    assert floor.score([exs[0], exs[0]], texts[:2]).tolist() == pytest.approx([by_position[1], -5.0], abs=1e-5)
+    with pytest.raises(ValueError, match="dodge"):
+        validate(Config(gail=GailConfig(dodge="nothing")))
+
+
 class FixedEngine:
     """A rollout engine whose group g answers option g % 4 + 1 (no model needed)."""
 
