@@ -5,12 +5,14 @@ prompt) -> advantages [P*G] float32. Pure; the step calls it through
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 
 Scale = Literal["group", "batch", "none"]
 SCALES = ("group", "batch", "none")
+Aggregation = Literal["sum_then_normalize", "normalize_then_sum"]
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 @dataclass(frozen=True)
@@ -78,3 +80,28 @@ def group_advantages(
         zero_variance_groups=int(zero_variance.sum()),
         zero_variance_mask=zero_variance,
     )
+
+
+def decoupled_advantages(per_reward: torch.Tensor, weights: Sequence[float], group_size: int,
+                         eps: float = 1e-4) -> AdvantageOutput:
+    """GDPO's "normalize_then_sum" (arXiv 2601.05242; TRL's multi_objective_aggregation):
+    [P*G, R] unweighted rewards -> [P*G] advantages.
+
+    Each reward is normalised within its group on its own ((r - group mean) / (group std +
+    eps), exactly 0 where the group gave it one value), the weighted sum is taken, and that
+    sum is centred on the step's mean and divided by the step's std (+ eps). Summing first
+    lets the reward with the largest spread set every group's scale: on the viewer demo the
+    layout (a dodge paid the floor) dwarfed the learned reward's spread among the options,
+    and each committed answer's advantage then followed how many of its group dodged. Groups
+    where every reward was constant get exactly 0 (no signal, as in `group_advantages`).
+    """
+    if per_reward.dim() != 2 or per_reward.shape[1] != len(weights):
+        raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
+                         f"got shape {tuple(per_reward.shape)}")
+    columns = [group_advantages(per_reward[:, r], group_size, "group", eps) for r in range(per_reward.shape[1])]
+    summed = sum(w * c.advantages for w, c in zip(weights, columns))  # [P*G]
+    constant = torch.stack([c.zero_variance_mask for c in columns]).all(dim=0)  # [P]
+    scaled = (summed - summed.mean()) / (summed.std() + eps) if summed.numel() > 1 else summed * 0
+    advantages = torch.where(constant[:, None], 0.0, scaled.view(-1, group_size))  # [P, G]
+    return AdvantageOutput(advantages=advantages.flatten(), zero_variance_groups=int(constant.sum()),
+                           zero_variance_mask=constant)

@@ -146,6 +146,12 @@ class GRPOConfig:
     """Clip range [1 - epsilon_low, 1 + epsilon_high] of the ratio; cispo caps its weight at
     1 + epsilon_high only. GSPO's sequence ratios want far smaller values (its paper: 3e-4, 4e-4)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    reward_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """How several rewards become one advantage. sum_then_normalize: the weighted total,
+    normalised per `scale_rewards`. normalize_then_sum (GDPO, TRL's multi_objective_aggregation
+    of that name): each reward normalised within its group on its own, the weighted sum, then
+    divided by the step's std, so a reward with a small spread (D's among the options) is not
+    drowned by one with a large spread (the layout); needs scale_rewards="group"."""
     policy_loss: PolicyLoss = "grpo"
     """Policy term per token: grpo = -min(r A, clip(r) A), r the token's ratio (PPO/GRPO);
     gspo = the same with one ratio per sequence, exp(mean of its tokens' log-ratios) (GSPO);

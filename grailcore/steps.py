@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
 from grailcore import dist as gdist
-from grailcore.advantages import AdvantageOutput, Scale, group_advantages
+from grailcore.advantages import AdvantageOutput, Scale, decoupled_advantages, group_advantages
 from grailcore.batch import micro_batches
 from grailcore.data.schema import Example
 from grailcore.metrics_log import StepTimer
@@ -87,7 +87,11 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     with timer("scoring"):
         if update.applied:  # the discriminator learns from this step's rollouts (GRAIL)
             trainer.rewards.update(rollouts.examples, [c.text for c in rollouts.completions], rollouts.rewards)
-        adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
+        if cfg.grpo.reward_aggregation == "normalize_then_sum":
+            adv = step_advantages(reward_matrix(rollouts.rewards, cfg.rewards.names), cfg.grpo.group_size,
+                                  cfg.grpo.scale_rewards, weights=cfg.rewards.weights)
+        else:
+            adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
     # The discriminator's warm-up: the policy stays as it is (a dry run still measures a policy update).
     if update.applied and step < cfg.gail.warmup_steps:
         return _discriminator_only(trainer, rollouts, adv)
@@ -138,18 +142,31 @@ def prompt_seeds(run_seed: int, step: int, example_ids: list[str], first_slot: i
     return tuple(derive_seed(run_seed, step, example_id, first_slot + k) for k, example_id in enumerate(example_ids))
 
 
-def step_advantages(rewards: torch.Tensor, group_size: int, scale: Scale) -> AdvantageOutput:
-    """This rank's advantages [P*G] from its rewards [P*G]. Each rank holds whole groups,
-    so "group" and "none" need nothing from the others; "batch" divides by the std of the
-    whole step's rewards, so every rank's are gathered first (a collective: all ranks call
-    it, each with the same number of groups) and this rank's share is cut back out."""
-    if scale != "batch" or gdist.get_world_size() == 1:
-        return group_advantages(rewards, group_size, scale)
-    everyone = group_advantages(gdist.all_gather(rewards), group_size, scale)  # [world*P*G]
-    rank, groups = gdist.get_rank(), rewards.numel() // group_size
-    mask = everyone.zero_variance_mask[rank * groups:(rank + 1) * groups]  # [P]
-    return AdvantageOutput(advantages=everyone.advantages[rank * rewards.numel():(rank + 1) * rewards.numel()],
+def step_advantages(rewards: torch.Tensor, group_size: int, scale: Scale,
+                    weights: Sequence[float] | None = None) -> AdvantageOutput:
+    """This rank's advantages [P*G] from its rewards: [P*G] totals, or [P*G, R] unweighted
+    rewards with their `weights` for GDPO's normalize_then_sum (`decoupled_advantages`;
+    `scale` unused). Each rank holds whole groups, so "group" and "none" need nothing from
+    the others; "batch" and normalize_then_sum divide by the std of the whole step, so
+    every rank's rewards are gathered first (a collective: all ranks call it, each with the
+    same number of groups) and this rank's share is cut back out."""
+    def advantages(everyone: torch.Tensor) -> AdvantageOutput:
+        if weights is None:
+            return group_advantages(everyone, group_size, scale)
+        return decoupled_advantages(everyone, weights, group_size)
+
+    if (weights is None and scale != "batch") or gdist.get_world_size() == 1:
+        return advantages(rewards)
+    everyone = advantages(gdist.all_gather(rewards))  # [world*P*G]
+    rank, n = gdist.get_rank(), rewards.shape[0]
+    mask = everyone.zero_variance_mask[rank * n // group_size:(rank + 1) * n // group_size]  # [P]
+    return AdvantageOutput(advantages=everyone.advantages[rank * n:(rank + 1) * n],
                            zero_variance_groups=int(mask.sum()), zero_variance_mask=mask)
+
+
+def reward_matrix(rewards: RewardOutput, names: Sequence[str]) -> torch.Tensor:
+    """[N, R] the unweighted rewards in `names` order (the columns GDPO normalises)."""
+    return torch.stack([rewards.per_reward[name] for name in names], dim=1)
 
 
 def _grpo_metrics(trainer: Trainer, rollouts: Rollouts, zero_variance_groups: int,

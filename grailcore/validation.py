@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+from grailcore.advantages import AGGREGATIONS
 from grailcore.config import Config, ConfigError
 from grailcore.mixture import sources
 from grailcore.rewards import available_rewards, slot_rewards
@@ -104,6 +105,11 @@ def _objective_checks(cfg: Config) -> list[tuple[bool, str]]:
         (grpo.policy_loss in POLICY_LOSSES,
          f"grpo.policy_loss must be one of {tuple(POLICY_LOSSES)}, got {grpo.policy_loss!r}"),
         (grpo.loss_type in LOSS_TYPES, f"grpo.loss_type must be one of {LOSS_TYPES}, got {grpo.loss_type!r}"),
+        (grpo.reward_aggregation in AGGREGATIONS,
+         f"grpo.reward_aggregation must be one of {AGGREGATIONS}, got {grpo.reward_aggregation!r}"),
+        (grpo.reward_aggregation != "normalize_then_sum" or grpo.scale_rewards == "group",
+         f"grpo.reward_aggregation=normalize_then_sum normalises each reward by its group's std and the sum "
+         f"by the step's; it does not use grpo.scale_rewards={grpo.scale_rewards!r}: leave it at 'group'"),
         (grpo.kl_estimator in KL_ESTIMATORS,
          f"grpo.kl_estimator must be one of {tuple(KL_ESTIMATORS)}, got {grpo.kl_estimator!r}"),
         (grpo.engine_is_correction in ("auto", "on", "off"),

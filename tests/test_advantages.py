@@ -1,9 +1,12 @@
+import inspect
 import math
+import textwrap
+import types
 
 import pytest
 import torch
 
-from grailcore.advantages import group_advantages, informative_groups
+from grailcore.advantages import decoupled_advantages, group_advantages, informative_groups
 
 # Two groups of 4: one informative, one with identical rewards.
 REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 2.0, 2.0, 2.0, 2.0])
@@ -71,3 +74,75 @@ def test_informative_groups():
 def test_bad_input_is_rejected_with_a_reason(rewards, group_size, scale, match):
     with pytest.raises(ValueError, match=match):
         group_advantages(rewards, group_size, scale)
+
+
+# ---- GDPO: normalize_then_sum ----------------------------------------------------------------
+
+# Two rewards (a layout reward with a wide spread, a choice reward with a narrow one) over
+# three groups of 4; group 2 gives both rewards one value each (no signal).
+PER_REWARD = torch.tensor([[1.0, 0.3], [0.0, -2.0], [1.0, -0.2], [1.0, 0.4],
+                           [0.0, -2.0], [1.0, 0.1], [0.0, -2.0], [0.0, -2.0],
+                           [1.0, 0.5], [1.0, 0.5], [1.0, 0.5], [1.0, 0.5]])
+WEIGHTS = (0.5, 1.0)
+
+
+def test_decoupled_advantages_normalise_each_reward_in_its_group_then_the_sum_over_the_step():
+    out = decoupled_advantages(PER_REWARD, WEIGHTS, group_size=4, eps=EPS)
+    columns = [group_advantages(PER_REWARD[:, r], 4, "group", EPS).advantages for r in range(2)]
+    summed = 0.5 * columns[0] + columns[1]
+    expected = (summed - summed.mean()) / (summed.std() + EPS)
+    expected[8:] = 0.0
+    torch.testing.assert_close(out.advantages, expected, rtol=0, atol=1e-6)
+    assert out.zero_variance_groups == 1 and out.zero_variance_mask.tolist() == [False, False, True]
+    assert torch.equal(out.advantages[8:], torch.zeros(4))
+
+
+def test_decoupled_advantages_let_a_narrow_reward_rank_the_committed_answers():
+    """One group: a layout reward (a dodge, completion 1, gets 0) and a choice reward with a
+    narrow spread among the committed answers (the dodge paid the slate's worst option,
+    gail.dodge="worst_option"). Summed first, the choice reward's ranking of completions 3
+    and 0 is a tenth of the layout's gap between 0 and the dodge; normalised apart, about half."""
+    per_reward = torch.tensor([[1.0, 0.30], [0.0, 0.25], [1.0, 0.25], [1.0, 0.35]])
+    weights = (0.5, 1.0)
+    summed_first = group_advantages(per_reward @ torch.tensor(weights), 4, "group").advantages
+    decoupled = decoupled_advantages(per_reward, weights, 4).advantages
+    for advantages, low, high in ((summed_first, 0.05, 0.15), (decoupled, 0.4, 0.6)):
+        ratio = (advantages[3] - advantages[0]) / (advantages[0] - advantages[1])
+        assert low < ratio < high, (advantages.tolist(), ratio)
+
+
+def test_decoupled_advantages_refuse_a_matrix_that_does_not_match_the_weights():
+    with pytest.raises(ValueError, match=r"\[P\*G, 3\]"):
+        decoupled_advantages(PER_REWARD, (1.0, 1.0, 1.0), 4)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        decoupled_advantages(PER_REWARD[:6], WEIGHTS, 4)
+
+
+def _trl_normalize_then_sum():
+    """TRL's own normalize_then_sum block, cut from `GRPOTrainer._generate_and_score_completions`
+    (the method also generates, so it cannot be called on fixed rewards) and run as it is."""
+    trainer = pytest.importorskip("trl.trainer.grpo_trainer")
+    source = textwrap.dedent(inspect.getsource(trainer.GRPOTrainer._generate_and_score_completions))
+    lines = source.splitlines()
+    start = next((i for i, line in enumerate(lines) if 'multi_objective_aggregation == "normalize_then_sum"' in line),
+                 None)
+    if start is None:
+        pytest.skip("this TRL has no normalize_then_sum block")
+    indent = len(lines[start + 1]) - len(lines[start + 1].lstrip())
+    body = []
+    for line in lines[start + 1:]:
+        if line.strip() and len(line) - len(line.lstrip()) < indent:
+            break
+        body.append(line)
+    return compile(textwrap.dedent("\n".join(body)), "trl_normalize_then_sum", "exec"), trainer.nanstd
+
+
+def test_decoupled_advantages_match_trl_normalize_then_sum():
+    code, nanstd = _trl_normalize_then_sum()
+    scope = {"torch": torch, "nanstd": nanstd, "rewards_per_func": PER_REWARD.clone(), "num_generations": 4,
+             "device": "cpu", "unscorable_mask": torch.zeros(12, dtype=torch.bool),
+             "self": types.SimpleNamespace(reward_funcs=[None, None], reward_weights=torch.tensor(WEIGHTS))}
+    exec(code, scope)  # noqa: S102 - the peer's own lines, on fixed inputs
+    ours = decoupled_advantages(PER_REWARD, WEIGHTS, 4).advantages
+    # TRL centres the zero-signal group on the step's mean (~1e-8 here); ours is exactly 0
+    torch.testing.assert_close(ours, scope["advantages"], rtol=0, atol=1e-6)

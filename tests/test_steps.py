@@ -1,5 +1,5 @@
-"""The steps (grailcore/steps.py): advantages with scale_rewards="batch" divide by the
-whole step's std, so 2 ranks equal 1 process; prompt seeds; SFT targets in both answer layouts."""
+"""The steps (grailcore/steps.py): advantages with scale_rewards="batch" or
+reward_aggregation="normalize_then_sum" divide by the whole step's std, so 2 ranks equal 1 process; prompt seeds; SFT targets in both answer layouts."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from grailcore.advantages import group_advantages
+from grailcore.advantages import decoupled_advantages, group_advantages
 from grailcore.config import DataConfig
 from grailcore.data.loaders import load_examples
 from grailcore.rewards.parsing import parse_viewer
@@ -21,17 +21,25 @@ GROUP = 4
 # group of rank 1 has identical rewards (advantage exactly 0, counted on its own rank).
 RANK_REWARDS = [[0.0, 0.1, 0.2, 0.0, 0.3, 0.3, 0.1, 0.2], [0.0, 5.0, 1.0, 3.0, 2.0, 2.0, 2.0, 2.0]]
 
+# [N, 2]: the rewards beside a second reward with another spread (rank 1's last group stays
+# constant in both); source text, so the worker below defines the same function.
+TWO_REWARDS = "lambda rewards: torch.stack([rewards, torch.where(rewards > 1.5, 2.0, rewards * 3 % 1)], dim=1)"
+two_rewards = eval(TWO_REWARDS)  # noqa: S307 - the constant above
+
 ADVANTAGE_WORKER = '''
 import json, sys, torch
 from grailcore import dist as gdist
 from grailcore.steps import prompt_seeds, step_advantages
 
+two_rewards = {two}
 info = gdist.init_distributed()
 rewards = torch.tensor({rewards!r}[info.rank])
 out = {{}}
 for scale in ("batch", "group", "none"):
     adv = step_advantages(rewards, {group}, scale)
     out[scale] = [adv.advantages.tolist(), adv.zero_variance_groups, adv.zero_variance_mask.tolist()]
+adv = step_advantages(two_rewards(rewards), {group}, "group", weights=(0.5, 1.0))  # normalize_then_sum
+out["gdpo"] = [adv.advantages.tolist(), adv.zero_variance_groups, adv.zero_variance_mask.tolist()]
 try:
     gdist.all_gather(torch.zeros(2 + info.rank))
 except ValueError as err:
@@ -51,7 +59,7 @@ def test_one_process_step_advantages_are_the_pure_ones(scale):
 
 def test_two_ranks_give_the_advantages_of_one_process_for_every_scale(tmp_path):
     script = tmp_path / "worker.py"
-    script.write_text(ADVANTAGE_WORKER.format(rewards=RANK_REWARDS, group=GROUP))
+    script.write_text(ADVANTAGE_WORKER.format(rewards=RANK_REWARDS, group=GROUP, two=TWO_REWARDS))
     torchrun(script, str(tmp_path), timeout=120)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     whole = torch.tensor(RANK_REWARDS[0] + RANK_REWARDS[1])
@@ -61,6 +69,13 @@ def test_two_ranks_give_the_advantages_of_one_process_for_every_scale(tmp_path):
         torch.testing.assert_close(two, one.advantages, rtol=0, atol=1e-6, msg=f"scale={scale}")
         assert [r[scale][1] for r in ranks] == [0, 1]
         assert ranks[0][scale][2] + ranks[1][scale][2] == one.zero_variance_mask.tolist()
+    one = decoupled_advantages(two_rewards(whole), (0.5, 1.0), GROUP)  # normalize_then_sum: the step's std
+    torch.testing.assert_close(torch.tensor(ranks[0]["gdpo"][0] + ranks[1]["gdpo"][0]), one.advantages,
+                               rtol=0, atol=1e-6)
+    assert [r["gdpo"][1] for r in ranks] == [0, 1]
+    per_rank = torch.cat([decoupled_advantages(two_rewards(torch.tensor(r)), (0.5, 1.0), GROUP).advantages
+                          for r in RANK_REWARDS])
+    assert not torch.allclose(per_rank, one.advantages, atol=1e-3)
     # The check is not vacuous: each rank's own std gives other advantages.
     per_rank = torch.cat([group_advantages(torch.tensor(r), GROUP, "batch").advantages for r in RANK_REWARDS])
     assert not torch.allclose(per_rank, group_advantages(whole, GROUP, "batch").advantages, atol=1e-3)

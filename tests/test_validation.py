@@ -26,6 +26,7 @@ def test_gail_is_an_ordinary_entry_of_the_reward_table():
     (dict(reward="exp"), "gail.reward"), (dict(reward_clip=0.0), "gail.reward_clip"), (dict(lr=0.0), "gail.lr"),
     (dict(disc_steps=0), "gail.disc_steps"), (dict(max_tokens=4), "gail.max_tokens"),
     (dict(label_smoothing=1.0), "gail.label_smoothing"), (dict(negatives="some"), "gail.negatives"),
+    (dict(dodge="zero"), "gail.dodge"),
     (dict(replay_size=-1), "gail.replay_size"), (dict(replay_ratio=-0.5), "gail.replay_ratio"),
     (dict(warmup_steps=-1), "gail.warmup_steps"), (dict(warmup_steps=2), "gail.warmup_steps=2 trains the disc"),
 ])
@@ -65,11 +66,15 @@ def test_tracking_and_mixture_settings_are_checked_here_too():
     (dict(engine_is_correction="yes"), "grpo.engine_is_correction must be auto, on or off"),
     (dict(engine_is_cap=0.9), r"grpo.engine_is_cap must be >= 1, got 0.9"),
     (dict(engine_seq_band=(1.1, 2.0)), r"grpo.engine_seq_band must be \(low, high\)"),
+    (dict(reward_aggregation="mean"), "grpo.reward_aggregation must be one of"),
+    (dict(reward_aggregation="normalize_then_sum", scale_rewards="batch"),
+     r"normalize_then_sum .* does not use grpo.scale_rewards='batch'"),
 ])
 def test_the_objective_settings_are_checked_naming_the_field(grpo, match):
     with pytest.raises(ConfigError, match=match):
         validate(Config(grpo=GRPOConfig(**grpo)))
-    validate(Config(grpo=GRPOConfig(policy_loss="gspo", kl_estimator="k1", engine_is_correction="on", engine_seq_band=None)))
+    validate(Config(grpo=GRPOConfig(policy_loss="gspo", kl_estimator="k1", engine_is_correction="on", engine_seq_band=None,
+                                    reward_aggregation="normalize_then_sum")))
 
 
 @pytest.mark.parametrize("grpo", [dict(dynamic_sampling=True), dict(reject_threshold=1.0)])
