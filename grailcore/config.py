@@ -329,6 +329,9 @@ class LoggingConfig:
     progress: bool = True
     log_samples: int = 1
     """Completions printed per step (rank 0)."""
+    rollouts: bool = False
+    """Write every completion of every GRPO step (its answer, rewards and advantage) to
+    run_dir/rollouts/step_NNNNNN.rankR.jsonl; `experiments/rollout_positions.py` reads them."""
     wandb_project: str | None = None
     """Also log metrics to this Weights & Biases project (needs `wandb`); None = local only."""
     wandb_entity: str | None = None

@@ -26,6 +26,7 @@ from grailcore.mixture import source_reward_metrics
 from grailcore.optimize import UpdateStats, policy_update
 from grailcore.rng import derive_seed
 from grailcore.rollout.collect import Rollouts
+from grailcore.rollout_log import write_rollouts
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
 if TYPE_CHECKING:  # annotations only: the trainer imports this module
@@ -92,6 +93,8 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
                                   cfg.grpo.scale_rewards, weights=cfg.rewards.weights)
         else:
             adv = step_advantages(rollouts.rewards.total, cfg.grpo.group_size, cfg.grpo.scale_rewards)
+    if cfg.logging.rollouts and not cfg.dry_run:
+        write_rollouts(cfg.run_dir, step + 1, dist.rank, rollouts, adv.advantages)  # numbered as metrics.jsonl
     # The discriminator's warm-up: the policy stays as it is (a dry run still measures a policy update).
     if update.applied and step < cfg.gail.warmup_steps:
         return _discriminator_only(trainer, rollouts, adv)

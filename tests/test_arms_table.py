@@ -4,6 +4,7 @@ a seed-averaged arm is the per-seed mean, its paired difference is compare's; th
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -51,3 +52,24 @@ def test_d_check_reads_the_policys_position_habit_from_an_evaluation_file():
     assert set(habit) == {3, 4, 5}
     assert all(v.sum() == pytest.approx(1.0) and (v >= 0).all() for v in habit.values())
     assert all(int(v.argmax()) == 2 and v[2] > 0.38 for v in habit.values())
+
+
+def test_rollout_positions_reads_shares_rewards_and_the_push_on_each_answer(tmp_path):
+    positions = _load("rollout_positions")
+    folder = tmp_path / "rollouts"
+    folder.mkdir()
+    # step 1: answers 3, 3, 1 and a dodge; step 2 (rank 1's file): answer 2; a math row is ignored
+    rows = [(1, 0, 3, 0.5, 1.0), (1, 0, 3, -0.5, 0.2), (1, 0, 1, 1.5, 0.4), (1, 0, None, -2.0, -1.6), (2, 1, 2, 0.0, 0.0)]
+    for step, rank, answer, gail, advantage in rows:
+        with open(folder / f"step_{step:06d}.rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "task": "viewer", "answer": answer, "rewards": {"gail": gail},
+                                "advantage": advantage}) + "\n")
+    with open(folder / "step_000001.rank0.jsonl", "a") as f:
+        f.write(json.dumps({"step": 1, "task": "math", "rewards": {"gail": 9.0}, "advantage": 9.0}) + "\n")
+    lines = positions.table(positions.load(tmp_path), window=2)
+    cells = {line.split(" | ")[1]: line.strip("| ").split(" | ") for line in lines[2:]}
+    assert cells["shown 3"] == ["1-2", "shown 3", "0.400", "+0.000", "+0.600", "+0.240"]
+    assert cells["shown 1"][2:] == ["0.200", "+1.500", "+0.400", "+0.080"]
+    assert cells["dodge"][2:] == ["0.200", "-2.000", "-1.600", "-0.320"] and list(cells)[-1] == "dodge"
+    with pytest.raises(SystemExit, match="--logging.rollouts"):
+        positions.load(tmp_path / "nothing")

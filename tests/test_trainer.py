@@ -23,6 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import grailcore.trainer
+from grailcore.advantages import decoupled_advantages
 from grailcore.build import build_trainer
 from grailcore.checkpoint import read_model_weights
 from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GailConfig, GRPOConfig,
@@ -160,6 +161,29 @@ def test_a_discriminator_warm_up_trains_d_alone_then_the_policy(tmp_path):
     discriminators = [torch.load(_checkpoint(tmp_path / "grail", step) / "extra.pt", weights_only=True)
                       ["rewards"]["gail"] for step in (1, 2, 3)]
     assert [d["observed"] for d in discriminators] == [1, 2, 3]
+
+
+def test_a_gdpo_grail_run_logs_each_completion_with_the_advantage_it_trained_on(tmp_path):
+    """grpo.reward_aggregation=normalize_then_sum and logging.rollouts: every step's file
+    holds every completion, and its advantages are GDPO's of its own rewards."""
+    names, weights = (DISTINCT, "format", "gail"), (1.0, 0.5, 0.25)
+    cfg = tiny_config(tmp_path / "run", optim=OptimConfig(lr=1e-3, max_steps=2, micro_batch_size=16),
+                      grpo=GRPOConfig(prompts_per_step=2, group_size=4, loss_type="grpo",
+                                      reward_aggregation="normalize_then_sum"),
+                      rewards=RewardsConfig(names=names, weights=weights),
+                      gail=GailConfig(model="tiny-bert", max_tokens=256, dodge="worst_option"),
+                      logging=LoggingConfig(tensorboard=False, progress=False, log_samples=0, rollouts=True))
+    _run(cfg)
+    files = sorted((tmp_path / "run" / "rollouts").glob("*.jsonl"))
+    assert [f.name for f in files] == ["step_000001.rank0.jsonl", "step_000002.rank0.jsonl"]
+    for f in files:
+        rows = [json.loads(line) for line in f.read_text().splitlines()]
+        assert len(rows) == 8 and [r["index"] for r in rows] == list(range(8))
+        rewards = torch.tensor([[r["rewards"][n] for n in names] for r in rows])
+        expected = decoupled_advantages(rewards, weights, 4).advantages
+        assert [r["advantage"] for r in rows] == pytest.approx(expected.tolist(), abs=1e-5)
+        assert all(r["answer"] is None or 1 <= r["answer"] <= r["n_options"] for r in rows)
+    assert len(_steps(tmp_path / "run")) == 2
 
 
 @pytest.mark.parametrize("names", [("choice_likelihood", "format"), ("choice_likelihood", "opinion_likelihood", "gail")])
