@@ -73,3 +73,15 @@ def test_rollout_positions_reads_shares_rewards_and_the_push_on_each_answer(tmp_
     assert cells["dodge"][2:] == ["0.200", "-2.000", "-1.600", "-0.320"] and list(cells)[-1] == "dodge"
     with pytest.raises(SystemExit, match="--logging.rollouts"):
         positions.load(tmp_path / "nothing")
+
+
+def test_position_probe_pays_the_third_option_less_than_any_other_and_a_dodge_least():
+    probe = _load("position_probe")
+    from grailcore.data.schema import Example
+    from grailcore.rewards import available_rewards
+    ex = Example(example_id="e", task="viewer", messages=({"role": "user", "content": "q"},), gold_index=1,
+                 n_options=4, option_texts=("a", "b", "c", "d"), state_text="s")
+    answer = "<think>t</think><answer>{}</answer><opinion>increase</opinion>"
+    paid = [probe.avoid_shown_3(ex, answer.format(k)) for k in (1, 2, 3, 4)]
+    assert paid == [1.0, 1.0, -1.0, 1.0] and "avoid_shown_3" in available_rewards()
+    assert probe.avoid_shown_3(ex, answer.format(9)) == probe.avoid_shown_3(ex, "Sure! " + answer.format(1)) == -2.0
