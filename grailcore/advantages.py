@@ -11,7 +11,6 @@ import torch
 
 Scale = Literal["group", "batch", "none"]
 SCALES = ("group", "batch", "none")
-Aggregation = Literal["sum_then_normalize", "normalize_then_sum"]
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
