@@ -9,17 +9,15 @@ completions somewhere. The trainer's own entry point, with the reward registered
 """
 
 from grailcore import cli
-from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register
+from grailcore.rewards.viewer import committed_answer
 from grailcore.train import main
 
 
 @register("avoid_shown_3", task="viewer")
 def avoid_shown_3(example, completion: str) -> float:
-    parsed = parse_viewer(completion, len(example.option_texts))
-    if not parsed.format_ok or parsed.answer is None:
-        return -2.0
-    return -1.0 if parsed.answer == 3 else 1.0
+    answer = committed_answer(example, completion)
+    return -2.0 if answer is None else (-1.0 if answer == 3 else 1.0)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from grailcore.rewards.parsing import parse_viewer
+from grailcore.rewards.viewer import committed_answer
 from grailcore.rollout.collect import Rollouts
 
 
@@ -23,9 +23,7 @@ def rollout_rows(step: int, rank: int, rollouts: Rollouts, advantages: torch.Ten
         row = {"step": step, "rank": rank, "index": i, "example_id": ex.example_id, "task": ex.task,
                "text": completion.text, "finish_reason": completion.finish_reason}
         if ex.task == "viewer":
-            parsed = parse_viewer(completion.text, len(ex.option_texts))
-            row.update(n_options=len(ex.option_texts), gold_index=ex.gold_index,
-                       answer=parsed.answer if parsed.format_ok else None)
+            row.update(n_options=ex.n_options, gold_index=ex.gold_index, answer=committed_answer(ex, completion.text))
         row["rewards"] = {name: float(values[i]) for name, values in rollouts.rewards.per_reward.items()}
         row["total"] = float(rollouts.rewards.total[i])
         row["advantage"] = float(advantages[i])

@@ -22,6 +22,13 @@ def _parse(example: Example, completion: str) -> ParsedViewer:
     return parse_viewer(completion, example.n_options, example.meta.get("layout", "think"))
 
 
+def committed_answer(example: Example, completion: str) -> int | None:
+    """The option a viewer completion commits to in its example's full answer layout, else
+    None (a dodge: no parsable answer, or a broken layout)."""
+    parsed = _parse(example, completion)
+    return parsed.answer if parsed.format_ok else None
+
+
 @register("option_accuracy", task="viewer")
 def option_accuracy(example: Example, completion: str) -> float:
     """1 when the parsed option equals the gold option."""
