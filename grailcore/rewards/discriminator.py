@@ -24,6 +24,7 @@ from grailcore.rewards.gail.objective import (TrainingRows, gail_reward, index_t
                                               training_rows, weighted_bce)
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register_learned
+from grailcore.rewards.viewer import committed_answer
 from grailcore.types import RewardOutput
 
 log = logging.getLogger(__name__)
@@ -240,7 +241,7 @@ class Discriminator(nn.Module):
         gail.dodge="worst_option" r(D) of its slate's worst option: not answering never beats
         answering. Non-viewer examples get 0 (not this reward's task)."""
         out = torch.zeros(len(completions), dtype=torch.float32)  # [N]
-        viewer = [(i, ex, _committed_answer(ex, text))
+        viewer = [(i, ex, committed_answer(ex, text))
                   for i, (ex, text) in enumerate(zip(examples, completions, strict=True)) if ex.task == "viewer"]
         worst = self.gail.dodge == "worst_option"
         # Only the slates that pay something are run: those with a committed answer (all under worst_option).
@@ -444,12 +445,6 @@ def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B, H] mean of [B, T, H] over the positions where [B, T] mask is 1."""
     weights = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
-
-
-def _committed_answer(example: Example, completion: str) -> int | None:
-    """The option of a viewer completion in the full answer layout, else None (dodging)."""
-    parsed = parse_viewer(completion, len(example.option_texts))
-    return parsed.answer if parsed.format_ok else None
 
 
 @register_learned("gail", task="viewer")

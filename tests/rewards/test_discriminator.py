@@ -4,6 +4,7 @@ frozen mode and 2-rank sync. tiny-bert everywhere except the truncation test (Mi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -352,6 +353,18 @@ def test_dodge_worst_option_pays_a_dodge_its_slates_least_human_option(train_exa
     floor = make(train_examples, reward="logit", reward_clip=5.0)
     floor.load_state_dict(d.state_dict())
     assert floor.score([exs[0], exs[0]], texts[:2]).tolist() == pytest.approx([by_position[1], -5.0], abs=1e-5)
+
+
+def test_a_direct_layout_answer_is_paid_and_a_think_block_under_it_is_a_dodge(train_examples):
+    """D reads a completion in its example's own layout (data.layout): under 'direct' an
+    answer without <think> is committed, and one with a <think> block breaks the layout."""
+    d = make(train_examples, reward="logit", reward_clip=1.5)
+    with torch.no_grad():
+        d.head[2].bias.fill_(2.0)  # D logit = 2 for every input: a committed answer is paid 1.5
+    direct = [dataclasses.replace(ex, meta={**ex.meta, "layout": "direct"}) for ex in train_examples[:2]]
+    texts = ["<answer>2</answer><opinion>increase</opinion>", answer(2)]
+    assert d.score(direct, texts).tolist() == [1.5, -1.5]
+    assert d.score(train_examples[:2], texts).tolist() == [-1.5, 1.5]  # the think layout: the reverse
 
 
 class FixedEngine:
