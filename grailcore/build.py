@@ -21,6 +21,7 @@ from grailcore.data.training_audit import TrainingAudit, check_training_data
 from grailcore.evaluation.evaluator import Evaluator
 from grailcore.lora import AdapterFreeReference, apply_lora
 from grailcore.mixture import load_mixture, make_sampler
+from grailcore.sampler import continue_order
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.parallel import parallelize
@@ -66,6 +67,10 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
                                 keep=cfg.checkpoint.keep, trainable_only=cfg.model.lora_rank > 0,
                                 sharded=cfg.checkpoint.sharded)
     restarts = gdist.restart_count()
+    if cfg.data.continue_order and not (cfg.resume or restarts):  # a resume restores the order itself
+        done = continue_order(state.sampler, model_dir, data.train)
+        if done and dist.rank == 0:
+            log.info("prompt order: %s", done)
     if cfg.resume or restarts:  # a worker torchrun restarted (--max-restarts) resumes as --resume would
         path = checkpointer.load()
         if path is None and cfg.resume:

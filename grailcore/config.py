@@ -96,6 +96,10 @@ class DataConfig:
     skip_bad_rows: bool = False
     """Count and report malformed rows instead of stopping at the first one."""
     max_train_samples: int | None = None
+    continue_order: bool = True
+    """When the starting model is a grailcore export trained on these same training rows (an
+    SFT warm start), continue its prompt order where that run stopped, so this stage draws the
+    rows it has not trained on first (logged at start); false starts the order afresh."""
     mixture: tuple[MixtureSource, ...] = ()
     """Train on several datasets at once, drawn by weight (see grailcore.mixture); when set it
     replaces train_path/eval_path, and max_train_samples caps each source."""

@@ -3,6 +3,7 @@ transformers and vLLM load; written to a temp dir and renamed into place."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,9 +29,10 @@ def tied_aliases(model: torch.nn.Module) -> dict[str, str]:
     return aliases
 
 
-def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
+def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path, records: dict[str, dict] | None = None) -> Path:
     """Write the policy as a HF model dir (config, tokenizer, safetensors) loadable by
-    `AutoModelForCausalLM.from_pretrained` and vLLM. Every rank calls it; rank 0 writes.
+    `AutoModelForCausalLM.from_pretrained` and vLLM, plus each of `records` as a JSON file
+    of that name. Every rank calls it; rank 0 writes.
     A LoRA policy is written merged (W + scale * B @ A): a plain model, no peft to load it."""
     out = Path(out_dir)
     if has_lora(model):
@@ -38,11 +40,11 @@ def export_hf(model: torch.nn.Module, tokenizer, out_dir: str | Path) -> Path:
         state_dict = {name: tensor.cpu() for name, tensor in iter_full_params(model) if keep}
     else:
         state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    gdist.run_on_rank0(f"export {out}", lambda: _write_hf_dir(model, tokenizer, state_dict, out))
+    gdist.run_on_rank0(f"export {out}", lambda: _write_hf_dir(model, tokenizer, state_dict, out, records or {}))
     return out
 
 
-def _write_hf_dir(model: torch.nn.Module, tokenizer, state_dict: dict, out: Path) -> None:
+def _write_hf_dir(model: torch.nn.Module, tokenizer, state_dict: dict, out: Path, records: dict[str, dict]) -> None:
     # Tied weights are one tensor: HF re-ties from config.tie_word_embeddings on load.
     for alias in tied_aliases(model):
         state_dict.pop(alias, None)
@@ -53,6 +55,8 @@ def _write_hf_dir(model: torch.nn.Module, tokenizer, state_dict: dict, out: Path
         # config, generation config) and only reads the given state dict, so FSDP2 works.
         model.save_pretrained(tmp, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
+        for name, record in records.items():
+            (tmp / name).write_text(json.dumps(record, indent=1))
         for file in tmp.iterdir():
             if file.is_file():
                 fsync_path(file)

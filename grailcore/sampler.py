@@ -1,12 +1,19 @@
 """Deterministic, resumable prompt order: a seeded permutation per epoch (PromptSampler),
 or weighted draws over several sources (MixtureSampler); the state goes into checkpoints
-so `--resume` draws the same next batch."""
+so `--resume` draws the same next batch. A run's exports record where its order stopped
+(PROMPT_ORDER_FILE) so a later stage on the same rows can continue it (`continue_order`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
+
+from grailcore.data.schema import Example
 
 
 @dataclass
@@ -116,3 +123,41 @@ class MixtureSampler:
         for sampler, sub in zip(self._samplers, state["sources"]):
             sampler.load_state_dict(sub)
         self.drawn = list(state["drawn"])
+
+
+PROMPT_ORDER_FILE = "grailcore_prompt_order.json"
+"""Written into a run's exports: the training rows (a digest of their ids, in order) and the
+sampler's state when the export was taken."""
+
+
+def rows_digest(examples: Sequence[Example]) -> str:
+    """sha256 of the training rows' ids in their order: equal only for the same rows."""
+    return hashlib.sha256("\n".join(ex.example_id for ex in examples).encode()).hexdigest()
+
+
+def prompt_order_record(sampler: PromptSampler | MixtureSampler, examples: Sequence[Example]) -> dict:
+    return {"rows": rows_digest(examples), "num_examples": len(examples), "sampler": sampler.state_dict()}
+
+
+def _drawn(state: dict) -> int:
+    return sum(state["drawn"]) if "drawn" in state else state["epoch"] * state["num_examples"] + state["position"]
+
+
+def continue_order(sampler: PromptSampler | MixtureSampler, model_dir: str | Path,
+                   examples: Sequence[Example]) -> str | None:
+    """Continue `sampler` where the run that exported `model_dir` stopped, when that run drew
+    from these same rows with the same order seed; what was done, for the log (None: the model
+    is not a grailcore export)."""
+    path = Path(model_dir) / PROMPT_ORDER_FILE
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    mine = sampler.state_dict()
+    theirs = record["sampler"]
+    if (record["rows"], theirs["seed"], theirs.get("mixture")) != (rows_digest(examples), mine["seed"],
+                                                                   mine.get("mixture")):
+        return (f"{model_dir} was trained on other rows ({record['num_examples']}) or another order: "
+                "this run's prompt order starts afresh")
+    sampler.load_state_dict(record["sampler"])
+    return (f"{model_dir} was trained on the first {_drawn(record['sampler'])} prompts of this data's order: "
+            "this run continues the order from there (data.continue_order)")

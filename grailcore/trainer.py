@@ -33,6 +33,7 @@ from grailcore.optimize import BadStepsError
 from grailcore.policy import PolicyModel
 from grailcore.rewards.stack import RewardStack
 from grailcore.rollout.worker import RolloutWorker
+from grailcore.sampler import PROMPT_ORDER_FILE, prompt_order_record
 from grailcore.slot_nll import SlotTargetBuilder
 from grailcore.steps import StepFn, StepOutput, Update
 from grailcore.tracking import Loggers, build_logger, push_export
@@ -223,7 +224,12 @@ class Trainer:
         best = self.state.best
         if best is None or value > best["value"]:
             self.state.best = {"value": value, "step": self.state.step, "metric": self.cfg.eval.best_metric}
-            export_hf(self.policy.model.lm, self.policy.tokenizer, Path(self.cfg.run_dir) / "best")
+            self._export(Path(self.cfg.run_dir) / "best")
+
+    def _export(self, out: Path) -> None:
+        """The policy as a HF dir, with where its prompt order stopped (a later stage continues it)."""
+        export_hf(self.policy.model.lm, self.policy.tokenizer, out,
+                  {PROMPT_ORDER_FILE: prompt_order_record(self.state.sampler, self.data.train)})
 
     def _finish(self, metrics_log: MetricsLogger | Loggers) -> dict[str, float]:
         """The last evaluation, checkpoint, export and upload of a run that was not stopped."""
@@ -231,7 +237,7 @@ class Trainer:
         last_eval = self._evaluate(metrics_log, track_best=True)
         self._save()
         if cfg.checkpoint.export_final:
-            export_hf(self.policy.model.lm, self.policy.tokenizer, run_dir / "final")
+            self._export(run_dir / "final")
             if self.dist.rank == 0 and cfg.checkpoint.push_to_hub:
                 log.info("pushed the final export: %s", push_export(run_dir / "final", cfg.checkpoint.push_to_hub))
         return last_eval

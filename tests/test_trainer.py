@@ -32,6 +32,7 @@ from grailcore.model import resolve_model_path
 from grailcore.optimize import BadStepsError
 from grailcore.rewards import available_rewards, register
 from grailcore.rewards.discriminator import SAVE_FORMAT
+from grailcore.sampler import PromptSampler
 from grailcore.sft import main as sft_main
 from grailcore.train import main as train_main
 
@@ -418,3 +419,33 @@ def test_an_evaluation_repeats_whatever_the_engine_drew_before(tmp_path):
         assert drawn(6) != first
     finally:
         trainer.close()
+
+
+def test_a_stage_started_from_an_sft_export_draws_the_rows_it_did_not_train_on_first(tmp_path):
+    """SFT -> GRPO on the same rows: GRPO continues SFT's prompt order where SFT stopped, not
+    from its start (the warm start was fitted to those rows); other rows, or continue_order
+    off, start the order afresh."""
+    sft_cfg = mode_config(tmp_path / "sft", "sft", max_steps=3,
+                          checkpoint=CheckpointConfig(every=0, export_final=True))
+    sft = build_trainer(sft_cfg, "sft")
+    try:
+        sft.run()
+        sft_next = sft.next_prompts(4)  # what SFT would have drawn next
+    finally:
+        sft.close()
+    start = ModelConfig(name_or_path=str(tmp_path / "sft" / "final"), gradient_checkpointing=False)
+
+    def first_prompts(name: str, **data) -> list[int]:
+        cfg = mode_config(tmp_path / name, "grpo", max_steps=1, model=start)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
+        trainer = build_trainer(cfg)
+        try:
+            return trainer.next_prompts(4)
+        finally:
+            trainer.close()
+
+    from_the_start = PromptSampler(sft.state.sampler.num_examples, sft_cfg.data.seed).next(4)
+    assert sft_next != from_the_start
+    assert first_prompts("continued") == sft_next
+    assert first_prompts("afresh", continue_order=False) == from_the_start
+    assert first_prompts("other_rows", synthetic_n=120) != sft_next  # other rows: the order starts afresh
