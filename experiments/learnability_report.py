@@ -344,6 +344,8 @@ LAYOUTS = {
     "compact": "`learnability_rows.compact_example` (viewer's party, ideology, interest and support score; the current "
                "video; each option's title, channel and views; options shuffled as grailcore shuffles them) with a "
                "one-line direct-answer system prompt",
+    "compact_match": "the compact prompt with each option's match to the viewer's views (option stance x the "
+                     "viewer's lean, -1..1, two decimals) at the end of its line",
 }
 
 

@@ -74,18 +74,25 @@ VARIANTS = {
                                         "the current video and each option's title, channel and views"),
     "sharp": Variant(SHARP, "full", "the choice model at temperature 0.5 (sharper, still stochastic)"),
     "compact_sharp": Variant(SHARP, "compact", "both"),
+    "compact_match": Variant(None, "compact_match",
+                             "the default study; the compact prompt with each option's match to the viewer's "
+                             "views (option stance x viewer lean, -1..1) written on its line"),
 }
 
 
-def compact_example(decision: Decision, example: Example) -> Example:
+def compact_example(decision: Decision, example: Example, match: bool = False) -> Example:
     """`example` re-rendered short: party, ideology, interest and the stated support score; the
-    current video; each option's title, channel and views (same shown order and gold)."""
+    current video; each option's title, channel and views (same shown order and gold); with
+    `match`, also each option's stance x the viewer's lean, the choice model's option-by-viewer
+    term, which no layer of the model reads off an option's line in the default prompt."""
     viewer = decision.viewer
     score = next((value for label, value in decision.survey if "support score" in label), "unknown")
     state = (f"VIEWER {viewer.party}, {(viewer.ideology or 'unknown').lower()}, {viewer.political_interest}, "
              f"{decision.issue.replace('_', ' ')} support score {score}\n"
              f"WATCHING {decision.current.title} ({decision.current.channel})")
+    lean = 2 * decision.opinion_before - 1
     options = tuple(f"{decision.slate[i].title} ({decision.slate[i].channel}) - {decision.slate[i].views:,} views"
+                    + (f" - match with the viewer's views {decision.slate[i].stance * lean:+.2f}" if match else "")
                     for i in example.meta["shown_order"])
     lines = "\n".join(f"{k}. {text}" for k, text in enumerate(options, 1))
     prompt = f"{state}\n\nOPTIONS\n{lines}\n\nWhich option number will the viewer watch next?"
@@ -99,8 +106,8 @@ def make_row(decision: Decision, split: str, seed: int, system_prompt: str, layo
     (layout 'compact': see compact_example)."""
     example = build_example(decision, max_history=12, show_ids=False, shuffle_options=True, seed=seed,
                             system_prompt=system_prompt, source=f"synthetic:{decision.issue}")
-    if layout == "compact":
-        example = compact_example(decision, example)
+    if layout.startswith("compact"):
+        example = compact_example(decision, example, match=layout == "compact_match")
     order = example.meta["shown_order"]
     slate = [decision.slate[i] for i in order]
     return Row(

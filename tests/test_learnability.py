@@ -57,6 +57,11 @@ def test_compact_variant_keeps_rows_order_and_gold_and_reads_the_same_latents(ro
         for text, views in zip(short.example.option_texts, short.log_views):
             assert f"{round(10 ** views):,} views" in text and text in short.example.prompt
         assert len(short.example.prompt) < len(full.example.prompt) / 2
+    matched = R.study_rows(n=300, variant="compact_match")["test"]
+    for short, match in zip(compact, matched):  # the same lines, each ending with stance x lean
+        assert match.gold == short.gold
+        for plain, text, stance in zip(short.example.option_texts, match.example.option_texts, match.stance):
+            assert text == f"{plain} - match with the viewer's views {stance * match.lean:+.2f}"
     sharp = R.study_rows(n=300, variant="sharp")["test"]
     assert max(max(r.true_probs) for r in sharp) > max(max(r.true_probs) for r in rows["test"])
 
