@@ -85,3 +85,21 @@ def test_position_probe_pays_the_third_option_less_than_any_other_and_a_dodge_le
     paid = [probe.avoid_shown_3(ex, answer.format(k)) for k in (1, 2, 3, 4)]
     assert paid == [1.0, 1.0, -1.0, 1.0] and "avoid_shown_3" in available_rewards()
     assert probe.avoid_shown_3(ex, answer.format(9)) == probe.avoid_shown_3(ex, "Sure! " + answer.format(1)) == -2.0
+
+
+def test_the_arms_plot_reads_each_seeds_evaluations_on_policy_steps(tmp_path):
+    """A GRAIL run's step s is policy step s - warm-up; a seed without a step-0 evaluation takes
+    the warm start's; the curve is the seeds' mean; the PNG is written."""
+    arms_plot = _load("arms_plot")
+    start, grail = RUNS / "c_accuracy", [RUNS / "c_grail", RUNS / "c_grail_s1"]
+    tv = "eval/tv_choice"
+    at = {run.name: arms_plot.evaluations(run, tv) for run in (start, *grail)}
+    curve = arms_plot.curve("GRAIL", grail, 24, tv, start)
+    assert curve.steps == [0, 24]
+    assert curve.seeds == [[at["c_grail"][24], at["c_grail"][48]], [at["c_grail_s1"][24], at["c_grail_s1"][48]]]
+    assert curve.mean[1] == pytest.approx((at["c_grail"][48] + at["c_grail_s1"][48]) / 2)
+    plain = arms_plot.curve("0/1", [start, RUNS / "c_accuracy_s1"], 0, tv, start)
+    assert plain.steps == [0, 12, 24] and plain.seeds[1][0] == at["c_accuracy"][0]  # s1 did not evaluate at 0
+    out = arms_plot.main(["--arm", f"GRAIL={grail[0]},{grail[1]}@24", "--start", str(start),
+                          "--out", str(tmp_path / "arms.png")])
+    assert out is None and (tmp_path / "arms.png").stat().st_size > 10_000
