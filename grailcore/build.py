@@ -21,7 +21,6 @@ from grailcore.data.training_audit import TrainingAudit, check_training_data
 from grailcore.evaluation.evaluator import Evaluator
 from grailcore.lora import AdapterFreeReference, apply_lora
 from grailcore.mixture import load_mixture, make_sampler
-from grailcore.sampler import continue_order
 from grailcore.model import load_policy, load_tokenizer, resolve_model_path
 from grailcore.optimize import build_optimizer
 from grailcore.parallel import parallelize
@@ -30,6 +29,7 @@ from grailcore.rewards.likelihood import SlotReader
 from grailcore.rewards.stack import build_rewards
 from grailcore.rollout import build_engine
 from grailcore.rollout.worker import RolloutWorker
+from grailcore.sampler import continue_order
 from grailcore.steps import grpo_step, sft_step
 from grailcore.train_state import Checkpointer, TrainState
 from grailcore.trainer import Policy, Trainer, TrainingData
