@@ -435,17 +435,19 @@ def test_a_stage_started_from_an_sft_export_draws_the_rows_it_did_not_train_on_f
         sft.close()
     start = ModelConfig(name_or_path=str(tmp_path / "sft" / "final"), gradient_checkpointing=False)
 
-    def first_prompts(name: str, **data) -> list[int]:
+    def first_prompts(name: str, **data) -> tuple[list[int], list[int]]:
+        """(the stage's first 4 prompts, the first 4 of a fresh order over its rows)."""
         cfg = mode_config(tmp_path / name, "grpo", max_steps=1, model=start)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **data))
         trainer = build_trainer(cfg)
         try:
-            return trainer.next_prompts(4)
+            return trainer.next_prompts(4), PromptSampler(trainer.state.sampler.num_examples, cfg.data.seed).next(4)
         finally:
             trainer.close()
 
-    from_the_start = PromptSampler(sft.state.sampler.num_examples, sft_cfg.data.seed).next(4)
-    assert sft_next != from_the_start
-    assert first_prompts("continued") == sft_next
-    assert first_prompts("afresh", continue_order=False) == from_the_start
-    assert first_prompts("other_rows", synthetic_n=120) != sft_next  # other rows: the order starts afresh
+    continued, from_the_start = first_prompts("continued")
+    assert continued == sft_next and sft_next != from_the_start
+    afresh, from_the_start = first_prompts("afresh", continue_order=False)
+    assert afresh == from_the_start
+    other, from_the_start = first_prompts("other_rows", synthetic_n=120)  # other rows: the order starts afresh
+    assert other == from_the_start and other != sft_next
