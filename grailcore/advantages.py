@@ -104,3 +104,39 @@ def decoupled_advantages(per_reward: torch.Tensor, weights: Sequence[float], gro
     advantages = torch.where(constant[:, None], 0.0, scaled.view(-1, group_size))  # [P, G]
     return AdvantageOutput(advantages=advantages.flatten(), zero_variance_groups=int(constant.sum()),
                            zero_variance_mask=constant)
+
+
+def advantage_components(per_reward: torch.Tensor, weights: Sequence[float], group_size: int, scale: Scale = "group",
+                         aggregation: str = "sum_then_normalize", eps: float = 1e-4) -> torch.Tensor:
+    """[P*G, R] unweighted rewards -> [P*G, R] each reward's share of the advantage: the
+    columns sum to the advantage `group_advantages` gives the weighted total (or, for
+    "normalize_then_sum", to `decoupled_advantages`), float rounding aside.
+
+    Every reward is centred on its group's mean and weighted, and the shares of a completion
+    are divided by the same scale its total would be: a linear split, so a reward's share can
+    be kept from the tokens that cannot change it (`grailcore.credit`) while the scale and the
+    zero-variance rule stay those of the whole advantage."""
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if per_reward.dim() != 2 or per_reward.shape[1] != len(weights):
+        raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
+                         f"got shape {tuple(per_reward.shape)}")
+    w = torch.tensor(weights, dtype=torch.float32)
+    columns = torch.stack([_grouped(per_reward[:, r], group_size) for r in range(per_reward.shape[1])], dim=2)
+    centred = columns - columns.mean(dim=1, keepdim=True)  # [P, G, R]
+    if aggregation == "normalize_then_sum":
+        constant = columns.amax(dim=1) == columns.amin(dim=1)  # [P, R]
+        shares = torch.where(constant[:, None, :], 0.0, centred / (columns.std(dim=1, keepdim=True) + eps)) * w
+        summed = shares.sum(dim=2)  # [P, G]; each group's sum is 0, so the step's mean is 0 too
+        scaled = shares / (summed.std() + eps) if summed.numel() > 1 else shares * 0
+        return torch.where(constant.all(dim=1)[:, None, None], 0.0, scaled).reshape(-1, len(weights))
+    totals = (columns * w).sum(dim=2)  # [P, G]
+    shares = centred * w
+    if scale == "group":
+        shares = shares / (totals.std(dim=1, keepdim=True) + eps)[:, :, None]
+    elif scale == "batch":
+        shares = shares / (totals.std() + eps)
+    elif scale != "none":
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    zero_variance = _zero_variance(totals)  # [P]
+    return torch.where(zero_variance[:, None, None], 0.0, shares).reshape(-1, len(weights))

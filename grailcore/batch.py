@@ -23,7 +23,7 @@ class Batch:
     completion_mask: torch.Tensor
     """[B, T] float32, 1 on completion tokens that enter the loss."""
     advantages: torch.Tensor
-    """[B] float32."""
+    """[B] float32, or [B, T] per completion token (`grailcore.credit`)."""
     engine_logprobs: torch.Tensor | None
     """[B, T] float32, the rollout engine's log-probs of the sampled tokens (0 on padding)."""
     slots: SlotTargets | None = None
@@ -42,7 +42,8 @@ def collate(
     mask_truncated: bool = False,
     slots: list[SlotPositions] | None = None,
 ) -> Batch:
-    """One Batch from B (prompt, completion) pairs; advantages [B]; slots: each pair's
+    """One Batch from B (prompt, completion) pairs; advantages [B], or [B, >= T] per token
+    (cut to the batch's completion width T); slots: each pair's
     (`grailcore.slot_nll.SlotTargetBuilder`), kept where the slot's token enters the loss."""
     rows = len(completions)
     p_width = max(len(p) for p in prompt_ids)
@@ -63,7 +64,8 @@ def collate(
             engine_lp[i, :n] = torch.tensor(comp.logprobs, dtype=torch.float32)
     return Batch(
         input_ids=input_ids, attention_mask=attention_mask,
-        completion_mask=completion_mask, advantages=advantages.to(torch.float32),
+        completion_mask=completion_mask,
+        advantages=(advantages[:, :t_width] if advantages.dim() == 2 else advantages).to(torch.float32),
         engine_logprobs=engine_lp if has_engine_lp else None,
         slots=None if slots is None else SlotTargets.build(slots, t_width, completion_mask),
     )

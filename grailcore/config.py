@@ -182,6 +182,11 @@ class GRPOConfig:
     completions reach, under softmax(logits / T): the direct half of the gradient of the
     likelihood rewards' objective, which the advantages alone miss (grailcore/slot_nll.py,
     docs/training.md). Its optimum is people's distribution at the slot, not the mode. 0 = off."""
+    causal_slot_credit: bool = True
+    """A slot reward (`choice_likelihood`, `opinion_likelihood`) is read at its slot, so the
+    token sampled there and those after it cannot change it: their advantage leaves out its
+    share (per-token advantages, grailcore/credit.py). Same expected gradient, less noise;
+    False gives every token of a completion its whole advantage. Other rewards unchanged."""
     mask_truncated: bool = False
     """Drop completions that hit max_completion_tokens from the loss."""
     dynamic_sampling: bool = False

@@ -81,7 +81,7 @@ class PolicyTerms:
     mask: torch.Tensor
     """1 = a token that enters the loss."""
     advantages: torch.Tensor
-    """[B]."""
+    """[B], or [B, T] per token (`grailcore.credit`)."""
     weights: torch.Tensor
     """Aggregation weights (`kernels.objective.aggregation_weights`)."""
     old_logprobs: torch.Tensor | None = None
@@ -108,8 +108,9 @@ class PolicyTerms:
         for name, tensor in named.items():
             if tensor is not None and tensor.shape != mask.shape:
                 raise ValueError(f"{name} has shape {tuple(tensor.shape)}, mask {tuple(mask.shape)}")
-        if advantages.shape != mask.shape[:1]:
-            raise ValueError(f"advantages must be [B] = [{mask.shape[0]}], got {tuple(advantages.shape)}")
+        if advantages.shape not in (mask.shape[:1], mask.shape):
+            raise ValueError(f"advantages must be [B] = [{mask.shape[0]}] or [B, T] = {list(mask.shape)}, "
+                             f"got {tuple(advantages.shape)}")
         weights = aggregation_weights(mask, loss_type, max_completion_length=max_completion_length,
                                       num_items=num_items, num_sequences=num_sequences)
         return PolicyTerms(mask.bool(), advantages, weights, old_logprobs, ref_logprobs, engine_logprobs)

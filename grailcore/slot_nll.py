@@ -104,8 +104,10 @@ class SlotTargetBuilder:
             self._choice_tokens[n_options] = _own_first_tokens(self.vocab.choices(n_options), self.vocab.decode)
         return self._choice_tokens[n_options]
 
-    def _slot(self, ids: tuple[int, ...], tag: str) -> int | None:
-        """Index of the sampled token at the slot after `tag`, if the sample reaches it."""
+    def slot_index(self, ids: Sequence[int], tag: str) -> int | None:
+        """Index of the sampled token at the slot after `tag`, if the sample reaches it and
+        the slot's prefix is the sampled tokens themselves (not re-encoded)."""
+        ids = tuple(ids)
         head = self.vocab.slot_after(ids, tag)
         if head is None or len(head) >= len(ids) or ids[:len(head)] != head:  # no tag, ends there, or re-encoded
             return None
@@ -120,7 +122,7 @@ class SlotTargetBuilder:
             wanted.append((OPINION_OPEN, self.opinion_tokens, OPINION_DIRECTIONS.index(example.opinion_direction)))
         out = []
         for tag, labels, gold in wanted:
-            at = self._slot(ids, tag)
+            at = self.slot_index(ids, tag)
             if at is None or not labels[gold] or sum(1 for t in labels if t) < 2:
                 continue
             kept = [t for t in labels if t]  # labels without a token of their own drop out of the sum

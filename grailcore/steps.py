@@ -18,18 +18,21 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import torch
 
 from grailcore import dist as gdist
-from grailcore.advantages import AdvantageOutput, Scale, decoupled_advantages, group_advantages
+from grailcore.advantages import AdvantageOutput, Scale, advantage_components, decoupled_advantages, group_advantages
 from grailcore.batch import micro_batches
+from grailcore.credit import WHOLE, slot_cuts, token_advantages
 from grailcore.data.schema import Example
 from grailcore.metrics_log import StepTimer
 from grailcore.mixture import source_reward_metrics
 from grailcore.optimize import UpdateStats, policy_update
+from grailcore.rewards.registry import slot_read_at
 from grailcore.rng import derive_seed
 from grailcore.rollout.collect import Rollouts
 from grailcore.rollout_log import write_rollouts
 from grailcore.types import Completion, RewardOutput, SamplingParams
 
 if TYPE_CHECKING:  # annotations only: the trainer imports this module
+    from grailcore.config import Config
     from grailcore.trainer import Trainer
 
 
@@ -101,7 +104,10 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
     with timer("training"):
         slots = ([trainer.slot_targets(ex, c) for ex, c in zip(rollouts.examples, rollouts.completions)]
                  if cfg.grpo.slot_nll_coef else None)
-        batches = micro_batches(rollouts.prompt_ids, rollouts.completions, adv.advantages,
+        advantages, cut_fraction = adv.advantages, None
+        if cfg.grpo.causal_slot_credit and any(slot_read_at(name) for name in cfg.rewards.names):
+            advantages, cut_fraction = causal_advantages(trainer, rollouts)
+        batches = micro_batches(rollouts.prompt_ids, rollouts.completions, advantages,
                                 trainer.policy.tokenizer.pad_token_id, cfg.optim.micro_batch_size,
                                 cfg.grpo.mask_truncated, slots)
         # A withheld update needs one pass: more would repeat it on the same weights.
@@ -114,6 +120,8 @@ def grpo_step(trainer: Trainer, step: int, timer: StepTimer, update: Update) -> 
         with timer("weight_sync"):
             trainer.rollout.sync()
     metrics = _grpo_metrics(trainer, rollouts, adv.zero_variance_groups, updates)
+    if cut_fraction is not None:
+        metrics["grpo/slot_credit_cut"] = cut_fraction
     metrics.update(trainer.rewards.metrics())  # the discriminator's; a collective: every rank, every step
     tokens = sum(len(c.token_ids) for c in rollouts.completions)
     metrics["tokens/completion"] = float(tokens)
@@ -165,6 +173,34 @@ def step_advantages(rewards: torch.Tensor, group_size: int, scale: Scale,
     mask = everyone.zero_variance_mask[rank * n // group_size:(rank + 1) * n // group_size]  # [P]
     return AdvantageOutput(advantages=everyone.advantages[rank * n:(rank + 1) * n],
                            zero_variance_groups=int(mask.sum()), zero_variance_mask=mask)
+
+
+def causal_advantages(trainer: Trainer, rollouts: Rollouts) -> tuple[torch.Tensor, float]:
+    """[N, T] per-token advantages with each slot reward's share kept only before its slot
+    (grailcore/credit.py), T the longest completion; and the fraction of (completion, slot
+    reward) pairs whose share was cut. A collective where `step_advantages` is one."""
+    cfg = trainer.cfg
+    components = step_components(reward_matrix(rollouts.rewards, cfg.rewards.names), cfg)  # [N, R]
+    cuts = slot_cuts(trainer.slot_targets, cfg.rewards.names, rollouts.examples, rollouts.completions)  # [N, R]
+    width = max(1, max(len(c.token_ids) for c in rollouts.completions))
+    slot_columns = [r for r, name in enumerate(cfg.rewards.names) if slot_read_at(name)]
+    cut = float((cuts[:, slot_columns] != WHOLE).float().mean())
+    return token_advantages(components, cuts, width), cut
+
+
+def step_components(rewards: torch.Tensor, cfg: Config) -> torch.Tensor:
+    """This rank's [P*G, R] shares of the advantage (`advantage_components`) from its [P*G, R]
+    unweighted rewards; the same collective as `step_advantages` where the scale needs the
+    whole step."""
+    def components(everyone: torch.Tensor) -> torch.Tensor:
+        return advantage_components(everyone, cfg.rewards.weights, cfg.grpo.group_size, cfg.grpo.scale_rewards,
+                                    cfg.grpo.reward_aggregation)
+
+    whole_step = cfg.grpo.reward_aggregation == "normalize_then_sum" or cfg.grpo.scale_rewards == "batch"
+    if not whole_step or gdist.get_world_size() == 1:
+        return components(rewards)
+    rank, n = gdist.get_rank(), rewards.shape[0]
+    return components(gdist.all_gather(rewards))[rank * n:(rank + 1) * n]
 
 
 def reward_matrix(rewards: RewardOutput, names: Sequence[str]) -> torch.Tensor:

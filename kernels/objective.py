@@ -71,7 +71,7 @@ class Tokens:
     sequence: torch.Tensor
     """long: index of the token's sequence, in [0, num_sequences)."""
     advantages: torch.Tensor
-    """The token's sequence's advantage."""
+    """The token's advantage (its sequence's, unless the caller gave one per token)."""
     weights: torch.Tensor
     """Aggregation weights: the loss is sum(weights * token_loss)."""
     old_logprobs: torch.Tensor | None = None
@@ -98,10 +98,12 @@ class Tokens:
     @staticmethod
     def gather(index, seq_len, advantages, weights, old=None, ref=None, engine=None) -> Tokens:
         """Tokens at flat positions `index` [n] (b * seq_len + t) of [B, T] tensors;
-        advantages [B]. Values at other positions (padding: maybe inf/nan) are never read."""
+        advantages [B] (one per sequence) or [B, T] (per token). Values at other positions
+        (padding: maybe inf/nan) are never read."""
         flat = lambda x: None if x is None else _float(x.reshape(-1)[index])  # noqa: E731
         sequence = torch.div(index, seq_len, rounding_mode="floor")
-        return Tokens(sequence=sequence, advantages=_float(advantages)[sequence], weights=flat(weights),
+        per_token = flat(advantages) if advantages.dim() == 2 else _float(advantages)[sequence]
+        return Tokens(sequence=sequence, advantages=per_token, weights=flat(weights),
                       old_logprobs=flat(old), ref_logprobs=flat(ref), engine_logprobs=flat(engine),
                       num_sequences=advantages.shape[0])
 
@@ -114,7 +116,8 @@ def _float(x):
 def padded_tokens(mask, advantages, *, loss_type, targets=None, old_logprobs=None, ref_logprobs=None,
                   engine_logprobs=None, max_completion_length=None, num_items=None, num_sequences=None):
     """The masked positions [K] (flat, b * T + t) of a [B, T] batch and their `Tokens`, with
-    `aggregation_weights`; targets/old/ref/engine [B, T] or None, advantages [B]. Checks shapes."""
+    `aggregation_weights`; targets/old/ref/engine [B, T] or None, advantages [B] or [B, T].
+    Checks shapes."""
     batch_seq = tuple(mask.shape)
     if targets is not None and tuple(targets.shape) != batch_seq:
         raise ValueError(f"mask must be [B, T]={tuple(targets.shape)} like targets, got {batch_seq}")
@@ -122,8 +125,8 @@ def padded_tokens(mask, advantages, *, loss_type, targets=None, old_logprobs=Non
     for name, value in named:
         if value is not None and tuple(value.shape) != batch_seq:
             raise ValueError(f"{name} must be [B, T]={batch_seq} like the mask, got {tuple(value.shape)}")
-    if mask.dim() != 2 or tuple(advantages.shape) != batch_seq[:1]:
-        raise ValueError(f"advantages must be [B] and the mask [B, T]; got {tuple(advantages.shape)} "
+    if mask.dim() != 2 or tuple(advantages.shape) not in (batch_seq[:1], batch_seq):
+        raise ValueError(f"advantages must be [B] or [B, T] and the mask [B, T]; got {tuple(advantages.shape)} "
                          f"and {batch_seq}")
     weights = aggregation_weights(mask, loss_type, max_completion_length=max_completion_length,
                                   num_items=num_items, num_sequences=num_sequences)

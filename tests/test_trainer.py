@@ -190,7 +190,8 @@ def test_a_gdpo_grail_run_logs_each_completion_with_the_advantage_it_trained_on(
 @pytest.mark.parametrize("names", [("choice_likelihood", "format"), ("choice_likelihood", "opinion_likelihood", "gail")])
 def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(tmp_path, names):
     """`--rewards.names choice_likelihood ...`: the trainer attaches its engine as the slot
-    reader; every step logs the reward, a log-probability in [floor, 0]."""
+    reader; every step logs the reward, a log-probability in [floor, 0], and the share of
+    completions whose slot-reward credit was cut at the slot (grailcore/credit.py)."""
     cfg = tiny_config(tmp_path / "run", optim=OptimConfig(lr=1e-3, max_steps=2, micro_batch_size=16),
                       grpo=GRPOConfig(prompts_per_step=2, group_size=4, loss_type="grpo"),
                       rewards=RewardsConfig(names=names, weights=(1.0,) * len(names)),
@@ -202,6 +203,7 @@ def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(t
     for row in steps:
         assert floor <= row["reward/choice_likelihood"] < 0 and row["reward/choice_likelihood/errors"] == 0
         assert ("reward/gail" in row) == ("gail" in names)
+        assert 0.0 <= row["grpo/slot_credit_cut"] <= 1.0
 
 
 def test_a_worker_restarted_by_torchrun_resumes_from_the_latest_checkpoint(tmp_path, monkeypatch):

@@ -29,7 +29,8 @@ import math
 from typing import Sequence
 
 from grailcore.data.schema import OPINION_DIRECTIONS, Example
-from grailcore.evaluation.answer_slot import SampleSlots, Scorer, SlotVocabulary, slot_distributions
+from grailcore.evaluation.answer_slot import (ANSWER_OPEN, OPINION_OPEN, SampleSlots, Scorer, SlotVocabulary,
+                                              slot_distributions)
 from grailcore.evaluation.sampled_reads import SampledReads, watch_ids
 from grailcore.rewards.parsing import parse_viewer
 from grailcore.rewards.registry import register_slot
@@ -63,7 +64,7 @@ class SlotReader:
         keep = list(range(len(examples)))
         score = self.score
         if sampled is not None:
-            keep = [i for i in keep if _committed(examples[i], sampled[i].text)]
+            keep = [i for i in keep if committed(examples[i], sampled[i].text)]
             score = SampledReads([tokens[i][0] for i in keep], [[sampled[i]] for i in keep]).scorer(
                 self.score, self.temperature)
         rows = slot_distributions(score, self.vocab, [tokens[i][0] for i in keep], [[tokens[i][1]] for i in keep],
@@ -76,7 +77,9 @@ class SlotReader:
         return out
 
 
-def _committed(example: Example, completion: str) -> bool:
+def committed(example: Example, completion: str) -> bool:
+    """Whether the completion commits to an answer in its example's layout; a slot reward
+    pays its floor otherwise."""
     return parse_viewer(completion, example.n_options, example.meta.get("layout", "think")).format_ok
 
 
@@ -84,22 +87,22 @@ def _clipped_log(p: float, floor: float) -> float:
     return max(math.log(p), floor) if p > 0 else floor
 
 
-@register_slot("choice_likelihood", task="viewer")
+@register_slot("choice_likelihood", task="viewer", read_at=ANSWER_OPEN)
 def choice_likelihood(example: Example, completion: str, slots: SampleSlots, *, likelihood_floor: float) -> float:
     """log p(person's option) at the answer slot, >= likelihood_floor; the floor without a
     committed answer."""
-    if example.gold_index is None or not _committed(example, completion):
+    if example.gold_index is None or not committed(example, completion):
         return likelihood_floor
     return _clipped_log(slots.choice[example.gold_index - 1], likelihood_floor)
 
 
-@register_slot("opinion_likelihood", task="viewer")
+@register_slot("opinion_likelihood", task="viewer", read_at=OPINION_OPEN)
 def opinion_likelihood(example: Example, completion: str, slots: SampleSlots, *, likelihood_floor: float) -> float:
     """log p(person's opinion direction) at the opinion slot, >= likelihood_floor; the floor
     without a committed answer; 0 on rows without a gold direction (no signal, as
     `opinion_accuracy`)."""
     if example.opinion_direction is None:
         return 0.0
-    if not _committed(example, completion):
+    if not committed(example, completion):
         return likelihood_floor
     return _clipped_log(slots.opinion[OPINION_DIRECTIONS.index(example.opinion_direction)], likelihood_floor)

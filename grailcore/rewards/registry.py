@@ -38,6 +38,8 @@ class _Entry:
     fn: RewardFn
     task: str | None
     """The `Example.task` it scores; None = any task."""
+    read_at: str | None = None
+    """A slot reward: the tag after which its slot is read (`<answer>`, `<opinion>`)."""
 
 
 _REGISTRY: dict[str, _Entry] = {}
@@ -61,19 +63,21 @@ def register_learned(name: str, task: str | None = None) -> Callable[[Callable],
     return _registrar(_LEARNED, name, task)
 
 
-def register_slot(name: str, task: str | None = None) -> Callable[[RewardFn], RewardFn]:
+def register_slot(name: str, task: str | None = None, *, read_at: str) -> Callable[[RewardFn], RewardFn]:
     """Decorator: register a reward of the policy's slot distributions,
-    `fn(example, completion, slots, **settings) -> float`, for examples of `task`."""
-    return _registrar(_SLOT, name, task)
+    `fn(example, completion, slots, **settings) -> float`, for examples of `task`, read at
+    the slot after the tag `read_at` (what `grailcore.credit` keeps its advantage before)."""
+    return _registrar(_SLOT, name, task, read_at)
 
 
-def _registrar(table: dict[str, _Entry], name: str, task: str | None) -> Callable[[Callable], Callable]:
+def _registrar(table: dict[str, _Entry], name: str, task: str | None,
+               read_at: str | None = None) -> Callable[[Callable], Callable]:
     if task not in (*TASKS, None):
         raise ValueError(f"reward {name!r}: task must be one of {TASKS} or None, got {task!r}")
 
     def decorator(fn: Callable) -> Callable:
         _check_new(name)
-        table[name] = _Entry(fn, task)
+        table[name] = _Entry(fn, task, read_at)
         return fn
 
     return decorator
@@ -98,6 +102,11 @@ def learned_rewards() -> dict[str, Callable]:
 def slot_rewards() -> dict[str, Callable]:
     """The rewards of the policy's slot distributions, name -> fn."""
     return {name: entry.fn for name, entry in _SLOT.items()}
+
+
+def slot_read_at(name: str) -> str | None:
+    """The tag after which slot reward `name` is read; None for every other reward."""
+    return _SLOT[name].read_at if name in _SLOT else None
 
 
 def _entry(name: str) -> _Entry:
