@@ -89,6 +89,10 @@ def build_trainer(cfg: Config, mode: Mode = "grpo") -> Trainer:
         rollout.sync()  # the engine was built from the initial weights
     if rewards.reads_slots:  # choice_likelihood: the sampling engine reads its own answer slots
         rewards.attach_reader(SlotReader(rollout.engine.next_token_logprobs, policy.tokenizer, cfg.rollout.temperature))
+        if not cfg.grpo.slot_nll_coef and dist.rank == 0:
+            log.warning("the slot rewards train only the reasoning without grpo.slot_nll_coef, and on the CPU demo "
+                        "they moved the choices away from people that way; add --grpo.slot-nll-coef 0.01 "
+                        "(experiments/results/grpo_reward_exact/)")
     evaluator = Evaluator(cfg, dist, policy.tokenizer, rollout, rewards, data.eval_examples, data.train)
     return Trainer(cfg, dist, policy, optimizer, scheduler, data, rollout, rewards, evaluator, state, checkpointer,
                    STEPS[mode])

@@ -181,7 +181,10 @@ class GRPOConfig:
     (and of their opinion direction among the three) at each answer slot the sampled
     completions reach, under softmax(logits / T): the direct half of the gradient of the
     likelihood rewards' objective, which the advantages alone miss (grailcore/slot_nll.py,
-    docs/training.md). Its optimum is people's distribution at the slot, not the mode. 0 = off."""
+    docs/training.md). Its optimum is people's distribution at the slot, not the mode. 0 = off.
+    With the likelihood rewards, 2 / (max_completion_tokens x the group's reward std) weighs the
+    two halves of their gradient alike (0.017-0.025 on the CPU demo); 0.01 there turned the
+    likelihood arm and GRAIL toward people (experiments/results/grpo_reward_exact/)."""
     causal_slot_credit: bool = True
     """A slot reward (`choice_likelihood`, `opinion_likelihood`) is read at its slot, so the
     token sampled there and those after it cannot change it: their advantage leaves out its

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import signal
@@ -188,7 +189,7 @@ def test_a_gdpo_grail_run_logs_each_completion_with_the_advantage_it_trained_on(
 
 
 @pytest.mark.parametrize("names", [("choice_likelihood", "format"), ("choice_likelihood", "opinion_likelihood", "gail")])
-def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(tmp_path, names):
+def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(tmp_path, names, caplog):
     """`--rewards.names choice_likelihood ...`: the trainer attaches its engine as the slot
     reader; every step logs the reward, a log-probability in [floor, 0], and the share of
     completions whose slot-reward credit was cut at the slot (grailcore/credit.py)."""
@@ -196,7 +197,9 @@ def test_grpo_and_grail_train_on_the_policys_probability_of_the_persons_choice(t
                       grpo=GRPOConfig(prompts_per_step=2, group_size=4, loss_type="grpo"),
                       rewards=RewardsConfig(names=names, weights=(1.0,) * len(names)),
                       gail=GailConfig(model="tiny-bert", max_tokens=256))
-    _run(cfg)
+    with caplog.at_level(logging.WARNING, logger="grailcore.build"):
+        _run(cfg)
+    assert "--grpo.slot-nll-coef 0.01" in caplog.text  # without the slot term the run says what it misses
     steps = _steps(tmp_path / "run")
     assert len(steps) == 2
     floor = cfg.rewards.likelihood_floor
