@@ -17,7 +17,10 @@ before its slot. This is REINFORCE's causality ("reward to go"): token t's weigh
 any term fixed before t is sampled without changing the gradient's expectation, only its
 variance. The slot tokens themselves learn from the direct half of the likelihood's
 gradient, `grpo.slot_nll_coef` (grailcore/slot_nll.py); the two together are the gradient
-of E_z[log p(y | x, z)].
+of E_z[log p(y | x, z)]. Measured on the CPU demo with the slot term (one seed), the credit
+left the choice about where it was (TV +0.009 [-0.004, +0.021], NLL +0.08 [+0.00, +0.15]
+against no credit) and the opinion NLL lower (0.708 against 0.837): the slot term is what
+moved the choices toward people.
 
 Where the credit stays on the whole completion, as before:
 - a completion that does not commit to an answer: its slot reward is the floor, which the
