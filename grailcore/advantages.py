@@ -51,6 +51,15 @@ def informative_groups(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return ~_zero_variance(_grouped(rewards, group_size))
 
 
+def _divisor(grouped: torch.Tensor, scale: Scale, eps: float) -> torch.Tensor | float:
+    """What `scale` divides the centred [P, G] rewards by: [P, 1], a [] tensor, or 1."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
+    if scale == "group":
+        return grouped.std(dim=1, keepdim=True) + eps
+    return grouped.std() + eps if scale == "batch" else 1.0
+
+
 def group_advantages(
     rewards: torch.Tensor, group_size: int, scale: Scale = "group", eps: float = 1e-4
 ) -> AdvantageOutput:
@@ -64,14 +73,8 @@ def group_advantages(
     uses. Groups with identical rewards get advantage exactly 0 in every mode, so float
     noise in their centred rewards never becomes a (scaled-up) training signal.
     """
-    if scale not in SCALES:
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
     grouped = _grouped(rewards, group_size)  # [P, G]
-    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [P, G]
-    if scale == "group":
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    elif scale == "batch":
-        centred = centred / (grouped.std() + eps)
+    centred = (grouped - grouped.mean(dim=1, keepdim=True)) / _divisor(grouped, scale, eps)  # [P, G]
     zero_variance = _zero_variance(grouped)  # [P]
     advantages = torch.where(zero_variance[:, None], 0.0, centred)  # [P, G]
     return AdvantageOutput(
@@ -122,21 +125,15 @@ def advantage_components(per_reward: torch.Tensor, weights: Sequence[float], gro
         raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
                          f"got shape {tuple(per_reward.shape)}")
     w = torch.tensor(weights, dtype=torch.float32)
-    columns = torch.stack([_grouped(per_reward[:, r], group_size) for r in range(per_reward.shape[1])], dim=2)
-    centred = columns - columns.mean(dim=1, keepdim=True)  # [P, G, R]
     if aggregation == "normalize_then_sum":
-        constant = columns.amax(dim=1) == columns.amin(dim=1)  # [P, R]
-        shares = torch.where(constant[:, None, :], 0.0, centred / (columns.std(dim=1, keepdim=True) + eps)) * w
-        summed = shares.sum(dim=2)  # [P, G]; each group's sum is 0, so the step's mean is 0 too
+        columns = [group_advantages(per_reward[:, r], group_size, "group", eps) for r in range(len(weights))]
+        shares = torch.stack([c.advantages for c in columns], dim=1) * w  # [P*G, R]
+        summed = shares.sum(dim=1)  # each group's sum is 0, so the step's mean is 0 too
         scaled = shares / (summed.std() + eps) if summed.numel() > 1 else shares * 0
-        return torch.where(constant.all(dim=1)[:, None, None], 0.0, scaled).reshape(-1, len(weights))
+        constant = torch.stack([c.zero_variance_mask for c in columns]).all(dim=0)  # [P]
+        return torch.where(constant.repeat_interleave(group_size)[:, None], 0.0, scaled)
+    columns = torch.stack([_grouped(per_reward[:, r], group_size) for r in range(len(weights))], dim=2)  # [P, G, R]
     totals = (columns * w).sum(dim=2)  # [P, G]
-    shares = centred * w
-    if scale == "group":
-        shares = shares / (totals.std(dim=1, keepdim=True) + eps)[:, :, None]
-    elif scale == "batch":
-        shares = shares / (totals.std() + eps)
-    elif scale != "none":
-        raise ValueError(f"scale must be one of {SCALES}, got {scale!r}")
-    zero_variance = _zero_variance(totals)  # [P]
-    return torch.where(zero_variance[:, None, None], 0.0, shares).reshape(-1, len(weights))
+    divisor = torch.as_tensor(_divisor(totals, scale, eps))[..., None]  # [P, 1, 1] or [1]
+    shares = (columns - columns.mean(dim=1, keepdim=True)) * w / divisor
+    return torch.where(_zero_variance(totals)[:, None, None], 0.0, shares).reshape(-1, len(weights))
