@@ -7,8 +7,10 @@ under the base model's names), completed to the engine's load units (vLLM loads 
 gate/up as one fused tensor). Frozen layers are then neither gathered nor sent again.
 
 How: FSDP2 (DTensor) shards are all-gathered per parameter, or `bucket_bytes` at a time in one
-collective over a flattened buffer. Every rank must run the same push (the gathers are
-collectives; `changed_names` is the same on every rank).
+collective over a flattened buffer. Shards are cast to the engine's dtype before they are
+gathered: the cast is elementwise, so the engine gets the same values, and a bf16 engine
+fed by an fp32 policy moves half the bytes. Every rank must run the same push (the gathers
+are collectives; `changed_names` is the same on every rank).
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ _Entry = tuple[str, str, torch.Tensor]
 """(HF name, the model's own parameter name, parameter)."""
 
 
-def _full(param: torch.Tensor) -> torch.Tensor:
+def _full(param: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The whole tensor of a parameter; an FSDP2 (DTensor) shard is cast to `dtype` first,
+    then gathered. A local tensor keeps its dtype (the engine's loader casts as it copies)."""
     tensor = param.detach()
     if hasattr(tensor, "full_tensor"):  # FSDP2 DTensor shard
-        tensor = tensor.full_tensor()
+        tensor = (tensor if dtype is None else tensor.to(dtype)).full_tensor()
     return tensor
 
 
@@ -72,8 +76,9 @@ def _shard0_mesh(tensors: list[torch.Tensor]):
     return mesh
 
 
-def _gather_bucket(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Full tensors of FSDP2 shards through ONE all-gather of a flat buffer.
+def _gather_bucket(params: list[torch.Tensor], dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Full tensors of FSDP2 shards through ONE all-gather of a flat buffer (in `dtype`, or
+    the first parameter's).
 
     Shard(0) splits dim 0 like torch.chunk: every rank holds ceil(d0 / world) rows but the
     last ones (possibly none). Each local shard is padded to that size in the buffer, so
@@ -81,11 +86,11 @@ def _gather_bucket(params: list[torch.Tensor]) -> list[torch.Tensor]:
     params = [p.detach() for p in params]
     mesh = _shard0_mesh(params)
     if mesh is None or len(params) == 1:
-        return [_full(p) for p in params]
+        return [_full(p, dtype) for p in params]
     world = mesh.size()
     rows = [-(-p.shape[0] // world) for p in params]
     sizes = [r * math.prod(p.shape[1:]) for r, p in zip(rows, params)]
-    local = torch.zeros(sum(sizes), dtype=params[0].dtype, device=params[0].to_local().device)
+    local = torch.zeros(sum(sizes), dtype=dtype or params[0].dtype, device=params[0].to_local().device)
     offset = 0
     for p, size in zip(params, sizes):
         shard = p.to_local().reshape(-1)
@@ -102,13 +107,14 @@ def _gather_bucket(params: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
-def _buckets(entries: list[_Entry], bucket_bytes: int) -> Iterator[list[_Entry]]:
-    """Consecutive entries of at most `bucket_bytes` (a larger tensor alone); 0: one each."""
+def _buckets(entries: list[_Entry], bucket_bytes: int, alone=lambda entry: False) -> Iterator[list[_Entry]]:
+    """Consecutive entries of at most `bucket_bytes` (a larger tensor alone; one where
+    `alone(entry)` too); 0: one each."""
     bucket: list[_Entry] = []
     size = 0
     for entry in entries:
         nbytes = entry[2].numel() * entry[2].element_size()
-        if bucket and size + nbytes > bucket_bytes:
+        if bucket and (size + nbytes > bucket_bytes or alone(entry) or alone(bucket[0])):
             yield bucket
             bucket, size = [], 0
         bucket.append(entry)
@@ -117,16 +123,24 @@ def _buckets(entries: list[_Entry], bucket_bytes: int) -> Iterator[list[_Entry]]
         yield bucket
 
 
-def iter_full_params(model: torch.nn.Module, names: set[str] | None = None,
-                     bucket_bytes: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_params(model: torch.nn.Module, names: set[str] | None = None, bucket_bytes: int = 0,
+                     dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, full tensor) per parameter of the base model (or of `names` only); LoRA
     adapters are folded into their layer's weight (a new tensor: the model is not
-    modified) and never sent themselves. Every rank must consume the iterator."""
-    for bucket in _buckets(_entries(model, names), bucket_bytes):
-        for (hf, name, _), tensor in zip(bucket, _gather_bucket([p for _, _, p in bucket])):
-            if BASE_LAYER in name and name.endswith(".weight"):
+    modified) and never sent themselves. `dtype`: FSDP2 shards are gathered in it (the
+    receiver's dtype; a LoRA layer's base weight in its own, to merge exactly). Every rank
+    must consume the iterator."""
+    for bucket in _buckets(_entries(model, names), bucket_bytes, alone=_merged):
+        lora = _merged(bucket[0])
+        for (hf, name, _), tensor in zip(bucket, _gather_bucket([p for _, _, p in bucket], None if lora else dtype)):
+            if lora:
                 tensor = merged_weight(model.get_submodule(name.split(BASE_LAYER)[0]), tensor, _full)
             yield hf, tensor
+
+
+def _merged(entry: _Entry) -> bool:
+    """A LoRA layer's base weight, sent merged with its adapters."""
+    return BASE_LAYER in entry[1] and entry[1].endswith(".weight")
 
 
 def push_weights(model: torch.nn.Module, engine, changed_only: bool = False, bucket_bytes: int = 0) -> int:
@@ -138,8 +152,8 @@ def push_weights(model: torch.nn.Module, engine, changed_only: bool = False, buc
     sent = 0
 
     def counted():
-        nonlocal sent
-        for item in iter_full_params(model, names, bucket_bytes):
+        nonlocal sent  # shards are gathered in the engine's dtype
+        for item in iter_full_params(model, names, bucket_bytes, getattr(engine, "dtype", None)):
             sent += 1
             yield item
 

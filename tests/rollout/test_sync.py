@@ -1,6 +1,7 @@
 """grailcore/rollout/sync.py: which weights a sync sends (everything first, then only what
 training can change), that the engine ends up with the trainer's weights, and that the
-bucketed FSDP2 gather gives the same tensors as one gather per tensor (2 processes)."""
+bucketed FSDP2 gather, and the gather in the engine's dtype, give the same tensors as one gather
+per tensor (2 processes)."""
 
 from __future__ import annotations
 
@@ -112,12 +113,17 @@ for bucket_bytes in (1, 64, 1 << 20):  # one tensor each, a few per bucket, all 
     for name in full:
         assert torch.equal(bucketed[name], full[name]), (bucket_bytes, name)
         assert torch.equal(per_tensor[name], full[name]), name
+# gathered in a bf16 engine's dtype: cast shard by shard, the values of the full tensor's cast
+for bucket_bytes in (0, 1 << 20):
+    wire = dict(iter_full_params(model, bucket_bytes=bucket_bytes, dtype=torch.bfloat16))
+    for name in full:
+        assert wire[name].dtype == torch.bfloat16 and torch.equal(wire[name], full[name].bfloat16()), name
 print("BUCKETS OK", info.rank, flush=True)
 gdist.finish_worker()  # barrier, destroy, exit without finalization (no exit abort)
 """
 
 
-def test_bucketed_gather_equals_the_full_tensors_under_fsdp2():
+def test_bucketed_and_engine_dtype_gathers_equal_the_full_tensors_under_fsdp2():
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", sys.executable]
     result = subprocess.run([*launcher, "-c", BUCKET_SCRIPT], capture_output=True, text=True, timeout=300,
                             cwd=Path(__file__).resolve().parents[2])
