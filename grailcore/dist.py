@@ -208,6 +208,18 @@ def all_gather(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def all_gather_flat(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """[world * n]: every rank's 1-D `tensor` [n] in rank order, through ONE
+    all_gather_into_tensor on `group` (default: the world), on the group's device and back.
+    Every rank must pass the same n (the caller's layout guarantees it; nothing checks)."""
+    if not _active():
+        return tensor.clone()
+    moved = tensor.to(collective_device())
+    out = torch.empty(dist.get_world_size(group) * moved.numel(), dtype=moved.dtype, device=moved.device)
+    dist.all_gather_into_tensor(out, moved, group=group)
+    return out.to(tensor.device)
+
+
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> None:
     """Overwrite `tensor` in place with rank `src`'s (moved to the group's device and back)."""
     if not _active():

@@ -157,7 +157,8 @@ def test_every_collective_of_a_two_rank_run_goes_through_dist_on_the_groups_devi
     the group's device is the CPU, so here the routing is what fails; on nccl the same route
     moves every tensor to CUDA.) The run takes the paths with collectives: dapo's global token
     count, batch-scaled advantages, the discriminator's broadcast, metrics and replay, checkpoints
-    (RNG of every rank), metrics and the final evaluation."""
+    (RNG of every rank), metrics, the final evaluation, and the bucketed weight sync into each
+    rank's HF engine copy."""
     script = tmp_path / "checked_run.py"
     script.write_text(CHECKED_RUN.format(collectives=COLLECTIVES))
     torchrun(script, str(tmp_path), "--run-dir", str(tmp_path / "run"), "--model.name-or-path", "micro-llama",
@@ -172,4 +173,5 @@ def test_every_collective_of_a_two_rank_run_goes_through_dist_on_the_groups_devi
     for result in ranks:
         assert result["bad"] == [], result["bad"]
         assert {"optimize._global_items", "steps.step_advantages", "ranks.broadcast_from_rank0",
-                "discriminator._extend_replay", "discriminator.metrics", "trainer.reduce"} <= set(result["callers"]), result["callers"]
+                "discriminator._extend_replay", "discriminator.metrics", "trainer.reduce",
+                "sync._gather_bucket"} <= set(result["callers"]), result["callers"]

@@ -19,8 +19,8 @@ import math
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
+from grailcore import dist as gdist
 from grailcore.lora import BASE_LAYER, is_adapter_param, merged_weight
 
 _Entry = tuple[str, str, torch.Tensor]
@@ -96,9 +96,7 @@ def _gather_bucket(params: list[torch.Tensor], dtype: torch.dtype | None = None)
         shard = p.to_local().reshape(-1)
         local[offset:offset + shard.numel()].copy_(shard)
         offset += size
-    gathered = torch.empty(world * local.numel(), dtype=local.dtype, device=local.device)
-    dist.all_gather_into_tensor(gathered, local, group=mesh.get_group())
-    gathered = gathered.view(world, -1)  # [world, sum(sizes)]
+    gathered = gdist.all_gather_flat(local, group=mesh.get_group()).view(world, -1)  # [world, sum(sizes)]
     out, offset = [], 0
     for p, r, size in zip(params, rows, sizes):
         # [world, size] -> [world * rows, ...] (a copy: contiguous), minus the padding rows
