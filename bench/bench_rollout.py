@@ -1,6 +1,7 @@
 """Rollouts on chat-templated viewer prompts: in-process vLLM (VLLMEngine) vs transformers
 generate (HFEngine), warm and round-robin, plus a full-weight hot swap. `--vllm-dtypes
-bfloat16 float32` runs one vLLM engine per dtype side by side (is bf16 native on this CPU?).
+bfloat16 float32` runs one vLLM engine per dtype side by side (is bf16 native on this CPU?);
+`--engine-threads 1 2` runs each on each thread count (`rollout.engine_threads`).
 Under torchrun it instead compares an engine per rank against rank 0 generating for all.
 Appends CSV rows, each naming the CPU (bench/machine.py)."""
 
@@ -45,14 +46,29 @@ def timed_generate(engine, prompts, params, new_tokens: list[int]):
     return call
 
 
-def generation_rows(results, tokens, args, engines, hf_threads: int, load) -> list[dict]:
+class _OnThreads:
+    """A vLLM engine generating on `threads` torch threads (`rollout.engine_threads`)."""
+
+    def __init__(self, engine, threads: int):
+        self.engine, self.threads, self.precision = engine, threads, engine.precision
+
+    def generate(self, prompts, params):
+        self.engine.threads = self.threads
+        return self.engine.generate(prompts, params)
+
+    def update_weights(self, named_tensors):
+        self.engine.threads = self.threads
+        self.engine.update_weights(named_tensors)
+
+
+def generation_rows(results, tokens, args, engines, threads: dict, load) -> list[dict]:
     baseline = results[next(iter(results))]  # HF generate, or the first vLLM dtype with --no-hf
     rows = []
     for name, result in results.items():
         median_tokens = statistics.median(tokens[name])
         rows.append({
             "what": f"generate_{name}", "dtype": engines[name].precision.name, "cpu": machine.summary(),
-            "torch_threads": hf_threads if name == "hf" else 1,  # VLLMEngine runs vLLM on one thread
+            "torch_threads": threads[name],
             "prompts": args.prompts, "samples": args.samples, "max_tokens": args.max_tokens,
             "median_s": round(result.median_s, 3), "median_cpu_s": round(result.median_cpu_s, 3),
             "new_tokens": median_tokens, "tok_per_s": round(median_tokens / result.median_s, 1),
@@ -73,21 +89,27 @@ def bench_engines(args) -> list[dict]:
         torch.set_num_threads(args.hf_threads)  # before the engine starts: vLLM then disables the setter
     info = gdist.init_distributed()
     engines = {} if args.no_hf else {"hf": HFEngine(policy, tokenizer)}
+    threads = {"hf": torch.get_num_threads()}
+    vllm_engines = {}
     for dtype in args.vllm_dtypes:  # one in-process engine per dtype, side by side
         name = "vllm" if len(args.vllm_dtypes) == 1 else f"vllm_{dtype}"
-        engines[name] = VLLMEngine.create(model_dir, engine_config(args, prompts, dtype), info)
+        vllm_engines[name] = VLLMEngine.create(model_dir, engine_config(args, prompts, dtype), info)
+        for count in args.engine_threads:  # the same engine on each thread count, calls alternating
+            run = name if len(args.engine_threads) == 1 else f"{name}_{count}t"
+            engines[run], threads[run] = _OnThreads(vllm_engines[name], count), count or torch.get_num_threads()
     params = SamplingParams(n=args.samples, temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
     tokens = {name: [] for name in engines}
     calls = {name: timed_generate(engine, prompts, params, tokens[name]) for name, engine in engines.items()}
     results = measure_round_robin(calls, device="cpu", warmup=args.warmup, repeats=args.repeats)
     for name in tokens:
         del tokens[name][:args.warmup]
-    rows = generation_rows(results, tokens, args, engines, torch.get_num_threads(), round(os.getloadavg()[0], 1))
-    vllm_engines = {name: e for name, e in engines.items() if name != "hf"}
+    rows = generation_rows(results, tokens, args, engines, threads, round(os.getloadavg()[0], 1))
+    runs = {name: e for name, e in engines.items() if name != "hf"}
     swaps = measure_round_robin({name: (lambda e=e: e.update_weights(policy.named_parameters()))
-                                 for name, e in vllm_engines.items()}, device="cpu", warmup=1, repeats=args.repeats)
+                                 for name, e in runs.items()}, device="cpu", warmup=1, repeats=args.repeats)
     for name, swap in swaps.items():
-        rows.append({"what": f"swap_full_weights_{name}", "dtype": f"float32->{engines[name].precision.name}",
+        rows.append({"what": f"swap_full_weights_{name}", "dtype": f"float32->{runs[name].precision.name}",
+                     "torch_threads": threads[name],
                      "median_s": round(swap.median_s, 3), "median_cpu_s": round(swap.median_cpu_s, 3),
                      "peak_mib": round(swap.peak_mib, 1), "repeats": len(swap.seconds),
                      "load_avg_1m": round(os.getloadavg()[0], 1)})
@@ -143,6 +165,9 @@ def parse_args(argv=None):
     parser.add_argument("--vllm-dtypes", nargs="+", default=["auto"],
                         choices=["auto", "bfloat16", "float32", "float16"],
                         help="rollout.engine_dtype of the vLLM engine; several: one engine each, side by side")
+    parser.add_argument("--engine-threads", nargs="+", type=int, default=[1],
+                        help="rollout.engine_threads of the vLLM engines (0: the trainer's); several: each "
+                             "engine on each count, calls alternating")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers generate (slow)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)

@@ -122,6 +122,13 @@ class RolloutConfig:
     (grailcore/rollout/precision.py); the choice and its reason are logged at start and written
     to config.yaml. The HF engine always samples from the policy in model.dtype. A bf16 engine
     against an fp32 trainer puts `rollout/logprob_diff` near 0.015 nats instead of ~0."""
+    engine_threads: int = 1
+    """CPU: torch threads the vLLM engine generates, scores and reloads weights on (the
+    trainer gets its own count back after each call); 0 = the trainer's count. 1 is vLLM's
+    serving policy and the safe choice where other jobs share the cores: there 2 threads
+    decoded 7-10x slower. On a dedicated 2-core machine 2 threads decoded in 0.82-0.86x the
+    time and pushed a full sync in 0.67-0.74x (bench/RESULTS.md). With several ranks on one machine
+    keep ranks x threads <= cores. Unused on GPU."""
     sync_every: int = 1
     """Push trainer weights into the engine every N optimizer steps. The first push sends every
     weight, later ones only what training changes (trainable layers, LoRA-merged layers)."""

