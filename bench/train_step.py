@@ -38,7 +38,8 @@ PROMPTS, GROUP, MAX_NEW = 2, 4, 64
 VARIANTS = {"shared": (True, False), "shared_gc": (True, True), "padded": (False, False), "padded_gc": (False, True)}
 
 
-def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int = MAX_NEW):
+def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int = MAX_NEW,
+                     engine_dtype: str = "auto"):
     from grailcore.config import (CheckpointConfig, Config, DataConfig, EvalConfig, GRPOConfig, LoggingConfig,
                                   ModelConfig, OptimConfig, RolloutConfig)
 
@@ -47,7 +48,7 @@ def grailcore_config(run_dir: str, prefix_sharing: bool, checkpointing: bool, en
         model=ModelConfig(name_or_path=MODEL, dtype="float32", gradient_checkpointing=checkpointing),
         data=DataConfig(train_path="synthetic:gun_control", synthetic_n=400),
         rollout=RolloutConfig(engine=engine, temperature=1.0, top_p=1.0, max_prompt_tokens=1024,
-                              max_completion_tokens=max_new),
+                              max_completion_tokens=max_new, engine_dtype=engine_dtype),
         grpo=GRPOConfig(prompts_per_step=PROMPTS, group_size=GROUP, beta=0.0, loss_type="dapo",
                         prefix_sharing=prefix_sharing),
         optim=OptimConfig(lr=1e-6, micro_batch_size=PROMPTS * GROUP, max_steps=1000),
@@ -76,12 +77,13 @@ class _RecordingEngine:
 
 
 class GrailcoreSystem:
-    def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int):
+    def __init__(self, name: str, prefix_sharing: bool, checkpointing: bool, engine: str, max_new: int,
+                 engine_dtype: str = "auto"):
         from grailcore.build import build_trainer
 
         self.name, self.prefix_sharing = name, prefix_sharing
         self.cfg = grailcore_config(tempfile.mkdtemp(prefix=f"bench-{name}-"), prefix_sharing, checkpointing, engine,
-                                    max_new)
+                                    max_new, engine_dtype)
         self.trainer = build_trainer(self.cfg)
         # grailcore.build leaves the policy in eval mode, where HF checkpointing is a no-op
         # (GradientCheckpointingLayer checks `training`): train mode makes the _gc variants
@@ -298,6 +300,9 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", default=["shared", "padded"], choices=list(VARIANTS))
     parser.add_argument("--max-new", type=int, default=MAX_NEW, help="max new tokens per completion")
     parser.add_argument("--engine", default="hf", choices=["hf", "vllm"], help="grailcore's rollout engine")
+    parser.add_argument("--engine-dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="grailcore's rollout.engine_dtype (auto: from the CPU's flags; pass float32 where "
+                             "ISA caps emulate an AVX2-only CPU, as auto would choose on one)")
     parser.add_argument("--trl-configs", nargs="+", default=["gc", "no_gc"], choices=list(TRL_CONFIGS),
                         help="TRL runs, one phase each with the grailcore systems interleaved: gc = TRL's "
                              "default (HF generate, gradient checkpointing), no_gc = without checkpointing, "
@@ -316,7 +321,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)  # before any engine: vLLM freezes the count
 
     load = open("/proc/loadavg").read().split()[0]
-    systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine, args.max_new) for name in args.variants]
+    systems = [GrailcoreSystem(name, *VARIANTS[name], args.engine, args.max_new, args.engine_dtype)
+               for name in args.variants]
     total = args.warmup + args.steps
     began = time.time()
     records, failures = [], []
