@@ -5,6 +5,8 @@ cut at the token sampled at its slot, and the step's gradient is then exactly
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -114,3 +116,52 @@ def test_the_step_gradient_is_the_per_token_reinforce_sum(tokenizer, impl):
     for name, param in model.named_parameters():
         expected = param.grad if param.grad is not None else torch.zeros_like(param)
         torch.testing.assert_close(recorder.grads[0][name], expected, rtol=1e-4, atol=2e-6)
+
+
+_TWO_RANKS = '''
+import json, sys, dataclasses, torch
+from grailcore import dist as gdist
+from grailcore.config import Config
+from grailcore.steps import step_advantages, step_components
+
+out, scale, aggregation = sys.argv[1:4]
+info = gdist.init_distributed()
+everyone = torch.load(f"{out}/rewards.pt")  # [world * P * G, R], the same on every rank
+n = everyone.shape[0] // info.world_size
+mine = everyone[info.rank * n:(info.rank + 1) * n]
+cfg = Config()
+cfg = dataclasses.replace(cfg, rewards=dataclasses.replace(cfg.rewards, names=("a", "b"), weights=(1.0, 0.5)),
+                          grpo=dataclasses.replace(cfg.grpo, group_size=4, scale_rewards=scale,
+                                                   reward_aggregation=aggregation))
+shares = step_components(mine, cfg)
+if aggregation == "normalize_then_sum":
+    whole = step_advantages(mine, 4, scale, cfg.rewards.weights).advantages
+else:
+    whole = step_advantages((mine * torch.tensor(cfg.rewards.weights)).sum(1), 4, scale).advantages
+with open(f"{out}/rank{info.rank}.json", "w") as f:
+    json.dump({"shares": shares.tolist(), "whole": whole.tolist()}, f)
+gdist.shutdown()
+'''
+
+
+@pytest.mark.parametrize(("scale", "aggregation"), [("batch", "sum_then_normalize"), ("group", "normalize_then_sum")])
+def test_two_ranks_split_the_advantage_as_one_rank_does_where_the_scale_needs_the_whole_step(
+        tmp_path, scale, aggregation):
+    """Batch scaling and GDPO divide by a std of the whole step: at world size 2 each rank's
+    shares are the one-rank shares of the gathered rewards, cut back to its rows, and they sum
+    to the advantage `step_advantages` gives that rank."""
+    from test_dist import torchrun
+
+    rewards = torch.randn(16, 2, generator=torch.Generator().manual_seed(2))
+    rewards[8:12, 0] = 1.0  # rank 1's first group: one reward constant
+    torch.save(rewards, tmp_path / "rewards.pt")
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    torchrun(script, str(tmp_path), scale, aggregation, timeout=120)
+    one_rank = advantage_components(rewards, (1.0, 0.5), 4, scale, aggregation)
+    for rank in range(2):
+        result = {k: torch.tensor(v) for k, v in json.loads((tmp_path / f"rank{rank}.json").read_text()).items()}
+        torch.testing.assert_close(result["shares"], one_rank[rank * 8:(rank + 1) * 8])
+        torch.testing.assert_close(result["shares"].sum(1), result["whole"], rtol=1e-5, atol=1e-6)
+    # a per-rank split would divide by each rank's own std: the check above would catch it
+    assert not torch.allclose(advantage_components(rewards[8:], (1.0, 0.5), 4, scale, aggregation), one_rank[8:])
