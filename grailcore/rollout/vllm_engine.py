@@ -179,8 +179,9 @@ class VLLMEngine:
         grailcore/rollout/precision.py: bf16 only where matmuls run natively in it).
         CPU: eager, an explicit KV-cache size (vLLM's fraction-of-memory setting
         is unreliable on shared CPU hosts); generation runs on `rollout.engine_threads` torch
-        threads, 1 by default (see `_engine_threads`). vLLM's CPU worker makes torch.set_num_threads a no-op for the
-        whole process: set the trainer's thread count before this.
+        threads, 1 by default (see `_engine_threads`). vLLM's CPU worker makes
+        torch.set_num_threads a no-op for the whole process: set the trainer's thread count
+        before this.
         GPU: CUDA graphs, a fraction of GPU memory, sleep mode on.
         Under torchrun (world > 1) each rank's engine uses vLLM's `external_launcher`
         executor, which joins the trainer's group and takes the LOCAL_RANK device (as TRL's
