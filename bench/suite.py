@@ -30,14 +30,15 @@ HISTORY = ROOT / "bench" / "results" / "history.jsonl"
 BENCHES = ("step", "loss", "sync")
 
 
-def _run(module: str, args: list[str]) -> list[str]:
-    """Run `python -m module args` on this checkout's code; returns the command line."""
+def _run(module: str, args: list[str], tmp: Path) -> list[str]:
+    """Run `python -m module args` on this checkout's code; returns the command line, with the
+    temporary directory written as $TMP (no path of this machine in the record)."""
     command = [sys.executable, "-m", module, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command[1:])} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
-    return ["python", "-m", module, *args]
+    return ["python", "-m", module, *(arg.replace(str(tmp), "$TMP") for arg in args)]
 
 
 def _rows(path: Path) -> list[dict]:
@@ -58,7 +59,7 @@ def step_bench(tmp: Path, args) -> dict:
     summary = tmp / "step.json"
     command = _run("bench.train_step", ["--steps", str(args.steps), "--warmup", "1", "--max-new", str(args.max_new),
                                         "--engine", "vllm", "--variants", "shared", "--trl-configs", "no_gc",
-                                        "--csv", str(tmp / "step.csv"), "--summary-json", str(summary)])
+                                        "--csv", str(tmp / "step.csv"), "--summary-json", str(summary)], tmp)
     result = json.loads(summary.read_text())
     rows = {r["system"]: r for r in result["rows"]}
     ours, trl = rows["shared"], rows["trl_no_gc"]
@@ -83,7 +84,7 @@ def loss_bench(tmp: Path, args) -> dict:
         repeat = ["--rounds", "1", "--methods", "naive", "grailcore", "liger", "torch_lce"]
     else:
         repeat = ["--warmup", "1", "--repeats", "2"]
-    command = _run("bench.bench_grpo_loss", shape + repeat)
+    command = _run("bench.bench_grpo_loss", shape + repeat, tmp)
     methods = {}
     for row in _rows(out):
         methods[row["method"]] = {k: _number(v) for k, v in row.items() if k.endswith("_vs_naive") and v != ""}
@@ -94,7 +95,7 @@ def sync_bench(tmp: Path, args) -> dict:
     """Weight sync methods on one process: seconds and ratios to the per-tensor full push."""
     out = tmp / "sync.csv"
     command = _run("bench.bench_sync", ["--models", args.sync_model, "--repeats", "3", "--bucket-mib", "8",
-                                        "--csv", str(out)])
+                                        "--csv", str(out)], tmp)
     row = {k: _number(v) for k, v in _rows(out)[0].items()}
     keep = [k for k in row if k.endswith(("_s", "_vs_per_tensor", "_tensors")) and not k.endswith("cpu_s")]
     return {"command": " ".join(command), "model": args.sync_model, **{k: row[k] for k in keep}}

@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,7 @@ def test_sync_only_suite_appends_one_line_per_run(tmp_path):
     assert line["commit"] == head.stdout.strip() and re.fullmatch(r"[0-9a-f]{12}", line["commit"])
     assert line["machine"]["cores"] >= 1 and line["machine"]["cpu"]
     assert socket.gethostname() not in text
+    assert tempfile.gettempdir() not in text and "--csv $TMP/sync.csv" in line["sync"]["command"]
     sync = line["sync"]
     assert sync["model"] == "tiny-llama" and sync["per_tensor_s"] > 0
     # the ratio is that of the measured seconds (rounded to ms), and changed-only sends fewer tensors
