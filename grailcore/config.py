@@ -133,9 +133,10 @@ class RolloutConfig:
     """Push trainer weights into the engine every N optimizer steps. The first push sends every
     weight, later ones only what training changes (trainable layers, LoRA-merged layers)."""
     sync_bucket_mib: int = 8
-    """Under FSDP, all-gather the weights to sync this many MiB per collective (flattened
-    buffers, in the engine's dtype); 0 = one collective per tensor. 8 MiB: 0.79x the per-tensor
-    time at world size 2 on gloo (bench/RESULTS.md, weight sync)."""
+    """Under FSDP, all-gather the weights to sync this many MiB of parameters per collective
+    (one flattened buffer, cast to the engine's dtype: an fp32 policy's 8 MiB travel as 4 MiB to
+    a bf16 engine); 0 = one collective per tensor. 8 MiB: 0.79x the per-tensor time at world
+    size 2 on gloo (bench/RESULTS.md, weight sync)."""
     fallback_to_hf: bool = False
     """If the vLLM engine fails to start, continue with the HF engine (else stop)."""
 

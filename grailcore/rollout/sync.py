@@ -105,9 +105,9 @@ def _gather_bucket(params: list[torch.Tensor], dtype: torch.dtype | None = None)
     return out
 
 
-def _buckets(entries: list[_Entry], bucket_bytes: int, alone=lambda entry: False) -> Iterator[list[_Entry]]:
-    """Consecutive entries of at most `bucket_bytes` (a larger tensor alone; one where
-    `alone(entry)` too); 0: one each."""
+def _buckets(entries: list[_Entry], bucket_bytes: int, alone) -> Iterator[list[_Entry]]:
+    """Consecutive entries of at most `bucket_bytes` of parameters (a larger tensor alone; one
+    where `alone(entry)` too); 0: one each."""
     bucket: list[_Entry] = []
     size = 0
     for entry in entries:
