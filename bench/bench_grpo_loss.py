@@ -16,6 +16,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
+from bench import machine
 from bench.harness import markdown_rows, measure_round_robin, write_csv
 from kernels.grpo_loss import default_chunk_size, fused_grpo_loss
 from kernels.objective import Objective, objective_loss, padded_tokens
@@ -122,7 +123,7 @@ def worker(args):
                                  after_each=drop_grads)[args.worker]
     rows_per_chunk = {"naive": "", "liger": f"{args.seq} (1 seq)", "liger_compiled": f"{args.seq} (1 seq)"}
     print(json.dumps({"wall_s": result.seconds[0], "cpu_s": result.cpu_seconds[0], "peak_mib": result.peak_mib,
-                      "loss": losses[-1], "chunk_size": rows_per_chunk.get(name, chunk_size)}))
+                      "loss": losses[-1], "chunk_size": rows_per_chunk.get(name, chunk_size), "warmup": warmup}))
 
 
 def _run_worker(method, batch, seq, hidden_size, vocab, args):
@@ -166,7 +167,7 @@ def bench_shape(batch, seq, hidden_size, vocab, methods, args):
             "median_cpu_s": round(values["cpu_s"], 3), "cpu_range_s": spread("cpu_s"),
             "peak_mib": round(values["peak_mib"], 1), "peak_range_mib": spread("peak_mib"),
             "time_vs_naive": ratio("wall_s"), "cpu_time_vs_naive": ratio("cpu_s"), "mem_vs_naive": ratio("peak_mib"),
-            "rounds": len(runs[method]), "loss": losses[method],
+            "rounds": len(runs[method]), "warmup": runs[method][0]["warmup"], "loss": losses[method], "cpu": machine.summary(),
         })
     return rows
 
