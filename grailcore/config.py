@@ -28,8 +28,8 @@ class ModelConfig:
     """Token log-probs through kernels/ (never builds [N, V] logits) or plain log_softmax."""
     logprob_chunk_size: int = 1024
     """Rows per chunk of the fused log-prob and loss kernels: fewer rows hold less memory and
-    take more time (at 4096 tokens and V=151936 on CPU, 128 rows: 0.06x naive's peak memory at
-    about half its time; bench/RESULTS.md)."""
+    take more time (the loss at 4096 tokens and V=151936 on CPU, 128 rows: 0.06x naive's peak
+    memory at about half its time; bench/RESULTS.md)."""
     lora_rank: int = 0
     """Train LoRA adapters of this rank (peft) instead of the weights; 0 = off (full
     fine-tuning, the default). Only the adapters train and sit in the optimizer; with
