@@ -28,8 +28,9 @@ from grailcore.types import MAX_WATCHED_IDS, Completion, SamplingParams
 _FINISH_REASONS = ("stop", "length")
 _EMBEDDING = "embed_tokens.weight"
 """Llama / Qwen2 input embedding: with tied embeddings also the lm-head."""
-_EXPECTED_RELOAD_WARNINGS = ("Failed to load weights", "Following weights were not loaded",
-                             "Attempted to load weight %s with dtype")
+_CAST_WARNING = "Attempted to load weight %s with dtype"
+"""vLLM's warning, once per tensor, when a weight is cast to the engine's dtype as it loads."""
+_PARTIAL_UPDATE_WARNINGS = ("Failed to load weights", "Following weights were not loaded")
 SCORING_MARGIN_TOKENS = 64
 """Room beyond prompt + completion in the context: a scoring pass appends a forced answer
 slot and a candidate answer to a full-length completion (`next_token_logprobs`)."""
@@ -107,14 +108,18 @@ def _fused_groups(names: frozenset[str], packed: dict[str, list[str]]) -> dict[s
 
 
 @contextlib.contextmanager
-def _quiet_expected_reload_warnings():
-    """Drop the warnings vLLM's reload prints for what `update_weights` does on purpose, once
-    per tensor or layer at every sync: fp32 tensors handed over for vLLM to cast while copying
-    ("Attempted to load weight ... with dtype"), and layers a partial update leaves as they are
-    ("Failed to load weights", "Following weights were not loaded"; `_check_names` checks
-    that a partial update is whole load units)."""
+def _without_vllm_warnings(*messages: str):
+    """Drop vLLM's load and reload warnings that contain any of `messages`, for this block.
+
+    They are about what grailcore does on purpose, once per tensor or layer:
+    - `_CAST_WARNING`: the checkpoint's or trainer's tensors are cast to the engine's dtype as
+      they load. The trainer logs the engine's dtype and its reason once, at start
+      (`grailcore.rollout`, and in the run's config.yaml).
+    - `_PARTIAL_UPDATE_WARNINGS`: layers that a partial update leaves as they are.
+      `_check_names` checks that a partial update is whole load units.
+    """
     def expected(record: logging.LogRecord) -> bool:
-        return not any(m in str(record.msg) for m in _EXPECTED_RELOAD_WARNINGS)
+        return not any(m in str(record.msg) for m in messages)
 
     loggers = [logging.getLogger(f"vllm.model_executor.{m}")
                for m in ("model_loader.reload.layerwise", "model_loader.reload.inplace", "models.utils")]
@@ -206,18 +211,19 @@ class VLLMEngine:
         scheduling = {} if on_gpu else {"enable_chunked_prefill": False, "block_size": 32,
                                         "max_num_batched_tokens": max(max_model_len, 8192)}
         executor = {"distributed_executor_backend": "external_launcher"} if dist.world_size > 1 else {}
-        llm = vllm.LLM(
-            model=str(model_dir), dtype=precision.name,
-            max_model_len=max_model_len,
-            enforce_eager=not on_gpu,
-            # Sampled-token logprobs after temperature: the distribution the trainer's
-            # log_softmax(logits / T) scores (the default reports T = 1 logprobs).
-            logprobs_mode="processed_logprobs",
-            # Per-rank seeds: ranks sampling without a request seed must not draw one stream.
-            seed=cfg.seed + dist.rank,
-            enable_prefix_caching=True,
-            **memory, **scheduling, **executor,
-        )
+        with _without_vllm_warnings(_CAST_WARNING):  # e.g. an fp32 checkpoint into a bf16 engine
+            llm = vllm.LLM(
+                model=str(model_dir), dtype=precision.name,
+                max_model_len=max_model_len,
+                enforce_eager=not on_gpu,
+                # Sampled-token logprobs after temperature: the distribution the trainer's
+                # log_softmax(logits / T) scores (the default reports T = 1 logprobs).
+                logprobs_mode="processed_logprobs",
+                # Per-rank seeds: ranks sampling without a request seed must not draw one stream.
+                seed=cfg.seed + dist.rank,
+                enable_prefix_caching=True,
+                **memory, **scheduling, **executor,
+            )
         return cls(llm, precision, _checkpoint_names(model_dir), _ties_embeddings(model_dir), on_gpu,
                    cfg.rollout.engine_threads)
 
@@ -324,7 +330,8 @@ class VLLMEngine:
                 yield name, tensor.detach()
 
         try:
-            with _engine_threads(self.on_gpu, self.threads), _quiet_expected_reload_warnings():
+            with _engine_threads(self.on_gpu, self.threads), \
+                    _without_vllm_warnings(_CAST_WARNING, *_PARTIAL_UPDATE_WARNINGS):
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
                 if self.tied_embeddings and any(name.endswith(_EMBEDDING) for name in seen):
                     self.llm.apply_model(_repack_tied_lm_head)
