@@ -118,31 +118,48 @@ def test_decoupled_advantages_refuse_a_matrix_that_does_not_match_the_weights():
         decoupled_advantages(PER_REWARD[:6], WEIGHTS, 4)
 
 
-def _trl_normalize_then_sum():
-    """TRL's own normalize_then_sum block, cut from `GRPOTrainer._generate_and_score_completions`
-    (the method also generates, so it cannot be called on fixed rewards) and run as it is."""
+def _trl_aggregation(name: str):
+    """TRL's own `multi_objective_aggregation == name` block, cut from
+    `GRPOTrainer._generate_and_score_completions` (the method also generates, so it cannot be
+    called on fixed rewards) and run as it is."""
     trainer = pytest.importorskip("trl.trainer.grpo_trainer")
     source = textwrap.dedent(inspect.getsource(trainer.GRPOTrainer._generate_and_score_completions))
     lines = source.splitlines()
-    start = next((i for i, line in enumerate(lines) if 'multi_objective_aggregation == "normalize_then_sum"' in line),
-                 None)
+    start = next((i for i, line in enumerate(lines) if f'multi_objective_aggregation == "{name}"' in line), None)
     if start is None:
-        pytest.skip("this TRL has no normalize_then_sum block")
+        pytest.skip(f"this TRL has no {name} block")
     indent = len(lines[start + 1]) - len(lines[start + 1].lstrip())
     body = []
     for line in lines[start + 1:]:
         if line.strip() and len(line) - len(line.lstrip()) < indent:
             break
         body.append(line)
-    return compile(textwrap.dedent("\n".join(body)), "trl_normalize_then_sum", "exec"), trainer.nanstd
+    return compile(textwrap.dedent("\n".join(body)), f"trl_{name}", "exec"), trainer.nanstd
+
+
+def _run_trl_aggregation(name: str, scale_rewards: str = "group") -> torch.Tensor:
+    """TRL's advantages for PER_REWARD (3 groups of 4, two rewards) with WEIGHTS."""
+    code, nanstd = _trl_aggregation(name)
+    scope = {"torch": torch, "nanstd": nanstd, "rewards_per_func": PER_REWARD.clone(), "num_generations": 4,
+             "device": "cpu", "unscorable_mask": torch.zeros(12, dtype=torch.bool),
+             "self": types.SimpleNamespace(reward_funcs=[None, None], reward_weights=torch.tensor(WEIGHTS),
+                                           scale_rewards=scale_rewards)}
+    exec(code, scope)  # noqa: S102 - the peer's own lines, on fixed inputs
+    return scope["advantages"]
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_group_advantages_match_trl_sum_then_normalize(scale):
+    """GRPO's own estimator (weighted sum of the rewards, then normalised) against TRL's lines
+    for each `scale_rewards`; the last group's rewards are constant, so it gets 0 in both."""
+    theirs = _run_trl_aggregation("sum_then_normalize", scale)
+    ours = group_advantages(PER_REWARD @ torch.tensor(WEIGHTS), 4, scale, EPS).advantages
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
+    assert torch.equal(ours[8:], torch.zeros(4))
 
 
 def test_decoupled_advantages_match_trl_normalize_then_sum():
-    code, nanstd = _trl_normalize_then_sum()
-    scope = {"torch": torch, "nanstd": nanstd, "rewards_per_func": PER_REWARD.clone(), "num_generations": 4,
-             "device": "cpu", "unscorable_mask": torch.zeros(12, dtype=torch.bool),
-             "self": types.SimpleNamespace(reward_funcs=[None, None], reward_weights=torch.tensor(WEIGHTS))}
-    exec(code, scope)  # noqa: S102 - the peer's own lines, on fixed inputs
+    theirs = _run_trl_aggregation("normalize_then_sum")
     ours = decoupled_advantages(PER_REWARD, WEIGHTS, 4).advantages
     # TRL centres the zero-signal group on the step's mean (~1e-8 here); ours is exactly 0
-    torch.testing.assert_close(ours, scope["advantages"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
