@@ -84,6 +84,21 @@ def group_advantages(
     )
 
 
+def _check_columns(per_reward: torch.Tensor, weights: Sequence[float]) -> None:
+    if per_reward.dim() != 2 or per_reward.shape[1] != len(weights):
+        raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
+                         f"got shape {tuple(per_reward.shape)}")
+
+
+def _normalised_shares(per_reward: torch.Tensor, weights: Sequence[float], group_size: int,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GDPO's first half: each reward normalised within its group on its own and weighted,
+    [P*G, R]; and the [P] groups where every reward was constant."""
+    columns = [group_advantages(per_reward[:, r], group_size, "group", eps) for r in range(len(weights))]
+    shares = torch.stack([c.advantages for c in columns], dim=1) * torch.tensor(weights, dtype=torch.float32)
+    return shares, torch.stack([c.zero_variance_mask for c in columns]).all(dim=0)
+
+
 def decoupled_advantages(per_reward: torch.Tensor, weights: Sequence[float], group_size: int,
                          eps: float = 1e-4) -> AdvantageOutput:
     """GDPO's "normalize_then_sum" (arXiv 2601.05242; TRL's multi_objective_aggregation):
@@ -97,12 +112,9 @@ def decoupled_advantages(per_reward: torch.Tensor, weights: Sequence[float], gro
     and each committed answer's advantage then followed how many of its group dodged. Groups
     where every reward was constant get exactly 0 (no signal, as in `group_advantages`).
     """
-    if per_reward.dim() != 2 or per_reward.shape[1] != len(weights):
-        raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
-                         f"got shape {tuple(per_reward.shape)}")
-    columns = [group_advantages(per_reward[:, r], group_size, "group", eps) for r in range(per_reward.shape[1])]
-    summed = sum(w * c.advantages for w, c in zip(weights, columns))  # [P*G]
-    constant = torch.stack([c.zero_variance_mask for c in columns]).all(dim=0)  # [P]
+    _check_columns(per_reward, weights)
+    shares, constant = _normalised_shares(per_reward, weights, group_size, eps)
+    summed = shares.sum(dim=1)  # [P*G]
     scaled = (summed - summed.mean()) / (summed.std() + eps) if summed.numel() > 1 else summed * 0
     advantages = torch.where(constant[:, None], 0.0, scaled.view(-1, group_size))  # [P, G]
     return AdvantageOutput(advantages=advantages.flatten(), zero_variance_groups=int(constant.sum()),
@@ -121,17 +133,13 @@ def advantage_components(per_reward: torch.Tensor, weights: Sequence[float], gro
     zero-variance rule stay those of the whole advantage."""
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
-    if per_reward.dim() != 2 or per_reward.shape[1] != len(weights):
-        raise ValueError(f"per_reward must be [P*G, {len(weights)}] (one column per weight), "
-                         f"got shape {tuple(per_reward.shape)}")
-    w = torch.tensor(weights, dtype=torch.float32)
+    _check_columns(per_reward, weights)
     if aggregation == "normalize_then_sum":
-        columns = [group_advantages(per_reward[:, r], group_size, "group", eps) for r in range(len(weights))]
-        shares = torch.stack([c.advantages for c in columns], dim=1) * w  # [P*G, R]
+        shares, constant = _normalised_shares(per_reward, weights, group_size, eps)
         summed = shares.sum(dim=1)  # each group's sum is 0, so the step's mean is 0 too
         scaled = shares / (summed.std() + eps) if summed.numel() > 1 else shares * 0
-        constant = torch.stack([c.zero_variance_mask for c in columns]).all(dim=0)  # [P]
         return torch.where(constant.repeat_interleave(group_size)[:, None], 0.0, scaled)
+    w = torch.tensor(weights, dtype=torch.float32)
     columns = torch.stack([_grouped(per_reward[:, r], group_size) for r in range(len(weights))], dim=2)  # [P, G, R]
     totals = (columns * w).sum(dim=2)  # [P, G]
     divisor = torch.as_tensor(_divisor(totals, scale, eps))[..., None]  # [P, 1, 1] or [1]
